@@ -1,0 +1,156 @@
+"""ΔConvBlock: the convolutional replacement for one self-attention layer.
+
+Channel-last throughout ([B, H, W, C]), parameter names matching the official ConvFusion checkpoints, so an
+official block state dict loads with no renaming:
+
+    conv_up                      Linear(C, C_i)            C_i = C // 2
+    gates.{i}.conv_spatial       depthwise k×k, weight [k, k, C_i] (+ optional bias [C_i])
+    conv_out                     Linear(n · C_i // 2, C)
+    conv_pool                    Linear(C, C)              applied to the spatial mean of the block input
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATES = ("scaled", "sigmoid")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Everything needed to build one ΔConvBlock; stored per block in our weight files."""
+
+    dim: int
+    kernel_size: int
+    scales: tuple[float, ...] = (1.0, 0.5)
+    gate: str = "scaled"  # "scaled": a·b·√(C_i/2) (released SD/SDXL weights); "sigmoid": a·σ(b) (PixArt)
+    dw_bias: bool = False  # depthwise bias, present in checkpoints of the initial official code
+
+    def __post_init__(self):
+        if self.dim % 4:
+            raise ValueError(f"ΔConvBlock needs a channel count divisible by 4, got {self.dim}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not self.scales or self.scales[0] != 1.0 or any(not 0 < s <= 1 for s in self.scales):
+            raise ValueError(f"scales must start with 1.0 and lie in (0, 1], got {self.scales}")
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.dim // 2
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "scales": list(self.scales)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockConfig":
+        return cls(**{**d, "scales": tuple(d.get("scales", (1.0, 0.5)))})
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k×k convolution whose weight is stored channel-last as [k, k, C] (the official layout)."""
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(kernel_size, kernel_size, channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype)) if bias else None
+
+    def reset_parameters(self):
+        # kaiming_uniform_ on the [k, k, C] tensor, as the official code does (fan_in = k·C).
+        nn.init.kaiming_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def cast_weight_bias(self, x: torch.Tensor):
+        """Weights on x's device and dtype; ComfyUI's layer overrides this to honour its casting/offloading."""
+        bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return self.weight.to(device=x.device, dtype=x.dtype), bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] view of a channel-last tensor; returns the same layout."""
+        weight, bias = self.cast_weight_bias(x)
+        weight = weight.permute(2, 0, 1).unsqueeze(1)  # [C, 1, k, k]
+        return F.conv2d(x, weight, bias, padding=self.kernel_size // 2, groups=x.shape[1])
+
+
+# Layer factories; ComfyUI's node layer swaps in its casting/offloading-aware subclasses.
+TORCH_OPS = SimpleNamespace(Linear=nn.Linear, DepthwiseConv=DepthwiseConv)
+
+
+class PyramidGate(nn.Module):
+    """One pyramid scale: [pool] → depthwise conv → gate → [bilinear back to H×W]."""
+
+    def __init__(self, channels: int, kernel_size: int, scale: float, gate: str, bias: bool, ops, **factory):
+        super().__init__()
+        self.scale_factor = scale
+        self.gate = gate
+        self.conv_spatial = ops.DepthwiseConv(channels, kernel_size, bias=bias, **factory)
+        # The released SD/SDXL weights were trained with a·b·√(C_i/2) (code), not the paper's a·b/√C'.
+        self.gate_constant = math.sqrt(channels / 2)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: [B, C_i, H, W] channel-last view; returns [B, C_i/2, H, W] in the same layout."""
+        size = u.shape[-2:]
+        if self.scale_factor != 1.0:
+            # int() as the official code does; clamp so a 1-pixel-wide grid still pools to something.
+            pooled = (max(1, int(size[0] * self.scale_factor)), max(1, int(size[1] * self.scale_factor)))
+            u = F.adaptive_avg_pool2d(u, pooled)
+        v = self.conv_spatial(u)
+        a, b = v.chunk(2, dim=1)
+        y = a * b * self.gate_constant if self.gate == "scaled" else a * torch.sigmoid(b)
+        if self.scale_factor != 1.0:
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
+
+
+class DeltaConvBlock(nn.Module):
+    """Pyramid depthwise convolutions with a gate plus a global pooling branch, [B, H, W, C] → [B, H, W, C]."""
+
+    def __init__(self, config: BlockConfig, ops=TORCH_OPS, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        c, ci = config.dim, config.inner_dim
+        self.conv_up = ops.Linear(c, ci, **factory)
+        self.gates = nn.ModuleList(
+            PyramidGate(ci, config.kernel_size, s, config.gate, config.dw_bias, ops, **factory) for s in config.scales
+        )
+        self.conv_out = ops.Linear(len(config.scales) * (ci // 2), c, **factory)
+        self.conv_pool = ops.Linear(c, c, **factory)
+
+    def reset_parameters(self):
+        """Fresh initialisation (explicit, because ComfyUI's layer classes skip their own)."""
+        for linear in (self.conv_up, self.conv_out, self.conv_pool):
+            nn.Linear.reset_parameters(linear)
+        for gate in self.gates:
+            gate.conv_spatial.reset_parameters()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.conv_up(x).permute(0, 3, 1, 2)  # [B, C_i, H, W] view, channel-last in memory
+        y = torch.cat([gate(u) for gate in self.gates], dim=1) if len(self.gates) > 1 else self.gates[0](u)
+        z = self.conv_out(y.permute(0, 2, 3, 1))
+        pooled = self.conv_pool(x.mean(dim=(1, 2), keepdim=True))  # uses the block input, not conv_up's output
+        return z + pooled
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"dim={c.dim}, kernel_size={c.kernel_size}, scales={c.scales}, gate={c.gate}"
+
+
+def build_block(config: BlockConfig, state_dict: dict | None = None, ops=TORCH_OPS, device=None, dtype=None):
+    """A block from a config: loaded from `state_dict` (strict) when given, freshly initialised otherwise."""
+    block = DeltaConvBlock(config, ops=ops, device=device, dtype=dtype)
+    if state_dict is None:
+        block.reset_parameters()
+    else:
+        block.load_state_dict(state_dict, strict=True)
+    return block

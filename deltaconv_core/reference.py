@@ -1,0 +1,78 @@
+"""Plain reference of the ΔConvBlock maths, written independently of `block.py` (NCHW, explicit loops).
+
+Every fast path is tested against this in float64. It reads the same state dict as DeltaConvBlock.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .block import BlockConfig
+
+
+def adaptive_avg_pool_windows(n_in: int, n_out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling windows: [floor(i·n_in/n_out), ceil((i+1)·n_in/n_out)) in integer arithmetic."""
+    return [((i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)) for i in range(n_out)]
+
+
+def reference_adaptive_avg_pool(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """x: [B, C, H, W] → [B, C, h, w], one window at a time."""
+    rows = adaptive_avg_pool_windows(x.shape[2], out_hw[0])
+    cols = adaptive_avg_pool_windows(x.shape[3], out_hw[1])
+    out = x.new_empty(x.shape[0], x.shape[1], out_hw[0], out_hw[1])
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(dim=(2, 3))
+    return out
+
+
+def _bilinear_taps(n_in: int, n_out: int):
+    """Source indices and weights along one axis, align_corners=False, neighbours clamped to the edge."""
+    taps = []
+    for o in range(n_out):
+        src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        frac = src - i0
+        taps.append((i0, i1, 1.0 - frac, frac))
+    return taps
+
+
+def reference_bilinear_resize(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """x: [B, C, h, w] → [B, C, H, W] as a separable weighted sum of explicit taps."""
+    rows = _bilinear_taps(x.shape[2], out_hw[0])
+    cols = _bilinear_taps(x.shape[3], out_hw[1])
+    tmp = torch.stack([x[:, :, i0] * w0 + x[:, :, i1] * w1 for i0, i1, w0, w1 in rows], dim=2)
+    return torch.stack([tmp[:, :, :, i0] * w0 + tmp[:, :, :, i1] * w1 for i0, i1, w0, w1 in cols], dim=3)
+
+
+def reference_block_forward(state: dict, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, W, C] → [B, H, W, C], computed in x's dtype with NCHW tensors and 1×1 convolutions."""
+    p = {k: v.to(x.dtype) for k, v in state.items()}
+    B, H, W, C = x.shape
+    xc = x.permute(0, 3, 1, 2).contiguous()  # NCHW
+
+    def pointwise(t, name):
+        w = p[f"{name}.weight"]
+        return F.conv2d(t, w[:, :, None, None], p[f"{name}.bias"])
+
+    u = pointwise(xc, "conv_up")
+    ci = u.shape[1]
+    outs = []
+    for i, s in enumerate(config.scales):
+        v = u
+        if s != 1.0:
+            v = reference_adaptive_avg_pool(v, (max(1, int(H * s)), max(1, int(W * s))))
+        k = p[f"gates.{i}.conv_spatial.weight"]  # [k, k, C_i]
+        kernel = k.permute(2, 0, 1).reshape(ci, 1, k.shape[0], k.shape[1])
+        v = F.conv2d(F.pad(v, [k.shape[0] // 2] * 4), kernel, p.get(f"gates.{i}.conv_spatial.bias"), groups=ci)
+        a, b = v[:, : ci // 2], v[:, ci // 2 :]
+        y = a * b / (ci / 2) ** -0.5 if config.gate == "scaled" else a / (1 + torch.exp(-b))
+        if s != 1.0:
+            y = reference_bilinear_resize(y, (H, W))
+        outs.append(y)
+    z = pointwise(torch.cat(outs, dim=1), "conv_out")
+    pooled = pointwise(xc.sum(dim=(2, 3), keepdim=True) / (H * W), "conv_pool")
+    return (z + pooled).permute(0, 2, 3, 1)

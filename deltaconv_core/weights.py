@@ -1,0 +1,235 @@
+"""ΔConv weight files: the official ConvFusion releases and our own safetensors format.
+
+Both store block tensors under the official keys `<block name>.conv1.<param>` (diffusers naming, see spec §3.1).
+Official files carry no metadata, so each block's configuration is inferred from tensor shapes and the family;
+ours add a JSON description in the safetensors metadata. Pickle formats are refused: never unpickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .block import BlockConfig, build_block
+from .families import FAMILY_LABELS, ModelSites
+
+FORMAT_VERSION = "1"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# Scales implied by the number of pyramid gates in an official file (3 gates: the released PixArt-1024-laion).
+OFFICIAL_SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
+# ΔConv tensors only: resnets in the official SD files also have `*.conv1.weight` keys.
+_KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.conv1\."
+                  r"(?P<param>(?:conv_up|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias))$")
+
+
+class WeightFileError(ValueError):
+    pass
+
+
+@dataclass
+class DeltaConvWeights:
+    """A set of ΔConvBlocks keyed by official block name: what the DELTACONV socket carries."""
+
+    family: str
+    blocks: dict[str, tuple[BlockConfig, dict[str, torch.Tensor]]]
+    source: str = "memory"
+    format: str = "deltaconv"
+    ignored_tensors: int = 0
+    base_fingerprint: str | None = None
+    training: dict = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, model_sites: ModelSites, seed: int = 0, kernel_sizes: dict | None = None,
+              scales=(1.0, 0.5), zero_output: bool = False) -> "DeltaConvWeights":
+        """Newly initialised blocks for every site (official kernel sizes unless `kernel_sizes` maps names to k).
+
+        zero_output zeroes conv_out and conv_pool, so each block outputs exactly zero (a neutral start).
+        """
+        torch.manual_seed(seed)
+        blocks = {}
+        for site in model_sites.sites:
+            k = (kernel_sizes or {}).get(site.name, site.kernel_size)
+            config = BlockConfig(site.channels, k, tuple(scales), model_sites.default_gate)
+            sd = build_block(config).state_dict()
+            if zero_output:
+                for key in ("conv_out.weight", "conv_out.bias", "conv_pool.weight", "conv_pool.bias"):
+                    sd[key].zero_()
+            blocks[site.name] = (config, sd)
+        return cls(model_sites.family, blocks, source=f"fresh (seed {seed})", format="fresh")
+
+    def summary(self) -> str:
+        kernels = sorted({cfg.kernel_size for cfg, _ in self.blocks.values()})
+        scales = sorted({len(cfg.scales) for cfg, _ in self.blocks.values()})
+        text = (f"{os.path.basename(self.source)}: {len(self.blocks)} ΔConv blocks for "
+                f"{FAMILY_LABELS.get(self.family, self.family)} ({self.format} format), kernels {kernels}, "
+                f"{'/'.join(map(str, scales))} scales")
+        if self.ignored_tensors:
+            text += f"; ignored {self.ignored_tensors} non-ΔConv tensors in the file"
+        return text
+
+
+def _infer_family(names: list[str]) -> str:
+    if any(n.startswith("down_blocks.0.attentions.") for n in names):
+        return "sd1"  # SD1.x layout (SD2.x shares it; no official SD2 release exists)
+    if any(n.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for n in names):
+        return "sdxl"
+    if names and all(n.startswith("transformer_blocks.") for n in names):
+        return "pixart"
+    raise WeightFileError(f"cannot tell which model family the blocks {names[:3]}… belong to")
+
+
+def _infer_config(name: str, t: dict[str, torch.Tensor], gate: str) -> BlockConfig:
+    """Config of one official block from its tensor shapes; every shape is checked against the others."""
+
+    def need(key):
+        if key not in t:
+            raise WeightFileError(f"block {name}: missing tensor {name}.conv1.{key}")
+        return t[key]
+
+    c = need("conv_pool.weight").shape[0]
+    n = len({k.split(".")[1] for k in t if k.startswith("gates.")})
+    if n not in OFFICIAL_SCALES:
+        raise WeightFileError(f"block {name}: {n} pyramid gates; official files have 1 to 3")
+    k = need("gates.0.conv_spatial.weight").shape[0]
+    dw_bias = "gates.0.conv_spatial.bias" in t
+    config = BlockConfig(dim=c, kernel_size=k, scales=OFFICIAL_SCALES[n], gate=gate, dw_bias=dw_bias)
+    _check_shapes(name, t, config)
+    return config
+
+
+def _expected_shapes(config: BlockConfig) -> dict[str, tuple[int, ...]]:
+    c, ci, k = config.dim, config.inner_dim, config.kernel_size
+    shapes = {"conv_up.weight": (ci, c), "conv_up.bias": (ci,), "conv_out.weight": (c, len(config.scales) * (ci // 2)),
+              "conv_out.bias": (c,), "conv_pool.weight": (c, c), "conv_pool.bias": (c,)}
+    for i in range(len(config.scales)):
+        shapes[f"gates.{i}.conv_spatial.weight"] = (k, k, ci)
+        if config.dw_bias:
+            shapes[f"gates.{i}.conv_spatial.bias"] = (ci,)
+    return shapes
+
+
+def _check_shapes(name: str, t: dict[str, torch.Tensor], config: BlockConfig):
+    expected = _expected_shapes(config)
+    for key, shape in expected.items():
+        if key not in t:
+            raise WeightFileError(f"block {name}: missing tensor {name}.conv1.{key} (expected shape {list(shape)})")
+        if tuple(t[key].shape) != shape:
+            raise WeightFileError(f"block {name}: {name}.conv1.{key} has shape {list(t[key].shape)}, "
+                                  f"expected {list(shape)} for {config}")
+    extra = sorted(set(t) - set(expected))
+    if extra:
+        raise WeightFileError(f"block {name}: unexpected tensors {extra[:4]} for {config}")
+
+
+def load_weights(path: str) -> DeltaConvWeights:
+    """Read an official ConvFusion release or one of our files. Only `*.conv1.*` tensors are loaded."""
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise WeightFileError(f"{os.path.basename(path)} is a pickle-based file; ΔConv only reads .safetensors "
+                              "because unpickling can run arbitrary code. Convert it to .safetensors first "
+                              "(load it in a trusted Python session and save with safetensors.torch.save_file).")
+    if not path.lower().endswith(".safetensors"):
+        raise WeightFileError(f"{os.path.basename(path)}: expected a .safetensors file")
+    try:
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise WeightFileError(f"{os.path.basename(path)} is not a readable safetensors file ({e})") from e
+    with handle as f:
+        meta = f.metadata() or {}
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        ignored = 0
+        for key in f.keys():
+            m = _KEY.match(key)
+            if m is None:
+                ignored += 1
+                continue
+            grouped.setdefault(m["name"], {})[m["param"]] = f.get_tensor(key)
+    if not grouped:
+        raise WeightFileError(f"{os.path.basename(path)} holds no ΔConv blocks (no '*.conv1.*' tensors among its "
+                              f"{ignored} tensors); is it a model checkpoint rather than a ΔConv weights file?")
+    names = list(grouped)
+    if meta.get("deltaconv_format"):
+        family = meta["family"]
+        configs = {n: BlockConfig.from_dict(d) for n, d in json.loads(meta["blocks"]).items()}
+        missing = sorted(set(names) ^ set(configs))
+        if missing:
+            raise WeightFileError(f"{os.path.basename(path)}: metadata and tensors disagree on blocks {missing[:4]}")
+        for n in names:
+            _check_shapes(n, grouped[n], configs[n])
+        fmt, fingerprint = f"deltaconv v{meta['deltaconv_format']}", meta.get("base_fingerprint") or None
+        training = json.loads(meta.get("training", "{}"))
+    else:
+        family = _infer_family(names)
+        gate = "sigmoid" if family == "pixart" else "scaled"
+        configs = {n: _infer_config(n, grouped[n], gate) for n in names}
+        fmt, fingerprint, training = "official ConvFusion", None, {}
+    blocks = {n: (configs[n], grouped[n]) for n in names}
+    return DeltaConvWeights(family, blocks, source=path, format=fmt, ignored_tensors=ignored,
+                            base_fingerprint=fingerprint, training=training)
+
+
+def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False) -> str:
+    """Write our format atomically (temp file + rename): a crash never leaves a half-written file behind."""
+    if not path.lower().endswith(".safetensors"):
+        path += ".safetensors"
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
+    tensors = {f"{name}.conv1.{k}": v.detach().to("cpu").contiguous()
+               for name, (_, sd) in weights.blocks.items() for k, v in sd.items()}
+    meta = {"deltaconv_format": FORMAT_VERSION, "family": weights.family,
+            "blocks": json.dumps({n: cfg.to_dict() for n, (cfg, _) in weights.blocks.items()}),
+            "base_fingerprint": weights.base_fingerprint or "", "training": json.dumps(weights.training)}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".deltaconv-", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def attention_fingerprint(weight: torch.Tensor) -> str:
+    """Short hash of one attention projection of the base model; tells which checkpoint blocks were made for."""
+    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass
+class Match:
+    present: list  # (site, config, state dict) for every selected site the file covers
+    missing: list  # selected sites the file has no block for
+    unused: list[str]  # file blocks with no site in this model
+
+
+def match_sites(weights: DeltaConvWeights, model_sites: ModelSites, sites) -> Match:
+    """Pair the file's blocks with the model's sites; refuse files made for another family or shape."""
+    if weights.family != model_sites.family:
+        first = next(iter(weights.blocks))
+        raise WeightFileError(
+            f"{os.path.basename(weights.source)} was made for {FAMILY_LABELS.get(weights.family, weights.family)}, "
+            f"but the model is {model_sites.variant}: first block {first} does not belong to this model. "
+            "Pick the file for this model family (see weights/README.md) or distill blocks for it.")
+    present, missing = [], []
+    for site in sites:
+        entry = weights.blocks.get(site.name)
+        if entry is None:
+            missing.append(site)
+            continue
+        config, sd = entry
+        if config.dim != site.channels:
+            raise WeightFileError(f"{os.path.basename(weights.source)} does not fit this model: block {site.name} "
+                                  f"expects {site.channels} channels, the file has {config.dim}.")
+        present.append((site, config, sd))
+    known = {s.name for s in model_sites.sites}
+    unused = [n for n in weights.blocks if n not in known]
+    return Match(present, missing, unused)

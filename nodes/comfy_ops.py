@@ -1,0 +1,16 @@
+"""ΔConv layers that follow ComfyUI's weight casting and low-VRAM streaming (comfy.ops)."""
+from types import SimpleNamespace
+
+import comfy.ops
+
+from ..deltaconv_core.block import DepthwiseConv
+
+
+class ComfyDepthwiseConv(DepthwiseConv, comfy.ops.CastWeightBiasOp):
+    comfy_cast_weights = True  # like manual_cast: weights cast to the activations' dtype and device per call
+
+    def cast_weight_bias(self, x):
+        return comfy.ops.cast_bias_weight(self, x)
+
+
+COMFY_OPS = SimpleNamespace(Linear=comfy.ops.manual_cast.Linear, DepthwiseConv=ComfyDepthwiseConv)

@@ -1,0 +1,77 @@
+"""Test-only ComfyUI nodes, loaded into the test server next to the pack (never shipped to users)."""
+import hashlib
+
+import torch
+
+
+class DeltaConvTestConditioning:
+    """Seeded random CONDITIONING, so tests need no text encoder (SDXL/PixArt encoders cannot be made tiny)."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+                             "tokens": ("INT", {"default": 77, "min": 1, "max": 512}),
+                             "dim": ("INT", {"default": 768, "min": 1, "max": 8192}),
+                             "pooled_dim": ("INT", {"default": 0, "min": 0, "max": 8192})}}
+
+    def make(self, seed, tokens, dim, pooled_dim):
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, pooled_dim, generator=g)} if pooled_dim else {}
+        return ([[torch.randn(1, tokens, dim, generator=g), extra]],)
+
+
+class DeltaConvTestZeroAttn1:
+    """Zeroes every attn1 output through ComfyUI's own attn1_output_patch mechanism."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        m = model.clone()
+        m.set_model_attn1_output_patch(lambda n, extra_options: torch.zeros_like(n))
+        return (m,)
+
+
+class DeltaConvTestDigest:
+    """Reports a latent's hash, shape and finiteness, and the ΔConv call counts of the model that made it."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ()
+    FUNCTION = "digest"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}, "optional": {"model": ("MODEL",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def digest(self, samples, model=None):
+        x = samples["samples"].contiguous()
+        info = {"sha256": hashlib.sha256(x.float().numpy().tobytes()).hexdigest(), "shape": list(x.shape),
+                "finite": bool(torch.isfinite(x).all()), "mean_abs": float(x.abs().mean())}
+        if model is not None:
+            runtimes = {id(p.runtime): p.runtime for p in model.object_patches.values() if hasattr(p, "runtime")}
+            counts = {}
+            for runtime in runtimes.values():
+                for k, v in runtime.counts.items():
+                    counts[k] = counts.get(k, 0) + v
+                runtime.counts.clear()  # per-prompt counts: the patched clone is cached between prompts
+            info["counts"] = counts
+            info["patched_sites"] = sum(1 for p in model.object_patches.values() if hasattr(p, "runtime"))
+        return {"ui": {"digest": [info]}}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DeltaConvTestConditioning": DeltaConvTestConditioning,
+    "DeltaConvTestZeroAttn1": DeltaConvTestZeroAttn1,
+    "DeltaConvTestDigest": DeltaConvTestDigest,
+}
