@@ -33,6 +33,8 @@ class PatchRuntime:
     def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0):
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.counts: Counter = Counter()  # "delta" and "attention:<reason>" per call
+        self.teacher = False  # distillation: every site runs its original attention
+        self.recording: dict | None = None  # distillation: site → (input, grid, attention output) of teacher calls
         self.stashed_options = None  # older ComfyUI: extra_options captured by an attn1_patch just before attn1
         self.current_sigmas = None  # DiTs: sigmas captured by a model wrapper around each step
         self._sigma_key, self._sigma_ok = None, True
@@ -49,6 +51,14 @@ class PatchRuntime:
             s = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
             self._sigma_key, self._sigma_ok = sigmas, self.sigma_end <= s <= self.sigma_start
         return self._sigma_ok
+
+    def run_teacher(self, site: str, original, x, hw, **kwargs):
+        """Original attention for distillation; records what stage A trains each block on."""
+        self.counts["teacher"] += 1
+        out = original(x, **kwargs)
+        if self.recording is not None and not isinstance(hw, str):
+            self.recording[site] = (x.detach(), hw, out.detach())
+        return out
 
     def fallback(self, site: str, reason: str):
         self.counts[f"attention:{reason}"] += 1
@@ -97,10 +107,14 @@ class DeltaConvSelfAttention(nn.Module):
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         plan = self._plan(x, context, value, mask, transformer_options)
+        kwargs = {"context": context, "value": value, "mask": mask}
+        if transformer_options is not None:
+            kwargs["transformer_options"] = transformer_options
+        if self.runtime.teacher:
+            return self.runtime.run_teacher(self.site, self.original, x, plan, **kwargs)
         if isinstance(plan, str):
             self.runtime.fallback(self.site, plan)
-            kwargs = {} if transformer_options is None else {"transformer_options": transformer_options}
-            return self.original(x, context=context, value=value, mask=mask, **kwargs)
+            return self.original(x, **kwargs)
         self.runtime.counts["delta"] += 1
         b, n, c = x.shape
         return self.delta(x.reshape(b, plan[0], plan[1], c)).reshape(b, n, c)
@@ -138,8 +152,11 @@ class DeltaConvDiTAttention(nn.Module):
             h, w = math.ceil(HW[0] / self.patch_size), math.ceil(HW[1] / self.patch_size)
             if h * w != n:
                 reason = "tokens rearranged"
+        kwargs = {"mask": mask, "HW": HW, "block_id": block_id}
+        if self.runtime.teacher:
+            return self.runtime.run_teacher(self.site, self.original, x, reason or (h, w), **kwargs)
         if reason is not None:
             self.runtime.fallback(self.site, reason)
-            return self.original(x, mask=mask, HW=HW, block_id=block_id)
+            return self.original(x, **kwargs)
         self.runtime.counts["delta"] += 1
         return self.delta(x.reshape(b, h, w, c)).reshape(b, n, c)

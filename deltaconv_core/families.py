@@ -174,3 +174,12 @@ def select_levels(model_sites: ModelSites, choice: str) -> set[int]:
     if choice == "finest two":
         return set(levels[:2])
     raise ValueError(f"levels must be one of {LEVEL_CHOICES}, got {choice!r}")
+
+
+def feature_tap_path(site_path: str) -> str:
+    """Module whose forward input is the residual stream right after a site's self-attention (+ residual).
+
+    UNet: the block's norm2 (it normalises that stream before cross-attention); PixArt: the block's cross_attn.
+    """
+    parent, leaf = site_path.rsplit(".", 1)
+    return f"{parent}.norm2" if leaf == "attn1" else f"{parent}.cross_attn"

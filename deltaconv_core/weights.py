@@ -21,6 +21,7 @@ from .block import BlockConfig, build_block
 from .families import FAMILY_LABELS, ModelSites
 
 FORMAT_VERSION = "1"
+TRAIN_PREFIX = "_train."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # Scales implied by the number of pyramid gates in an official file (3 gates: the released PixArt-1024-laion).
 OFFICIAL_SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
@@ -93,13 +94,18 @@ def _infer_config(name: str, t: dict[str, torch.Tensor], gate: str) -> BlockConf
             raise WeightFileError(f"block {name}: missing tensor {name}.conv1.{key}")
         return t[key]
 
-    c = need("conv_pool.weight").shape[0]
+    pool, kernel = need("conv_pool.weight"), need("gates.0.conv_spatial.weight")
+    if pool.ndim != 2 or kernel.ndim != 3:
+        raise WeightFileError(f"block {name}: conv_pool.weight {list(pool.shape)} / gates.0.conv_spatial.weight "
+                              f"{list(kernel.shape)}: expected [C, C] and [k, k, C/2]")
     n = len({k.split(".")[1] for k in t if k.startswith("gates.")})
     if n not in OFFICIAL_SCALES:
         raise WeightFileError(f"block {name}: {n} pyramid gates; official files have 1 to 3")
-    k = need("gates.0.conv_spatial.weight").shape[0]
-    dw_bias = "gates.0.conv_spatial.bias" in t
-    config = BlockConfig(dim=c, kernel_size=k, scales=OFFICIAL_SCALES[n], gate=gate, dw_bias=dw_bias)
+    try:
+        config = BlockConfig(dim=pool.shape[0], kernel_size=kernel.shape[0], scales=OFFICIAL_SCALES[n], gate=gate,
+                             dw_bias="gates.0.conv_spatial.bias" in t)
+    except ValueError as e:
+        raise WeightFileError(f"block {name}: impossible block shape ({e})") from e
     _check_shapes(name, t, config)
     return config
 
@@ -147,7 +153,7 @@ def load_weights(path: str) -> DeltaConvWeights:
         for key in f.keys():
             m = _KEY.match(key)
             if m is None:
-                ignored += 1
+                ignored += not key.startswith(TRAIN_PREFIX)
                 continue
             grouped.setdefault(m["name"], {})[m["param"]] = f.get_tensor(key)
     if not grouped:
@@ -155,15 +161,18 @@ def load_weights(path: str) -> DeltaConvWeights:
                               f"{ignored} tensors); is it a model checkpoint rather than a ΔConv weights file?")
     names = list(grouped)
     if meta.get("deltaconv_format"):
-        family = meta["family"]
-        configs = {n: BlockConfig.from_dict(d) for n, d in json.loads(meta["blocks"]).items()}
+        try:
+            family = meta["family"]
+            configs = {n: BlockConfig.from_dict(d) for n, d in json.loads(meta["blocks"]).items()}
+            training = json.loads(meta.get("training") or "{}")
+        except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise WeightFileError(f"{os.path.basename(path)}: damaged ΔConv metadata ({e!r})") from e
         missing = sorted(set(names) ^ set(configs))
         if missing:
             raise WeightFileError(f"{os.path.basename(path)}: metadata and tensors disagree on blocks {missing[:4]}")
         for n in names:
             _check_shapes(n, grouped[n], configs[n])
         fmt, fingerprint = f"deltaconv v{meta['deltaconv_format']}", meta.get("base_fingerprint") or None
-        training = json.loads(meta.get("training", "{}"))
     else:
         family = _infer_family(names)
         gate = "sigmoid" if family == "pixart" else "scaled"
@@ -174,14 +183,19 @@ def load_weights(path: str) -> DeltaConvWeights:
                             base_fingerprint=fingerprint, training=training)
 
 
-def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False) -> str:
-    """Write our format atomically (temp file + rename): a crash never leaves a half-written file behind."""
+def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
+                 training_tensors: dict | None = None) -> str:
+    """Write our format atomically (temp file + rename): a crash never leaves a half-written file behind.
+
+    training_tensors (optimiser moments, RNG state) are stored under `_train.*` so a run can resume exactly.
+    """
     if not path.lower().endswith(".safetensors"):
         path += ".safetensors"
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
     tensors = {f"{name}.conv1.{k}": v.detach().to("cpu").contiguous()
                for name, (_, sd) in weights.blocks.items() for k, v in sd.items()}
+    tensors.update({TRAIN_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in (training_tensors or {}).items()})
     meta = {"deltaconv_format": FORMAT_VERSION, "family": weights.family,
             "blocks": json.dumps({n: cfg.to_dict() for n, (cfg, _) in weights.blocks.items()}),
             "base_fingerprint": weights.base_fingerprint or "", "training": json.dumps(weights.training)}
@@ -196,6 +210,17 @@ def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False) 
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def read_training_state(path: str) -> tuple[dict, dict] | None:
+    """(tensors, info) saved by a distillation checkpoint, or None for a file without training state."""
+    with safe_open(path, framework="pt", device="cpu") as f:
+        keys = [k for k in f.keys() if k.startswith(TRAIN_PREFIX)]
+        if not keys:
+            return None
+        tensors = {k[len(TRAIN_PREFIX):]: f.get_tensor(k) for k in keys}
+        info = json.loads((f.metadata() or {}).get("training") or "{}")
+    return tensors, info
 
 
 def attention_fingerprint(weight: torch.Tensor) -> str:

@@ -1,15 +1,21 @@
 """ComfyUI layer of ComfyUI-DeltaConv: thin node classes over deltaconv_core."""
+from .distill import DeltaConvDistill
 from .folders import register_folder
 from .load import DeltaConvLoad
 from .patch import DeltaConvPatch
+from .save import DeltaConvSave
 
 register_folder()
 
 NODE_CLASS_MAPPINGS = {
     "DeltaConvLoad": DeltaConvLoad,
     "DeltaConvPatch": DeltaConvPatch,
+    "DeltaConvDistill": DeltaConvDistill,
+    "DeltaConvSave": DeltaConvSave,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaConvLoad": "ΔConv Load",
     "DeltaConvPatch": "ΔConv Patch",
+    "DeltaConvDistill": "ΔConv Distill",
+    "DeltaConvSave": "ΔConv Save",
 }

@@ -75,8 +75,11 @@ def _legacy_stash(runtime: PatchRuntime):
 
 
 def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent=1.0, levels="all",
-                strict=False):
-    """A clone of `model` whose selected self-attention sites run ΔConv blocks; returns (clone, report, runtime)."""
+                strict=False, block_dtype=None):
+    """A clone of `model` whose selected self-attention sites run ΔConv blocks; returns (clone, report, runtime).
+
+    Blocks are stored like the model's weights unless `block_dtype` says otherwise (fp32 masters for training).
+    """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"need 0 ≤ start_percent ≤ end_percent ≤ 1, got {start_percent} and {end_percent}")
     diffusion_model = model.model.diffusion_model
@@ -104,7 +107,7 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
                          "and only falls back to it")
         reference = original.qkv.weight if model_sites.family == "pixart" else original.to_q.weight
         first_original = first_original if first_original is not None else reference
-        block = build_block(config, state, ops=COMFY_OPS, dtype=_block_dtype(reference))
+        block = build_block(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))
         if model_sites.family == "pixart":
             wrapper = DeltaConvDiTAttention(original, block, runtime, site.name, model_sites.patch_size)
         else:

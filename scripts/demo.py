@@ -14,6 +14,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.append(os.path.join(REPO, "tests"))  # the harness and tiny-model builders are shared with the tests
+from comfy_env import load_pack, setup_comfy  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
 
 DEFAULT_UNET = "deltaconv_demo_sd15.safetensors"
 DEFAULT_BLOCKS = "deltaconv_demo_sd15_untrained.safetensors"
@@ -133,13 +134,10 @@ def model_setup(args, models_dir):
 def main():
     args = parse_args()
     comfy_path = os.environ.get("COMFYUI_PATH") or sys.exit("set COMFYUI_PATH (scripts/demo.sh does)")
-    # ComfyUI first (its top-level `nodes`), the pack's core importable from the end of sys.path.
-    sys.path.insert(0, comfy_path)
-    sys.path.append(REPO)
     import torch
-    from comfy.cli_args import args as comfy_args
 
-    comfy_args.cpu = not torch.cuda.is_available()
+    setup_comfy(comfy_path, cpu=not torch.cuda.is_available())
+    load_pack()
     from comfy_server import ComfyServer
 
     models_dir = os.path.join(args.workdir, "models")

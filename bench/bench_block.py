@@ -1,0 +1,207 @@
+"""Block-level benchmark: one ΔConvBlock vs. the SD1.5 self-attention (attn1) it replaces.
+
+    .venv/bin/python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R] [--out bench/results]
+
+Attention = q/k/v projections (no bias) + scaled_dot_product_attention (8 heads, head dim C/8) + output projection
+(with bias), i.e. diffusers' attn1 of SD1.5. Times are per forward pass (torch.inference_mode); median and min of the
+timed runs. Writes block_<device-slug>.json (records) and block_<device-slug>.md (table + header) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for deltaconv_core
+from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
+
+# SD1.5 self-attention sites (spec §1.4): (label, channels C, ΔConv kernel k)
+SHAPES = [("down_blocks.0", 320, 7), ("up_blocks.3", 320, 11), ("down/up_blocks.1/2", 640, 9),
+          ("down/up_blocks.2/1", 1280, 5)]
+GRIDS = [16, 32, 64, 96, 128]
+HEADS = 8
+
+
+class SelfAttention(nn.Module):
+    """SD1.5 attn1: x@Wq, x@Wk, x@Wv (no bias) → multi-head SDPA → output projection (bias). [B, N, C] → [B, N, C]."""
+
+    def __init__(self, dim: int, heads: int = HEADS, device=None, dtype=None):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(3))
+        self.to_out = nn.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (proj(x).view(b, n, self.heads, c // self.heads).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(y.transpose(1, 2).reshape(b, n, c))
+
+
+def attention_macs(n: int, c: int) -> int:
+    return 4 * n * c * c + 2 * n * n * c
+
+
+def deltaconv_macs(n: int, c: int, k: int, scales=(1.0, 0.5)) -> int:
+    """Spec §1.2: per token C·C/2 (conv_up) + (n·C/4)·C (conv_out) + k²·(C/2)·Σs² (depthwise), × N; + C² (pool)."""
+    per_token = c * c // 2 + len(scales) * (c // 4) * c + k * k * (c // 2) * sum(s * s for s in scales)
+    return int(n * per_token + c * c)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(meminfo["MemAvailable"].split()[0]) * 1024
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds all other processes have used (system busy time minus this process's own), Linux only."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except OSError:
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.ru_utime - own.ru_stime
+
+
+def run_once(fn, device: str) -> float:
+    """Seconds for one fn() call: CUDA events on GPU, perf_counter on CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench(fn, device: str, repeats: int, warmup: int, budget_s: float) -> tuple[list[float], int]:
+    """Times fn(). The first warm-up run estimates its cost; warm-up and timed runs are cut to fit budget_s."""
+    first = run_once(fn, device)
+    for _ in range(warmup - 1 if first * warmup <= budget_s / 2 else 0):
+        fn()
+    n = max(1, min(repeats, int(budget_s / max(first, 1e-9))))
+    return [run_once(fn, device) for _ in range(n)], n
+
+
+def fmt_ms(times) -> str:
+    return f"{statistics.median(times) * 1e3:.2f} ({min(times) * 1e3:.2f})"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--cell-budget", type=float, default=20.0, help="max seconds of timed runs per cell (repeats adapt)")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device, dtype = args.device, (torch.float16 if args.device == "cuda" else torch.float32)
+    name = device_name(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{device} {name}{f' {args.threads} threads' if device == 'cpu' else ''}".lower()).strip("-")
+    common = {"device": device, "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
+    print(f"# {name} | torch {torch.__version__} | {device} {common['dtype']} | threads {common['threads']}", flush=True)
+
+    busy_before = busy_cpu_s()
+    records, attn_cache, t_start = [], {}, time.perf_counter()
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for label, c, k in SHAPES:
+            block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
+            attn = SelfAttention(c, device=device, dtype=dtype).eval()
+            for g in GRIDS:
+                n = g * g
+                x = torch.randn(args.batch, g, g, c, device=device, dtype=dtype)
+                d_times, d_rep = bench(lambda: block(x), device, args.repeats, args.warmup, args.cell_budget)
+                matrix_bytes = args.batch * HEADS * n * n * x.element_size()  # the materialised N×N scores
+                if (c, g) in attn_cache:  # attention does not depend on k: reuse the measurement
+                    a_times, a_rep = attn_cache[(c, g)]
+                elif matrix_bytes > 0.9 * available_bytes(device):
+                    a_times, a_rep = None, 0
+                else:
+                    xa = x.view(args.batch, n, c)
+                    a_times, a_rep = bench(lambda: attn(xa), device, args.repeats, args.warmup, args.cell_budget)
+                attn_cache[(c, g)] = (a_times, a_rep)
+                d_macs, a_macs = args.batch * deltaconv_macs(n, c, k), args.batch * attention_macs(n, c)
+                rec = {**common, "site": label, "channels": c, "kernel_size": k, "grid": g, "tokens": n,
+                       "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
+                       "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
+                       "attention_skipped": a_times is None, "attention_matrix_bytes": matrix_bytes,
+                       "attention_median_ms": None if a_times is None else statistics.median(a_times) * 1e3,
+                       "attention_min_ms": None if a_times is None else min(a_times) * 1e3,
+                       "attention_repeats": a_rep, "attention_times_ms": None if a_times is None else [t * 1e3 for t in a_times],
+                       "speedup": None if a_times is None else statistics.median(a_times) / statistics.median(d_times),
+                       "deltaconv_macs": d_macs, "attention_macs": a_macs, "mac_ratio": a_macs / d_macs}
+                records.append(rec)
+                print(f"{label} C={c} k={k} {g}x{g}: ΔConv {fmt_ms(d_times)} ms x{d_rep}, attention "
+                      f"{'skipped' if a_times is None else fmt_ms(a_times) + f' ms x{a_rep}'}", flush=True)
+            del block, attn
+    elapsed = time.perf_counter() - t_start
+    other = None if busy_before is None else busy_cpu_s() - busy_before
+    load = "n/a" if other is None else f"{other:.1f} CPU-s used by other processes during the run " \
+        f"({100 * other / (elapsed * os.cpu_count()):.1f}% of all cores; >~1% skews CPU timings)"
+    for r in records:
+        r["other_processes_cpu_s"] = other
+
+    head = ("| site | C | k | grid | N | ΔConv ms median (min) | attention ms median (min) | speed-up | "
+            "ΔConv GMAC | attention GMAC | MAC ratio | runs Δ/attn |\n" + "|---" * 12 + "|")
+    rows = []
+    for r in records:
+        attn_cell = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})"
+        speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
+        rows.append(f"| {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
+                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {attn_cell} | {speed} | "
+                    f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "
+                    f"{r['deltaconv_repeats']}/{r['attention_repeats']} |")
+    table = "\n".join([head, *rows])
+    print("\n" + table)
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"# ΔConvBlock vs SD1.5 self-attention (block level)\n\n"
+              f"- device: {name} ({device}, {common['dtype']}, batch {args.batch})\n- torch: {torch.__version__}\n"
+              f"- threads: {common['threads']}; system load: {load}\n- repeats: up to {args.repeats} timed runs after up to {args.warmup} "
+              f"warm-up runs; per cell the timed runs are cut to fit ~{args.cell_budget:g} s (min 1), and warm-up to 1 "
+              f"run for slow cells — actual counts in the last column\n- date: {date}; total bench time {elapsed:.0f} s\n"
+              f"- attention = q/k/v projections (no bias) + SDPA ({HEADS} heads, head dim C/{HEADS}) + output "
+              f"projection (bias); measured once per (C, grid) and shared by the two C=320 rows\n"
+              f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (spec §1.2); "
+              f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
+              f"would exceed 90% of available memory\n- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"block_{slug}.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out / f"block_{slug}.md").write_text(header + table + "\n")
+    print(f"\nwrote {out / f'block_{slug}.json'} and .md ({elapsed:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Distil ΔConvBlocks from a frozen diffusion model (teacher and student share one model in memory).
+
+The engine works on any denoiser callable whose self-attention sites are ΔConv wrappers sharing one PatchRuntime:
+`runtime.teacher = True` makes every site run its original attention (the teacher), False runs the blocks.
+
+- Stage A (block-local): record each site's input and attention output from teacher forwards; train each block
+  to reproduce that output (MSE). No backprop through the model: cheap, fits small GPUs.
+- Stage B (end-to-end, the paper's recipe with the student prediction in the output losses):
+  MSE(ε_student, ε) + MSE(ε_student, ε_teacher) + 0.001·Σ_sites MSE(residual stream after self-attention),
+  optionally Min-SNR-γ weighted.
+
+Noise follows ComfyUI's ε convention, x_t = x_0 + σ·ε, for ε- and v-prediction models alike (the denoiser
+returns x̂_0, so ε̂ = (x_t − x̂_0)/σ).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STAGES = ("A", "B")
+
+
+class DistillError(RuntimeError):
+    pass
+
+
+@dataclass
+class DistillConfig:
+    stage: str = "A"
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01  # linear weights only; biases and depthwise kernels get none
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    seed: int = 0
+    caption_drop: float = 0.15  # fraction of samples trained with the negative/empty conditioning
+    feature_weight: float = 1e-3
+    min_snr_gamma: float = 0.0  # 0: off
+    autocast_dtype: str = "none"  # "none" | "fp16" | "bf16"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise DistillError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for name in ("steps", "batch_size", "grad_accumulation"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"{name} must be at least 1, got {getattr(self, name)}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "betas": list(self.betas)}
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor
+    noise: torch.Tensor
+    sigma: torch.Tensor  # [B]
+    negative: torch.Tensor  # [B] bool: sample uses the negative conditioning (caption drop)
+    index: torch.Tensor  # [B] which latent
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list = field(default_factory=list)
+
+
+class BlockBank(nn.Module):
+    """All trainable blocks in one module: the optimiser's view and DistributedDataParallel's unit."""
+
+    def __init__(self, blocks: dict[str, nn.Module]):
+        super().__init__()
+        self.names = list(blocks)
+        self.blocks = nn.ModuleList(blocks[n] for n in self.names)
+
+    def forward(self, compute):
+        # DDP hooks gradient all-reduce onto the parameters used inside its forward; the loss is computed here.
+        return compute()
+
+
+def build_optimizer(bank: BlockBank, config: DistillConfig):
+    decay = [p for n, p in bank.named_parameters() if n.endswith(".weight") and p.ndim == 2]
+    ids = {id(p) for p in decay}
+    rest = [p for p in bank.parameters() if id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=config.learning_rate, betas=config.betas)
+    return opt
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+class Distiller:
+    """One training run. `denoise(x_t, sigma, negative_mask, latent_index) -> x̂_0` runs the shared model.
+
+    blocks: site name → ΔConvBlock inside the wrappers; taps: site name → module whose forward input is the
+    residual stream right after that site's self-attention (stage B's feature loss).
+    """
+
+    def __init__(self, denoise, runtime, blocks: dict[str, nn.Module], latents: torch.Tensor,
+                 sigma_table: torch.Tensor, config: DistillConfig, taps: dict[str, nn.Module] | None = None,
+                 device=None, rank: int = 0, world: int = 1, ddp=None):
+        if config.batch_size > latents.shape[0]:
+            raise DistillError(f"batch_size {config.batch_size} is larger than the {latents.shape[0]} training "
+                               "latents; lower batch_size or give more latents")
+        if config.batch_size % world:
+            raise DistillError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
+        self.denoise, self.runtime, self.config = denoise, runtime, config
+        self.latents = latents
+        self.sigma_table = sigma_table.detach().float().cpu()
+        self.device = device or latents.device
+        self.rank, self.world = rank, world
+        self.bank = BlockBank(blocks)
+        self.model = ddp(self.bank) if ddp is not None else self.bank
+        self.optimizer = build_optimizer(self.bank, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.state = TrainState()
+        self.taps = taps or {}
+        self._tap_values: dict[str, torch.Tensor] = {}
+        self._hooks = []
+        self.scaler = torch.amp.GradScaler("cuda") if (config.autocast_dtype == "fp16"
+                                                        and torch.device(self.device).type == "cuda") else None
+
+    # ------------------------------------------------------------------------------------------------ data
+    def sample_batch(self) -> Batch:
+        """The global batch from the shared generator (same on every rank); each rank keeps its own slice."""
+        g, n = self.generator, self.config.batch_size
+        index = torch.randint(self.latents.shape[0], (n,), generator=g)
+        sigma = self.sigma_table[torch.randint(len(self.sigma_table), (n,), generator=g)]
+        negative = torch.rand(n, generator=g) < self.config.caption_drop
+        noise = torch.randn((n, *self.latents.shape[1:]), generator=g)
+        part = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        dev = self.device
+        return Batch(self.latents[index[part].to(self.latents.device)].to(dev, torch.float32),
+                     noise[part].to(dev), sigma[part].to(dev), negative[part].to(dev), index[part])
+
+    # ---------------------------------------------------------------------------------------------- losses
+    def _autocast(self):
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.autocast_dtype)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=dtype)
+
+    def _forward(self, batch: Batch, teacher: bool):
+        x_t = batch.x0 + batch.sigma.view(-1, 1, 1, 1) * batch.noise
+        self.runtime.teacher = teacher
+        try:
+            with self._autocast():
+                x0_pred = self.denoise(x_t, batch.sigma, batch.negative, batch.index)
+        finally:
+            self.runtime.teacher = False
+        if x0_pred.shape[1] == 2 * x_t.shape[1]:  # learned-variance outputs (PixArt): keep the mean channels
+            x0_pred = x0_pred[:, : x_t.shape[1]]
+        return (x_t - x0_pred.float()) / batch.sigma.view(-1, 1, 1, 1)
+
+    def _stage_a_loss(self, batch: Batch) -> torch.Tensor:
+        self.runtime.recording = {}
+        try:
+            with torch.no_grad():
+                self._forward(batch, teacher=True)
+            recorded = self.runtime.recording
+        finally:
+            self.runtime.recording = None
+        missing = [n for n in self.bank.names if n not in recorded]
+        if missing:
+            raise DistillError(f"no teacher activations were recorded for {missing[:3]}: another patch rearranges "
+                               "their tokens; distill without it")
+
+        def compute():
+            total = 0.0
+            with self._autocast():
+                for name, block in zip(self.bank.names, self.bank.blocks):
+                    x, (h, w), y = recorded[name]
+                    b, n, c = x.shape
+                    pred = block(x.reshape(b, h, w, c)).reshape(b, n, c)
+                    total = total + F.mse_loss(pred.float(), y.float())
+            return total
+
+        return self.model(compute)
+
+    def _hook(self, name):
+        def store(module, args):
+            self._tap_values[name] = args[0].clone()  # older ComfyUI adds to this tensor in place later
+        return store
+
+    def _stage_b_loss(self, batch: Batch) -> torch.Tensor:
+        if not self._hooks:
+            self._hooks = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.taps.items()]
+        with torch.no_grad():
+            eps_teacher = self._forward(batch, teacher=True)
+            feats_teacher = {k: v.detach() for k, v in self._tap_values.items()}
+        self._tap_values = {}
+
+        def compute():
+            eps = self._forward(batch, teacher=False)
+            per_sample = ((eps - batch.noise) ** 2 + (eps - eps_teacher) ** 2).mean(dim=(1, 2, 3))
+            if self.config.min_snr_gamma > 0:  # ε-prediction Min-SNR-γ: min(1, γ/SNR), SNR = 1/σ²
+                per_sample = per_sample * torch.clamp(self.config.min_snr_gamma * batch.sigma ** 2, max=1.0)
+            feature = sum(F.mse_loss(self._tap_values[k].float(), feats_teacher[k].float()) for k in feats_teacher)
+            self._tap_values = {}
+            return per_sample.mean() + self.config.feature_weight * feature
+
+        return self.model(compute)
+
+    # ------------------------------------------------------------------------------------------------ step
+    def step(self) -> float:
+        """One optimiser step (over grad_accumulation micro-batches); returns the mean loss."""
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * warmup_factor(self.state.step, cfg.warmup_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accumulation):
+            batch = self.sample_batch()
+            loss = (self._stage_a_loss if cfg.stage == "A" else self._stage_b_loss)(batch)
+            value = float(loss.detach())
+            if self.world > 1:
+                t = torch.tensor([value], device=self.device)
+                torch.distributed.all_reduce(t)
+                value = float(t) / self.world
+            if not math.isfinite(value):
+                raise DistillError(f"loss became {value} at step {self.state.step + 1}; the blocks keep their "
+                                   "weights from the step before. Lower the learning rate, or train in fp32/bf16")
+            scaled = loss / cfg.grad_accumulation
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += value / cfg.grad_accumulation
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.state.step += 1
+        self.state.losses.append(total)
+        return total
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.runtime.teacher, self.runtime.recording = False, None
+
+    # ---------------------------------------------------------------------------------------------- resume
+    def training_state(self) -> tuple[dict, dict]:
+        """(tensors, json-able info) that resume this run exactly."""
+        tensors = {"rng": self.generator.get_state()}
+        names = {id(p): n for n, p in self.bank.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    tensors[f"optim.{names[id(p)]}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        info = {"step": self.state.step, "losses": self.state.losses, "config": self.config.to_dict(),
+                "block_names": self.bank.names}
+        return tensors, info
+
+    def load_training_state(self, tensors: dict, info: dict):
+        if info.get("block_names") != self.bank.names:
+            raise DistillError("the checkpoint was trained for other sites than this run; resume on the same model")
+        self.generator.set_state(tensors["rng"])
+        params = dict(self.bank.named_parameters())
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                pname, slot = key[len("optim."):].rsplit(".", 1)
+                p = params[pname]
+                self.optimizer.state.setdefault(p, {})[slot] = value.to(p.device) if slot != "step" else value
+        self.state = TrainState(int(info["step"]), list(info.get("losses", [])))

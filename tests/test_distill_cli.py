@@ -1,0 +1,75 @@
+"""The headless CLI: one process vs torchrun with 2 gloo processes on the CPU (DistributedDataParallel)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from deltaconv_core.weights import load_weights, read_training_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def latents_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = str(tmp_path_factory.mktemp("cli") / "latents.safetensors")
+    save_file({"latents": torch.randn(6, 4, 8, 8, generator=g), "cond": torch.randn(1, 16, 768, generator=g),
+               "uncond": torch.zeros(1, 16, 768)}, path)
+    return path
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(comfy_path, launcher, *args):
+    env = {**os.environ, "COMFYUI_PATH": comfy_path, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, os.path.join(REPO, "scripts", "distill.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _blocks(path):
+    return {f"{n}.{k}": v for n, (_, sd) in load_weights(path).blocks.items() for k, v in sd.items()}
+
+
+def _blocks_of_fresh_start(tiny_models, like):
+    """The blocks both runs started from (same seed): fresh blocks for the tiny model."""
+    import comfy.sd
+
+    from deltaconv_core.families import find_attention_sites
+    from deltaconv_core.weights import DeltaConvWeights
+
+    load = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
+    sites = find_attention_sites(load(tiny_models["tiny_sd15"]).model.diffusion_model)
+    fresh = DeltaConvWeights.fresh(sites, 5)
+    return {f"{n}.{k}": v for n, (_, sd) in fresh.blocks.items() for k, v in sd.items() if f"{n}.{k}" in like}
+
+
+def test_ddp_two_processes_equal_one_process_with_the_whole_batch(comfy_path, tiny_models, latents_file, tmp_path):
+    common = ["--unet", tiny_models["tiny_sd15"], "--latents", latents_file, "--stage", "A", "--steps", "3",
+              "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "--save-every", "0", "--dtype", "fp32",
+              "--seed", "5", "--cpu"]
+    single = cli(comfy_path, [sys.executable], *common, "--out", str(tmp_path / "single"))
+    assert "step 3/3" in single and "samples/s" in single
+    ddp = cli(comfy_path, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port())],
+              *common, "--out", str(tmp_path / "ddp"))
+    assert "step 3/3" in ddp
+    a, b = _blocks(str(tmp_path / "single_A_0000003.safetensors")), _blocks(str(tmp_path / "ddp_A_0000003.safetensors"))
+    start = _blocks_of_fresh_start(tiny_models, a)
+    for k in a:
+        # Adam turns float-summation-order noise in near-zero gradients into steps of up to ~lr/100 here; a wrong
+        # split of the batch moves weights by ~lr per step (checked against the start below).
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=5e-5, msg=k)
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3
+    info = read_training_state(str(tmp_path / "ddp_A_0000003.safetensors"))[1]
+    assert info["step"] == 3 and len(info["losses"]) == 3
+    assert sorted(os.listdir(tmp_path)) == ["ddp_A_0000003.safetensors", "single_A_0000003.safetensors"]
