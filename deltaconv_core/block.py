@@ -81,8 +81,15 @@ class DepthwiseConv(nn.Module):
         return F.conv2d(x, weight, bias, padding=self.kernel_size // 2, groups=x.shape[1])
 
 
+class Linear(nn.Linear):
+    """nn.Linear that also hands out its weights in x's dtype, for the fused output projection."""
+
+    def cast_weight_bias(self, x: torch.Tensor):
+        return self.weight.to(device=x.device, dtype=x.dtype), self.bias.to(device=x.device, dtype=x.dtype)
+
+
 # Layer factories; ComfyUI's node layer swaps in its casting/offloading-aware subclasses.
-TORCH_OPS = SimpleNamespace(Linear=nn.Linear, DepthwiseConv=DepthwiseConv)
+TORCH_OPS = SimpleNamespace(Linear=Linear, DepthwiseConv=DepthwiseConv)
 
 
 class PyramidGate(nn.Module):
@@ -135,11 +142,19 @@ class DeltaConvBlock(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
         u = self.conv_up(x).permute(0, 3, 1, 2)  # [B, C_i, H, W] view, channel-last in memory
-        y = torch.cat([gate(u) for gate in self.gates], dim=1) if len(self.gates) > 1 else self.gates[0](u)
-        z = self.conv_out(y.permute(0, 2, 3, 1))
-        pooled = self.conv_pool(x.mean(dim=(1, 2), keepdim=True))  # uses the block input, not conv_up's output
-        return z + pooled
+        # conv_out(concat(branches)) + conv_pool(mean x) computed as one per-image bias plus a sum of per-branch
+        # projections: no concatenated tensor and no extra pass to add the pooled branch.
+        weight, bias = self.conv_out.cast_weight_bias(x)
+        pooled = self.conv_pool(x.mean(dim=(1, 2)))  # uses the block input, not conv_up's output
+        z = (pooled + bias).unsqueeze(1)  # [B, 1, C], broadcast over the pixels by the first baddbmm
+        width = weight.shape[1] // len(self.gates)
+        for i, gate in enumerate(self.gates):
+            y = gate(u).permute(0, 2, 3, 1).reshape(b, h * w, width)  # a view: the gate output is channel-last
+            w_i = weight[:, i * width:(i + 1) * width].t().expand(b, width, c)
+            z = torch.baddbmm(z, y, w_i) if i == 0 else z.baddbmm_(y, w_i)
+        return z.view(b, h, w, c)
 
     def extra_repr(self) -> str:
         c = self.config

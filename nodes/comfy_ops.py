@@ -13,4 +13,9 @@ class ComfyDepthwiseConv(DepthwiseConv, comfy.ops.CastWeightBiasOp):
         return comfy.ops.cast_bias_weight(self, x)
 
 
-COMFY_OPS = SimpleNamespace(Linear=comfy.ops.manual_cast.Linear, DepthwiseConv=ComfyDepthwiseConv)
+class ComfyLinear(comfy.ops.manual_cast.Linear):
+    def cast_weight_bias(self, x):  # for the block's fused output projection
+        return comfy.ops.cast_bias_weight(self, x)
+
+
+COMFY_OPS = SimpleNamespace(Linear=ComfyLinear, DepthwiseConv=ComfyDepthwiseConv)

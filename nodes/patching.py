@@ -103,8 +103,8 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
         if isinstance(original, DELTA_TYPES):
             original = original.original  # re-patching a ΔConv model: replace, do not stack
         elif not (hasattr(original, "to_q") or hasattr(original, "qkv")):
-            notes.append(f"{site.path} was replaced by another pack ({type(original).__name__}); ΔConv replaces it "
-                         "and only falls back to it")
+            raise ValueError(f"{site.path} was already replaced by another node ({type(original).__name__}, without "
+                             "attention projections); put ΔConv Patch before that node in the graph")
         reference = original.qkv.weight if model_sites.family == "pixart" else original.to_q.weight
         first_original = first_original if first_original is not None else reference
         block = build_block(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))

@@ -149,3 +149,11 @@ def test_bad_percent_range(patching, sd15):
     with pytest.raises(ValueError, match="start_percent"):
         patching.patch_model(sd15, DeltaConvWeights.fresh(_sites(patching, sd15)), start_percent=0.8,
                              end_percent=0.2)
+
+
+def test_foreign_attn1_replacement_without_projections_is_refused(patching, sd15):
+    other = sd15.clone()
+    other.add_object_patch("diffusion_model.middle_block.1.transformer_blocks.0.attn1", torch.nn.Identity())
+    with pytest.raises(ValueError, match=r"middle_block.1.transformer_blocks.0.attn1 was already replaced.*Identity"
+                                         r".*put ΔConv Patch before that node"):
+        patching.patch_model(other, DeltaConvWeights.fresh(_sites(patching, sd15), seed=9))

@@ -1,0 +1,84 @@
+"""Optional fused Triton kernels for the ΔConvBlock (pyramid gate: depthwise conv + gate).
+
+This package imports without triton. The kernel module (`dwconv_gate`) imports triton and is loaded lazily on
+first use, so that `TRITON_INTERPRET=1` (the CPU interpreter used by the tests) only has to be set before that.
+
+Usage from the block:
+
+    from deltaconv_core import kernels
+    if kernels.use_triton(u):
+        y = kernels.pyramid_gate_triton(u_bhwc, weight, bias, scale, gate, gate_constant)
+
+Switch: set DELTACONV_TRITON=0 in the environment, or call `set_enabled(False)`, to always use the torch path.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+_enabled: bool | None = None  # None: follow the DELTACONV_TRITON environment variable
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_mode() -> bool:
+    """True when Triton's CPU interpreter is requested (TRITON_INTERPRET=1), which also runs kernels on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def set_enabled(enabled: bool | None) -> None:
+    """Force the kernels on (still only where usable) or off; None goes back to the DELTACONV_TRITON variable."""
+    global _enabled
+    _enabled = enabled
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    return os.environ.get("DELTACONV_TRITON", "1").lower() not in ("0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability_ok(device_index: int, needs_bf16: bool) -> bool:
+    import torch
+
+    if torch.version.hip is not None:  # ROCm: triton supports the GPUs torch supports
+        return True
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return (major, minor) >= ((8, 0) if needs_bf16 else (7, 0))
+
+
+def use_triton(t) -> bool:
+    """Whether the fused kernels should handle tensor `t`: enabled, triton installed, and either a CUDA tensor on a
+    GPU triton supports or Triton's interpreter switched on (then CPU tensors work too, slowly: tests only)."""
+    import torch
+
+    if not enabled() or not triton_available() or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if t.is_cuda:
+        return interpreter_mode() or _cuda_capability_ok(t.device.index or 0, t.dtype == torch.bfloat16)
+    return interpreter_mode() and t.device.type == "cpu"
+
+
+def fused_dwconv_gate(v, weight, bias, gate: str, gate_constant: float):
+    """Depthwise k×k conv (+bias) and gate of one pyramid scale, fused: v [B,h,w,C_i] → y [B,h,w,C_i/2].
+    See `dwconv_gate.fused_dwconv_gate`."""
+    from .dwconv_gate import fused_dwconv_gate as impl
+
+    return impl(v, weight, bias, gate, gate_constant)
+
+
+def pyramid_gate_triton(u_bhwc, weight, bias, scale: float, gate: str, gate_constant: float):
+    """One whole pyramid scale on a channel-last input: u [B,H,W,C_i] → [B,H,W,C_i/2]. See `dwconv_gate`."""
+    from .dwconv_gate import pyramid_gate_triton as impl
+
+    return impl(u_bhwc, weight, bias, scale, gate, gate_constant)
+
+
+__all__ = ["enabled", "fused_dwconv_gate", "interpreter_mode", "pyramid_gate_triton", "set_enabled",
+           "triton_available", "use_triton"]

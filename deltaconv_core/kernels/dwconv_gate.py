@@ -1,0 +1,293 @@
+"""Fused depthwise k×k convolution + gate for one ΔConv pyramid scale, in Triton (forward and backward).
+
+    v [B, h, w, C] (channel-last, C = C_i) --dwconv k×k, zero padding k//2, weight [k, k, C] (+bias [C])--> [a | b]
+    y = a·b·gate_constant ("scaled")  or  a·sigmoid(b) ("sigmoid")                              y: [B, h, w, C/2]
+
+The conv output (C channels) never reaches memory: each program computes the a-half and the b-half of the same
+channels for a tile of pixels and writes only the gated C/2 channels.
+
+Design notes (why, not what):
+* Channel-last tiles. A program owns TILE_H×TILE_W pixels × BLOCK_C channels. Channels are contiguous in memory, so
+  every load of a [pixels, channels] tile is BLOCK_C-wide contiguous runs (coalesced / vectorised on the GPU); the
+  k² shifted loads of neighbouring taps hit the same cache lines again (L1), so DRAM sees each input about once.
+* Masking does the zero padding: a tap whose source pixel is outside the image loads 0 instead of branching, and
+  the same mask covers partial tiles at the right/bottom edge and the channel tail (C/2 need not divide BLOCK_C).
+* fp32 accumulation whatever the storage dtype (fp32/fp16/bf16): inputs are upcast after loading, the gate is
+  evaluated in fp32, and only the final store rounds. a·b·√(C_i/2) would overflow fp16 far sooner if a and b
+  were rounded first.
+* The tap loops are runtime `range` loops (not unrolled): k is up to 17 here, and unrolling k² bodies would only
+  bloat compile time for a memory-bound kernel.
+* Backward recomputes a and b (one more conv) rather than saving the C-channel pre-activation from the forward:
+  the forward stays a single C/2-channel write, which matters for inference, the main use.
+  1. _bwd_gate_kernel:   recompute a, b; dL/da, dL/db → dvc [B, h, w, C] in fp32 (gradient of the conv output).
+  2. _bwd_input_kernel:  dL/dv = dvc correlated with the flipped kernel (same tile loop, taps mirrored).
+  3. _bwd_weight_kernel: dL/dw[i,j,c] = Σ_pixels dvc·v(shifted by tap); one program per (tap, channel block,
+     pixel chunk) with fp32 partial sums [chunks, k·k, C] reduced by torch: deterministic, no atomics.
+  dL/dbias = Σ_pixels dvc, by torch.
+* Offsets: the per-image base is computed in int64 (B·h·w·C may exceed 2³¹ on large batches); offsets inside one
+  image stay int32.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+# Tests may set this to e.g. dict(TILE_H=2, TILE_W=4, BLOCK_C=4) to force many tiles and partial tiles.
+BLOCK_OVERRIDE: dict | None = None
+
+
+# --------------------------------------------------------------------------------------------------- device code
+@triton.jit
+def _tile_pixels(pid, tiles_w, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Row/column of every pixel of tile `pid` (tiles in raster order) and the in-image mask."""
+    p = tl.arange(0, TILE_H * TILE_W)
+    py = (pid // tiles_w) * TILE_H + p // TILE_W
+    px = (pid % tiles_w) * TILE_W + p % TILE_W
+    return py, px, (py < H) & (px < W)
+
+
+@triton.jit
+def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C,
+                 K: tl.constexpr, SIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ_{i,j} img[py + SIGN·(i-K//2), px + SIGN·(j-K//2), c] · w[i, j, c] in fp32, zero outside the image.
+    SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input)."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    cm = cmask[None, :]
+    w_taps = w_ptr + c
+    for i in range(K):
+        sy = py + SIGN * (i - K // 2)
+        row_ok = pmask & (sy >= 0) & (sy < H)
+        row = img + ((sy * W + px) * C)[:, None] + c[None, :]  # tap (i, centre column); columns shift by ±C
+        for j in range(K):
+            dx = SIGN * (j - K // 2)
+            ok = row_ok & (px + dx >= 0) & (px + dx < W)
+            x = tl.load(row + dx * C, mask=ok[:, None] & cm, other=0.0)
+            wt = tl.load(w_taps + (i * K + j) * C, mask=cmask, other=0.0)
+            acc += x.to(tl.float32) * wt.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """This program's tile of the conv output, both halves: a (channels c) and b (channels c + C/2), fp32."""
+    BLOCK_P: tl.constexpr = TILE_H * TILE_W
+    py, px, pmask = _tile_pixels(tl.program_id(0), tiles_w, H, W, TILE_H, TILE_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < HALF
+    img = v_ptr + tl.program_id(2).to(tl.int64) * H * W * C
+    a = _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
+    b = _dwconv_tile(img, w_ptr, py, px, pmask, c + HALF, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
+    if HAS_BIAS:
+        a += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b += tl.load(bias_ptr + HALF + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return a, b, py, px, pmask, c, cmask
+
+
+@triton.jit
+def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_constant,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
+                TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
+                                                 K, HAS_BIAS, TILE_H, TILE_W, BLOCK_C)
+    if SIGMOID:
+        y = a * tl.sigmoid(b)
+    else:
+        y = a * b * gate_constant
+    out = y_ptr + tl.program_id(2).to(tl.int64) * H * W * HALF
+    tl.store(out + (py * W + px)[:, None] * HALF + c[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _bwd_gate_kernel(v_ptr, w_ptr, bias_ptr, gy_ptr, dvc_ptr, H, W, C, HALF, tiles_w, gate_constant,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dvc = dL/d(conv output), both halves, fp32, from the recomputed a, b and the incoming gradient gy."""
+    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
+                                                 K, HAS_BIAS, TILE_H, TILE_W, BLOCK_C)
+    mask = pmask[:, None] & cmask[None, :]
+    pix = (py * W + px)[:, None]
+    image = tl.program_id(2).to(tl.int64) * H * W
+    g = tl.load(gy_ptr + image * HALF + pix * HALF + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SIGMOID:
+        s = tl.sigmoid(b)
+        da = g * s
+        db = g * a * s * (1.0 - s)
+    else:
+        da = g * b * gate_constant
+        db = g * a * gate_constant
+    out = dvc_ptr + image * C + pix * C + c[None, :]
+    tl.store(out, da, mask=mask)
+    tl.store(out + HALF, db, mask=mask)
+
+
+@triton.jit
+def _bwd_input_kernel(dvc_ptr, w_ptr, dv_ptr, H, W, C, tiles_w,
+                      K: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dv[p] = Σ_{i,j} dvc[p - (i,j) + pad] · w[i,j]: the transposed depthwise conv, as mirrored taps."""
+    py, px, pmask = _tile_pixels(tl.program_id(0), tiles_w, H, W, TILE_H, TILE_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    image = tl.program_id(2).to(tl.int64) * H * W * C
+    acc = _dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, K, -1, TILE_H * TILE_W, BLOCK_C)
+    tl.store(dv_ptr + image + (py * W + px)[:, None] * C + c[None, :], acc.to(dv_ptr.dtype.element_ty),
+             mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _bwd_weight_kernel(v_ptr, dvc_ptr, part_ptr, N, H, W, C, chunk,
+                       K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[s, tap, c] = Σ over flat pixels n in chunk s of dvc[n, c] · v[n shifted by tap, c] (fp32).
+    Flat pixel blocks (n = (b·H + y)·W + x) are contiguous in memory; the shifted source stays in image b."""
+    tap = tl.program_id(0)
+    i = tap // K - K // 2
+    j = tap % K - K // 2
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    start = tl.program_id(2) * chunk
+    end = tl.minimum(start + chunk, N)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        x = n % W
+        y = (n // W) % H
+        ok = nmask & (y + i >= 0) & (y + i < H) & (x + j >= 0) & (x + j < W)
+        src = n.to(tl.int64) + i * W + j  # same image: (y+i, x+j) is in range whenever `ok`
+        d = tl.load(dvc_ptr + n.to(tl.int64)[:, None] * C + c[None, :], mask=nmask[:, None] & cmask[None, :],
+                    other=0.0)
+        xv = tl.load(v_ptr + src[:, None] * C + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
+        acc += d * xv.to(tl.float32)
+    tl.store(part_ptr + (tl.program_id(2) * K * K + tap) * C + c, tl.sum(acc, axis=0), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------- host code
+def _blocks(h: int, w: int, channels: int, on_gpu: bool) -> dict:
+    """GPU tile: ~64 pixels (a 16-wide row strip, fewer rows for narrow images) × up to 64 channels (128 B of fp16
+    per pixel: full cache lines); small images get small tiles rather than mostly-masked ones. Under the CPU
+    interpreter every program is slow Python, so there the tiles cover up to 32×32 pixels (fewest programs)."""
+    if BLOCK_OVERRIDE is not None:
+        return dict(BLOCK_OVERRIDE)
+    tile_w = min(16 if on_gpu else 32, triton.next_power_of_2(w))
+    tile_h = min(max(64 // tile_w, 1) if on_gpu else 32, triton.next_power_of_2(h))
+    return dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=min(64, triton.next_power_of_2(channels)))
+
+
+def _num_warps(blocks: dict) -> int:
+    return 4 if blocks["TILE_H"] * blocks["TILE_W"] * blocks["BLOCK_C"] >= 2048 else 2
+
+
+def _grid(h, w, b, channels, blocks):
+    tiles_w = triton.cdiv(w, blocks["TILE_W"])
+    return (triton.cdiv(h, blocks["TILE_H"]) * tiles_w, triton.cdiv(channels, blocks["BLOCK_C"]), b), tiles_w
+
+
+def _check(v, weight, bias, gate):
+    if gate not in ("scaled", "sigmoid"):
+        raise ValueError(f"gate must be 'scaled' or 'sigmoid', got {gate!r}")
+    if v.dim() != 4 or v.shape[-1] % 2:
+        raise ValueError(f"v must be [B, h, w, C] with an even C, got {tuple(v.shape)}")
+    k = weight.shape[0]
+    if weight.shape != (k, k, v.shape[-1]) or k % 2 == 0:
+        raise ValueError(f"weight must be [k, k, {v.shape[-1]}] with odd k, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (v.shape[-1],):
+        raise ValueError(f"bias must be [{v.shape[-1]}], got {tuple(bias.shape)}")
+    if weight.device != v.device or (bias is not None and bias.device != v.device):
+        raise ValueError("v, weight and bias must be on the same device")
+
+
+class _FusedDwconvGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, weight, bias, sigmoid: bool, gate_constant: float):
+        v, weight = v.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        B, H, W, C = v.shape
+        k, half = weight.shape[0], C // 2
+        y = torch.empty(B, H, W, half, device=v.device, dtype=v.dtype)
+        blocks = _blocks(H, W, half, v.is_cuda)
+        grid, tiles_w = _grid(H, W, B, half, blocks)
+        if y.numel():
+            _fwd_kernel[grid](v, weight, v if bias is None else bias, y, H, W, C, half, tiles_w, float(gate_constant),
+                              K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid, num_warps=_num_warps(blocks), **blocks)
+        ctx.save_for_backward(v, weight, bias)
+        ctx.sigmoid, ctx.gate_constant = sigmoid, float(gate_constant)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        v, weight, bias = ctx.saved_tensors
+        need_v, need_w, need_b = ctx.needs_input_grad[:3]
+        B, H, W, C = v.shape
+        k, half = weight.shape[0], C // 2
+        gy = gy.contiguous()
+        dvc = torch.empty(B, H, W, C, device=v.device, dtype=torch.float32)  # fp32: summed over pixels below
+        if dvc.numel() == 0:
+            return (torch.zeros_like(v) if need_v else None, torch.zeros_like(weight) if need_w else None,
+                    torch.zeros_like(bias) if need_b else None, None, None)
+        blocks = _blocks(H, W, half, v.is_cuda)
+        grid, tiles_w = _grid(H, W, B, half, blocks)
+        _bwd_gate_kernel[grid](v, weight, v if bias is None else bias, gy, dvc, H, W, C, half, tiles_w,
+                               ctx.gate_constant, K=k, HAS_BIAS=bias is not None, SIGMOID=ctx.sigmoid,
+                               num_warps=_num_warps(blocks), **blocks)
+        dv = dw = db = None
+        if need_v:
+            dv = torch.empty_like(v)
+            blocks = _blocks(H, W, C, v.is_cuda)
+            grid, tiles_w = _grid(H, W, B, C, blocks)
+            _bwd_input_kernel[grid](dvc, weight, dv, H, W, C, tiles_w, K=k, num_warps=_num_warps(blocks), **blocks)
+        if need_w:
+            n = B * H * W
+            block_n, block_c = 64 if v.is_cuda else 256, _blocks(H, W, C, v.is_cuda)["BLOCK_C"]
+            c_blocks = triton.cdiv(C, block_c)
+            # Enough programs to fill the GPU (~4 per SM), never a chunk smaller than one pixel block; one chunk
+            # under the interpreter (each program is slow Python there).
+            target = 1 if not v.is_cuda else 4 * torch.cuda.get_device_properties(v.device).multi_processor_count
+            chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target, k * k * c_blocks)))
+            chunk = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+            chunks = triton.cdiv(n, chunk)
+            part = torch.empty(chunks, k * k, C, device=v.device, dtype=torch.float32)
+            _bwd_weight_kernel[(k * k, c_blocks, chunks)](v, dvc, part, n, H, W, C, chunk, K=k, BLOCK_N=block_n,
+                                                          BLOCK_C=block_c, num_warps=4)
+            dw = part.sum(0).view(k, k, C).to(weight.dtype)
+        if need_b and bias is not None:
+            db = dvc.sum(dim=(0, 1, 2)).to(bias.dtype)
+        return dv, dw, db, None, None
+
+
+def fused_dwconv_gate(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: str,
+                      gate_constant: float) -> torch.Tensor:
+    """Depthwise conv + gate of one pyramid scale, differentiable w.r.t. v, weight and bias.
+
+    v: [B, h, w, C] channel-last (made contiguous if it is not); weight: [k, k, C], k odd; bias: [C] or None;
+    gate: "scaled" (a·b·gate_constant) or "sigmoid" (a·sigmoid(b), gate_constant ignored).
+    Returns y: [B, h, w, C/2] in v's dtype (fp32 accumulation inside); gradients come back in each input's dtype.
+    """
+    _check(v, weight, bias, gate)
+    return _FusedDwconvGate.apply(v, weight, bias, gate == "sigmoid", gate_constant)
+
+
+def pyramid_gate_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, gate: str,
+                        gate_constant: float) -> torch.Tensor:
+    """One pyramid scale of the ΔConvBlock on a channel-last input, u [B, H, W, C_i] → [B, H, W, C_i/2]:
+    [adaptive avg pool to (max(1, int(H·s)), max(1, int(W·s)))] → fused dwconv + gate → [bilinear back to H×W].
+    Pooling and resizing are torch ops on channels_last views (no copies); only the conv+gate is a Triton kernel.
+    The result may be a channels_last-strided view rather than a contiguous tensor when scale != 1."""
+    H, W = u.shape[1:3]
+    v = u
+    if scale != 1.0:
+        pooled = (max(1, int(H * scale)), max(1, int(W * scale)))
+        v = F.adaptive_avg_pool2d(u.permute(0, 3, 1, 2), pooled).permute(0, 2, 3, 1)
+    y = fused_dwconv_gate(v, weight, bias, gate, gate_constant)
+    if scale != 1.0:
+        y = F.interpolate(y.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    return y
+
+
+__all__ = ["fused_dwconv_gate", "pyramid_gate_triton"]
