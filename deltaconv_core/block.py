@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
+
 GATES = ("scaled", "sigmoid")
 
 
@@ -105,6 +107,12 @@ class PyramidGate(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: [B, C_i, H, W] channel-last view; returns [B, C_i/2, H, W] in the same layout."""
+        if kernels.use_triton(u):  # fused Triton dwconv+gate (CUDA); off with DELTACONV_TRITON=0
+            weight, bias = self.conv_spatial.cast_weight_bias(u)
+            y = kernels.pyramid_gate_or_none(u.permute(0, 2, 3, 1), weight, bias, self.scale_factor, self.gate,
+                                             self.gate_constant)
+            if y is not None:
+                return y.permute(0, 3, 1, 2)
         size = u.shape[-2:]
         if self.scale_factor != 1.0:
             # int() as the official code does; clamp so a 1-pixel-wide grid still pools to something.

@@ -1,29 +1,39 @@
 """Optional fused Triton kernels for the ΔConvBlock (pyramid gate: depthwise conv + gate).
 
 This package imports without triton. The kernel module (`dwconv_gate`) imports triton and is loaded lazily on
-first use, so that `TRITON_INTERPRET=1` (the CPU interpreter used by the tests) only has to be set before that.
+first use. Triton's CPU interpreter (used by the tests) needs TRITON_INTERPRET=1 both when that module is first
+imported (its @triton.jit decorators pick interpreted or compiled then) and while the kernels run.
 
-Usage from the block:
+Usage from the block (u_bhwc: [B, H, W, C_i] channel-last; weight [k, k, C_i]; bias [C_i] or None):
 
     from deltaconv_core import kernels
-    if kernels.use_triton(u):
-        y = kernels.pyramid_gate_triton(u_bhwc, weight, bias, scale, gate, gate_constant)
+    if kernels.use_triton(u_bhwc):
+        y = kernels.pyramid_gate_or_none(u_bhwc, weight, bias, scale, gate, gate_constant)  # [B, H, W, C_i/2]
+        if y is not None: return y
+    ... torch path ...
 
 Switch: set DELTACONV_TRITON=0 in the environment, or call `set_enabled(False)`, to always use the torch path.
+The first failure of the kernel path (say triton installed without a working C compiler for its launcher) turns it
+off for the rest of the process with one warning; `failure()` then says why.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 
 _enabled: bool | None = None  # None: follow the DELTACONV_TRITON environment variable
+_failure: str | None = None  # why the kernel path switched itself off, if it did
 
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     """True when triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def interpreter_mode() -> bool:
@@ -54,11 +64,14 @@ def _cuda_capability_ok(device_index: int, needs_bf16: bool) -> bool:
 
 
 def use_triton(t) -> bool:
-    """Whether the fused kernels should handle tensor `t`: enabled, triton installed, and either a CUDA tensor on a
-    GPU triton supports or Triton's interpreter switched on (then CPU tensors work too, slowly: tests only)."""
+    """Whether the fused kernels should handle tensor `t` (the gate input, any 4-D layout): enabled, triton
+    installed, fp32/fp16/bf16, and either a CUDA tensor on a GPU triton supports or Triton's interpreter switched on
+    (then CPU tensors work too, slowly: tests only)."""
     import torch
 
     if not enabled() or not triton_available() or t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if t.dim() == 4 and t[:1].numel() >= 2**31:  # one image past the kernel's int32 offsets
         return False
     if t.is_cuda:
         return interpreter_mode() or _cuda_capability_ok(t.device.index or 0, t.dtype == torch.bfloat16)
@@ -80,5 +93,29 @@ def pyramid_gate_triton(u_bhwc, weight, bias, scale: float, gate: str, gate_cons
     return impl(u_bhwc, weight, bias, scale, gate, gate_constant)
 
 
-__all__ = ["enabled", "fused_dwconv_gate", "interpreter_mode", "pyramid_gate_triton", "set_enabled",
-           "triton_available", "use_triton"]
+def failure() -> str | None:
+    """Why the kernel path switched itself off after an error, or None."""
+    return _failure
+
+
+def pyramid_gate_or_none(u_bhwc, weight, bias, scale: float, gate: str, gate_constant: float):
+    """`pyramid_gate_triton` for the block: None (use the torch path) when the kernels are off or unusable for
+    u_bhwc, or when this call failed; a failure switches the kernel path off for the process, with one warning,
+    rather than failing a whole generation. Out-of-memory errors are raised as they are."""
+    global _failure
+    if _failure is not None or not use_triton(u_bhwc):
+        return None
+    import torch
+
+    try:
+        return pyramid_gate_triton(u_bhwc, weight, bias, scale, gate, gate_constant)
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch is the same class
+        raise
+    except Exception as e:  # noqa: BLE001  (compiler/driver/toolchain errors come in many types)
+        _failure = f"{type(e).__name__}: {e}"
+        logging.getLogger(__name__).warning("ΔConv: Triton kernels switched off, using PyTorch ops (%s)", _failure)
+        return None
+
+
+__all__ = ["enabled", "failure", "fused_dwconv_gate", "interpreter_mode", "pyramid_gate_or_none",
+           "pyramid_gate_triton", "set_enabled", "triton_available", "use_triton"]

@@ -25,10 +25,9 @@ Design notes (why, not what):
      pixel chunk) with fp32 partial sums [chunks, k·k, C] reduced by torch: deterministic, no atomics.
   dL/dbias = Σ_pixels dvc, by torch.
 * Offsets: the per-image base is computed in int64 (B·h·w·C may exceed 2³¹ on large batches); offsets inside one
-  image stay int32.
+  image stay int32 (h·w·C < 2³¹ is checked on the host; `use_triton` leaves larger images to torch).
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +35,29 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-# Tests may set this to e.g. dict(TILE_H=2, TILE_W=4, BLOCK_C=4) to force many tiles and partial tiles.
+# Tests may set this to e.g. dict(TILE_H=4, TILE_W=4, BLOCK_C=4) to force many tiles and partial tiles.
 BLOCK_OVERRIDE: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------------- device code
+# Only core tl builtins below: tl.zeros / tl.sigmoid / tl.sum are @triton.jit helpers of triton.language.standard,
+# compiled-mode functions whenever triton was imported before TRITON_INTERPRET=1 was set, and then they fail under
+# the interpreter. Our own helpers are decorated when this module is imported, in the right mode.
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _add(x, y):
+    return x + y
+
+
+# tl.sum's own combine function: the interpreter recognises it and sums with numpy (any other combine function is
+# run element by element in Python, ~100× slower); compiled, it is exactly tl.sum.
+_sum_combine = getattr(tl.standard, "_sum_combine", _add)
+
+
 @triton.jit
 def _tile_pixels(pid, tiles_w, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Row/column of every pixel of tile `pid` (tiles in raster order) and the in-image mask."""
@@ -55,7 +72,7 @@ def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C,
                  K: tl.constexpr, SIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Σ_{i,j} img[py + SIGN·(i-K//2), px + SIGN·(j-K//2), c] · w[i, j, c] in fp32, zero outside the image.
     SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input)."""
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
     cm = cmask[None, :]
     w_taps = w_ptr + c
     for i in range(K):
@@ -96,7 +113,7 @@ def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_cons
     a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
                                                  K, HAS_BIAS, TILE_H, TILE_W, BLOCK_C)
     if SIGMOID:
-        y = a * tl.sigmoid(b)
+        y = a * _sigmoid(b)
     else:
         y = a * b * gate_constant
     out = y_ptr + tl.program_id(2).to(tl.int64) * H * W * HALF
@@ -116,7 +133,7 @@ def _bwd_gate_kernel(v_ptr, w_ptr, bias_ptr, gy_ptr, dvc_ptr, H, W, C, HALF, til
     image = tl.program_id(2).to(tl.int64) * H * W
     g = tl.load(gy_ptr + image * HALF + pix * HALF + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if SIGMOID:
-        s = tl.sigmoid(b)
+        s = _sigmoid(b)
         da = g * s
         db = g * a * s * (1.0 - s)
     else:
@@ -152,7 +169,7 @@ def _bwd_weight_kernel(v_ptr, dvc_ptr, part_ptr, N, H, W, C, chunk,
     cmask = c < C
     start = tl.program_id(2) * chunk
     end = tl.minimum(start + chunk, N)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_C], 0.0, tl.float32)
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < end
@@ -164,7 +181,7 @@ def _bwd_weight_kernel(v_ptr, dvc_ptr, part_ptr, N, H, W, C, chunk,
                     other=0.0)
         xv = tl.load(v_ptr + src[:, None] * C + c[None, :], mask=ok[:, None] & cmask[None, :], other=0.0)
         acc += d * xv.to(tl.float32)
-    tl.store(part_ptr + (tl.program_id(2) * K * K + tap) * C + c, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(part_ptr + (tl.program_id(2) * K * K + tap) * C + c, tl.reduce(acc, 0, _sum_combine), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------- host code
@@ -198,6 +215,8 @@ def _check(v, weight, bias, gate):
         raise ValueError(f"weight must be [k, k, {v.shape[-1]}] with odd k, got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (v.shape[-1],):
         raise ValueError(f"bias must be [{v.shape[-1]}], got {tuple(bias.shape)}")
+    if v[:1].numel() >= 2**31:
+        raise ValueError(f"one image of {tuple(v.shape[1:])} is too large for the kernel's int32 offsets")
     if weight.device != v.device or (bias is not None and bias.device != v.device):
         raise ValueError("v, weight and bias must be on the same device")
 

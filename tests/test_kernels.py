@@ -1,0 +1,286 @@
+"""Fused Triton dwconv+gate kernels (deltaconv_core/kernels) against float64 references, forward and backward.
+
+Without a GPU the kernels run in Triton's CPU interpreter. Triton decides interpreted vs compiled when a
+`@triton.jit` decorator runs (its own helpers at `import triton`, ours when `kernels/dwconv_gate.py` is imported)
+and also reads TRITON_INTERPRET while running kernels, so the variable is set here at import, before this module
+imports triton, and again for the duration of this module's tests (fixture below); in between and afterwards it is
+restored, so other test modules and the block's routing (`kernels.use_triton` reads it per call) never see it.
+With CUDA the same tests run compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
+"""
+import contextlib
+import importlib
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deltaconv_core
+from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.reference import reference_block_forward
+
+# The package under its real name: under the pack loader `deltaconv_core` aliases `<pack>.deltaconv_core`, and the
+# block (once wired) uses that copy; importing `deltaconv_core.kernels` would make a second one.
+kernels = importlib.import_module(deltaconv_core.__name__ + ".kernels")
+if not kernels.triton_available():
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+ON_GPU = torch.cuda.is_available() and not kernels.interpreter_mode()
+
+
+@contextlib.contextmanager
+def _interpreter():
+    """TRITON_INTERPRET=1 inside, the previous value (or none) restored after; a no-op when testing on the GPU."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    if not ON_GPU:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_KERNEL_MODULE = kernels.__name__ + ".dwconv_gate"
+with _interpreter():
+    import triton  # noqa: F401  (first import of triton in the process, normally: its helpers get interpreted too)
+
+    if _KERNEL_MODULE in sys.modules and not ON_GPU:  # decorated compiled by someone else: redo it interpreted
+        dwconv_gate = importlib.reload(sys.modules[_KERNEL_MODULE])
+    else:
+        dwconv_gate = importlib.import_module(_KERNEL_MODULE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_this_module_runs():
+    with _interpreter():
+        yield
+
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to the largest |reference|
+
+
+def torch_dwconv_gate(v, weight, bias, gate, const):
+    """Plain torch version (run in float64): NCHW grouped conv with explicit zero padding, then the gate."""
+    c, k = v.shape[-1], weight.shape[0]
+    x = F.pad(v.permute(0, 3, 1, 2), [k // 2] * 4)
+    out = F.conv2d(x, weight.permute(2, 0, 1).unsqueeze(1), bias, groups=c)
+    a, b = out[:, : c // 2], out[:, c // 2:]
+    y = a * b * const if gate == "scaled" else a / (1 + torch.exp(-b))
+    return y.permute(0, 2, 3, 1)
+
+
+def assert_close_rel(actual, expected, tol, what=""):
+    scale = expected.abs().max().item() or 1.0
+    err = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} × max|ref| {scale:.3e}"
+
+
+def check_against_float64(batch, hw, c, k, gate, with_bias, seed, dtype=torch.float32, grads=(True, True, True)):
+    """Kernel in `dtype` vs float64 torch on the same (rounded) inputs: output and every requested gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(batch, *hw, c, generator=gen, dtype=torch.float64).to(dtype)
+    w = (torch.randn(k, k, c, generator=gen, dtype=torch.float64) / k).to(dtype)
+    b = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype) if with_bias else None
+    const = (c / 2) ** 0.5
+    leaves64 = [t.double().requires_grad_(g) if t is not None else None for t, g in zip((v, w, b), grads)]
+    leaves = [t.to(DEVICE).requires_grad_(g) if t is not None else None for t, g in zip((v, w, b), grads)]
+    ref = torch_dwconv_gate(*leaves64, gate, const)
+    out = dwconv_gate.fused_dwconv_gate(*leaves, gate, const)
+    assert out.shape == (batch, *hw, c // 2) and out.dtype == dtype and out.device.type == DEVICE
+    tol = TOL[dtype]
+    assert_close_rel(out, ref, tol, "forward")
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype)
+    ref.backward(gy.double())
+    out.backward(gy.to(DEVICE))
+    for name, t64, t in zip(("v", "weight", "bias"), leaves64, leaves):
+        if t is None or not t.requires_grad:
+            continue
+        assert t.grad.dtype == dtype
+        assert_close_rel(t.grad, t64.grad, tol, f"grad {name}")
+
+
+# Every size × kernel size once, the gate and bias cycling so each (gate, bias) pair meets several sizes and k.
+SIZES = [(7, 5), (9, 13), (1, 3), (16, 16)]
+CASES = [pytest.param(hw, k, ("scaled", "sigmoid")[i % 2], i % 4 >= 2, 100 + i, id=f"{hw[0]}x{hw[1]}-k{k}-{i}")
+         for i, (hw, k) in enumerate(itertools.product(SIZES, (1, 3, 7)))]
+
+
+@pytest.mark.parametrize("hw,k,gate,with_bias,seed", CASES)
+def test_fp32_matches_float64(hw, k, gate, with_bias, seed):
+    check_against_float64(1 if k == 7 else 2, hw, 8, k, gate, with_bias, seed)  # batch 2 where it is cheap
+
+
+@pytest.mark.parametrize("gate", ["scaled", "sigmoid"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_both_gates_with_and_without_bias(gate, with_bias):
+    check_against_float64(1, (5, 6), 12, 3, gate, with_bias, seed=7 + 2 * with_bias + (gate == "sigmoid"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gate", ["scaled", "sigmoid"])
+def test_half_precision(dtype, gate):
+    if DEVICE == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    check_against_float64(2, (6, 7), 8, 3, gate, True, seed=31 + (gate == "sigmoid"), dtype=dtype)
+
+
+@pytest.mark.parametrize("hw,c", [((7, 5), 12), ((5, 9), 10)])
+def test_many_small_tiles(monkeypatch, hw, c):
+    """Tiles much smaller than the image and a channel block that does not divide C/2: tile seams and tails."""
+    monkeypatch.setattr(dwconv_gate, "BLOCK_OVERRIDE", dict(TILE_H=4, TILE_W=4, BLOCK_C=4))
+    check_against_float64(1, hw, c, 3, "scaled" if c == 12 else "sigmoid", True, seed=sum(hw) + c)
+
+
+@pytest.mark.parametrize("grads", [(True, False, False), (False, True, True)])
+def test_partial_gradients_and_non_contiguous_input(grads):
+    check_against_float64(1, (4, 5), 8, 3, "sigmoid", True, seed=5, grads=grads)
+    base = torch.randn(1, 4, 5, 16, device=DEVICE)
+    v = base[..., 4:12]  # channel slice: not contiguous
+    w = torch.randn(3, 3, 8, device=DEVICE)
+    ref = torch_dwconv_gate(v.double(), w.double(), None, "scaled", 2.0)
+    assert_close_rel(dwconv_gate.fused_dwconv_gate(v, w, None, "scaled", 2.0), ref, 1e-4, "non-contiguous")
+
+
+def test_bad_arguments_and_empty_batch():
+    v, w = torch.randn(1, 3, 3, 8, device=DEVICE), torch.randn(3, 3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="gate"):
+        dwconv_gate.fused_dwconv_gate(v, w, None, "relu", 1.0)
+    with pytest.raises(ValueError, match="even C"):
+        dwconv_gate.fused_dwconv_gate(torch.randn(1, 3, 3, 7, device=DEVICE), w[..., :7], None, "scaled", 1.0)
+    with pytest.raises(ValueError, match="odd k"):
+        dwconv_gate.fused_dwconv_gate(v, torch.randn(2, 2, 8, device=DEVICE), None, "scaled", 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        dwconv_gate.fused_dwconv_gate(v, w, torch.randn(4, device=DEVICE), "scaled", 1.0)
+    empty = torch.randn(0, 3, 3, 8, device=DEVICE, requires_grad=True)
+    out = dwconv_gate.fused_dwconv_gate(empty, w, None, "scaled", 1.0)
+    assert out.shape == (0, 3, 3, 4)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
+# ------------------------------------------------------------------------------------ whole block, via reference.py
+def kernel_block_forward(block, x):
+    """The ΔConvBlock maths with every pyramid scale through `pyramid_gate_triton` (pool → kernel → resize)."""
+    u = block.conv_up(x)
+    ys = [kernels.pyramid_gate_triton(u, g.conv_spatial.weight, g.conv_spatial.bias, g.scale_factor, g.gate,
+                                      g.gate_constant) for g in block.gates]
+    return block.conv_out(torch.cat(ys, dim=-1)) + block.conv_pool(x.mean(dim=(1, 2), keepdim=True))
+
+
+@pytest.mark.parametrize("gate,scales,dw_bias,hw,k,seed", [
+    ("scaled", (1.0, 0.5), False, (9, 13), 3, 11),
+    ("sigmoid", (1.0, 0.5), True, (7, 5), 5, 12),
+    ("scaled", (1.0, 0.5, 1 / 3), True, (1, 3), 3, 13),
+])
+def test_pyramid_gates_match_reference_block(gate, scales, dw_bias, hw, k, seed):
+    """Forward and gradients (input and every parameter) of a block built on the kernel vs reference.py in fp64."""
+    cfg = BlockConfig(dim=16, kernel_size=k, scales=scales, gate=gate, dw_bias=dw_bias)
+    gen = torch.Generator().manual_seed(seed)
+    block = build_block(cfg, dtype=torch.float64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    state64 = {n: t.detach().clone().requires_grad_() for n, t in block.state_dict().items()}
+    x64 = torch.randn(2, *hw, cfg.dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    ref = reference_block_forward(state64, cfg, x64)
+
+    block = block.to(device=DEVICE, dtype=torch.float32)
+    x = x64.detach().float().to(DEVICE).requires_grad_()
+    out = kernel_block_forward(block, x)
+    assert_close_rel(out, ref, 1e-4, "block forward")
+    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    ref.backward(gy)
+    out.backward(gy.float().to(DEVICE))
+    assert_close_rel(x.grad, x64.grad, 1e-4, "grad x")
+    for name, p in block.named_parameters():
+        assert_close_rel(p.grad, state64[name].grad, 1e-4, f"grad {name}")
+
+
+def test_block_uses_kernel_when_wired(monkeypatch):
+    """Once block.py routes pyramid gates through `kernels.use_triton`, the block itself must take the kernel."""
+    block_module = sys.modules[deltaconv_core.__name__ + ".block"]
+    if getattr(block_module, "kernels", None) is not kernels:
+        pytest.skip("block.py does not use deltaconv_core.kernels yet")
+    if not ON_GPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets use_triton() route CPU tensors (kernels already interpreted)
+    calls = []
+    real_apply = dwconv_gate._FusedDwconvGate.apply
+    monkeypatch.setattr(dwconv_gate._FusedDwconvGate, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    cfg = BlockConfig(dim=8, kernel_size=3, scales=(1.0, 0.5), gate="sigmoid", dw_bias=True)
+    block = build_block(cfg, dtype=torch.float64)
+    x = torch.randn(1, 5, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ref = reference_block_forward(block.state_dict(), cfg, x)
+    with torch.no_grad():
+        out = block.to(device=DEVICE, dtype=torch.float32)(x.float().to(DEVICE))
+    assert len(calls) == 2 and kernels.failure() is None, f"kernel path not taken: {kernels.failure()}"
+    assert_close_rel(out, ref, 1e-4, "wired block")
+    kernels.set_enabled(False)
+    try:
+        calls.clear()
+        with torch.no_grad():
+            block(x.float().to(DEVICE))
+        assert not calls, "set_enabled(False) must switch the kernel path off"
+    finally:
+        kernels.set_enabled(None)
+
+
+# ------------------------------------------------------------------------------------------------ routing / import
+def test_use_triton_routing(monkeypatch):
+    monkeypatch.delenv("DELTACONV_TRITON", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu32 = torch.zeros(1)
+    assert not kernels.use_triton(cpu32), "CPU tensors only go to the kernel under the interpreter"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_triton(cpu32)
+    assert not kernels.use_triton(cpu32.double()), "no float64 kernel"
+    monkeypatch.setenv("DELTACONV_TRITON", "0")
+    assert not kernels.use_triton(cpu32)
+    monkeypatch.delenv("DELTACONV_TRITON")
+    kernels.set_enabled(False)
+    try:
+        assert not kernels.use_triton(cpu32)
+    finally:
+        kernels.set_enabled(None)
+    if torch.cuda.is_available():
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert kernels.use_triton(torch.zeros(1, device="cuda"))
+
+
+def test_failure_switches_the_kernel_path_off(monkeypatch, caplog):
+    interpret = (lambda: None) if ON_GPU else (lambda: monkeypatch.setenv("TRITON_INTERPRET", "1"))
+    monkeypatch.setattr(kernels, "_failure", None)
+    interpret()  # so that use_triton() accepts a CPU tensor too
+
+    def broken(*args):
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(kernels, "pyramid_gate_triton", broken)
+    u, w = torch.randn(1, 3, 3, 8, device=DEVICE), torch.randn(3, 3, 8, device=DEVICE)
+    assert kernels.pyramid_gate_or_none(u, w, None, 1.0, "scaled", 2.0) is None
+    assert "no C compiler" in kernels.failure() and "switched off" in caplog.text
+    monkeypatch.undo()  # the real function back, but the path stays off once it has failed
+    monkeypatch.setattr(kernels, "_failure", "earlier failure")
+    interpret()
+    assert kernels.pyramid_gate_or_none(u, w, None, 1.0, "scaled", 2.0) is None
+    monkeypatch.setattr(kernels, "_failure", None)
+    assert kernels.pyramid_gate_or_none(u, w, None, 1.0, "scaled", 2.0).shape == (1, 3, 3, 4)
+
+
+def test_package_imports_without_triton():
+    """`deltaconv_core.kernels` must import, and say no, on a machine without triton."""
+    code = ("import sys\n"
+            "sys.modules['triton'] = None  # what find_spec and import see when triton is not installed\n"
+            "import torch, deltaconv_core.kernels as k\n"
+            "assert not k.triton_available() and not k.use_triton(torch.zeros(1))\n"
+            "assert not k.use_triton(torch.zeros(1, device='cuda') if torch.cuda.is_available() else torch.zeros(1))\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+           "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
