@@ -1,0 +1,280 @@
+"""The example workflows (workflows/*.json, made by scripts/make_workflows.py): UI format, the real server's node
+schemas, end-to-end runs of their API twins on tiny models, and ComfyUI's template route."""
+import glob
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
+NAMES = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(WORKFLOWS, "*.json")))
+UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: no schema, not in the API twin
+FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "vae_name", "lora_name", "control_net_name", "weights_name",
+               "image", "folder"}
+LOADERS = {"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader", "LoraLoader", "ControlNetLoader",
+           "DeltaConvLoad", "IPAdapterUnifiedLoader"}
+_F = "FLOAT"
+# Not installed here: cubiq/ComfyUI_IPAdapter_plus (IPAdapterPlus.py at 9d076a3, 2025-02-26), as /object_info shows it.
+THIRD_PARTY = {
+    "IPAdapterUnifiedLoader": {"input": {"required": {"model": ["MODEL"], "preset": [[
+        "LIGHT - SD1.5 only (low strength)", "STANDARD (medium strength)", "VIT-G (medium strength)",
+        "PLUS (high strength)", "PLUS FACE (portraits)", "FULL FACE - SD1.5 only (portraits stronger)"]]},
+        "optional": {"ipadapter": ["IPADAPTER"]}}, "output": ["MODEL", "IPADAPTER"],
+        "output_name": ["model", "ipadapter"], "display_name": "IPAdapter Unified Loader", "category": "ipadapter"},
+    "IPAdapter": {"input": {"required": {
+        "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
+        "weight": [_F, {"default": 1.0, "min": -1, "max": 3, "step": 0.05}],
+        "start_at": [_F, {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}],
+        "end_at": [_F, {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}],
+        "weight_type": [["standard", "prompt is more important", "style transfer"]]},
+        "optional": {"attn_mask": ["MASK"]}},
+        "output": ["MODEL"], "output_name": ["MODEL"], "display_name": "IPAdapter", "category": "ipadapter"},
+}
+# Workflows whose API twins run on tiny models, and why the others do not.
+NOT_RUN = {"deltaconv_sd15_controlnet": "no tiny ControlNet model",
+           "deltaconv_sd15_ipadapter": "ComfyUI_IPAdapter_plus is not installed in the test server"}
+
+
+def load(name):
+    with open(f"{WORKFLOWS}/{name}.json") as f, open(f"{WORKFLOWS}/api/{name}.api.json") as g:
+        return json.load(f), json.load(g)
+
+
+def inputs_of(schema):
+    order = schema.get("input_order") or {k: list(v) for k, v in schema["input"].items()}
+    return [(n, schema["input"][sec][n], sec == "required") for sec in ("required", "optional")
+            for n in order.get(sec, [])]
+
+
+def n_values(name, spec):
+    """widgets_values entries of an input: 0 for a socket; a seed's control_after_generate, an upload button: +1."""
+    opts = spec[1] if len(spec) > 1 else {}
+    if opts.get("forceInput") or not (isinstance(spec[0], list) or spec[0] in {"INT", _F, "STRING", "BOOLEAN",
+                                                                               "COMBO"}):
+        return 0
+    seed = spec[0] == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed"))
+    return 1 + bool(seed) + bool(opts.get("image_upload"))
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.get("/object_info")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_format_links_and_twin(name):
+    ui, api = load(name)
+    assert ui["version"] == 0.4 and {"last_node_id", "last_link_id", "groups", "config", "extra"} <= set(ui)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] == max(nodes)
+    assert {str(i) for i, n in nodes.items() if n["type"] not in UI_ONLY} == set(api)
+    links = {lk[0]: lk for lk in ui["links"]}
+    assert len(links) == len(ui["links"]) and ui["last_link_id"] == max(links)
+    for lid, origin, o_slot, target, t_slot, kind in ui["links"]:
+        out, inp = nodes[origin]["outputs"][o_slot], nodes[target]["inputs"][t_slot]
+        assert lid in out["links"] and inp["link"] == lid and out["type"] == inp["type"] == kind, (name, lid)
+        assert api[str(target)]["inputs"][inp["name"]] == [str(origin), o_slot]
+    for n in ui["nodes"]:
+        assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties"} <= set(n)
+        assert {i["link"] for i in n["inputs"]} | {x for o in n["outputs"] for x in o["links"]} <= {None, *links}
+        if n["type"] in UI_ONLY:
+            continue
+        linked = {k for k, v in api[str(n["id"])]["inputs"].items() if isinstance(v, list)}
+        assert linked == {i["name"] for i in n["inputs"] if i["link"] is not None}
+        props = n["properties"]
+        assert props["Node name for S&R"] == n["type"] and props["cnr_id"] == (
+            "deltaconv" if n["type"].startswith("DeltaConv") else
+            "comfyui_ipadapter_plus" if n["type"] in THIRD_PARTY else "comfy-core")
+        if n["type"] in LOADERS:  # the missing-model dialog needs a downloadable .safetensors per file widget
+            names = {m["name"] for m in props["models"]}
+            assert {v for v in n["widgets_values"] if str(v).endswith(".safetensors")} <= names
+            assert all(m["url"].startswith("https://huggingface.co/") and m["name"].endswith(".safetensors")
+                       and m["directory"] and m in ui["models"] for m in props["models"])
+    from PIL import Image
+
+    with Image.open(os.path.join(WORKFLOWS, f"{name}.jpg")) as im:
+        assert im.format == "JPEG" and im.size == (512, 384)
+
+
+def check_node(node, api_inputs, schema, exact):
+    spec = inputs_of(schema)
+    sockets = {n: (s[0], req) for n, s, req in spec if not n_values(n, s)}
+    widgets = [(n, s) for n, s, _ in spec if n_values(n, s)]
+    where = f"{node['type']} (node {node['id']})"
+    for i in node["inputs"]:
+        if i["name"] in sockets:
+            assert i["type"] == sockets[i["name"]][0], f"{where}: input {i['name']} type"
+        else:  # a newer optional socket left unconnected is harmless on an older ComfyUI
+            assert not exact and i["link"] is None, f"{where}: input {i['name']} is not in this ComfyUI's schema"
+    assert all(any(i["name"] == n and i["link"] for i in node["inputs"]) for n, (_, req) in sockets.items() if req)
+    if exact:
+        assert [i["name"] for i in node["inputs"]] == list(sockets), where
+    assert set(api_inputs) <= {n for n, _, _ in spec}, f"{where}: unknown API inputs"
+    values = list(node["widgets_values"])
+    assert len(values) == sum(n_values(n, s) for n, s in widgets), f"{where}: widget count"
+    for n, s in widgets:
+        assert values[0] == api_inputs.get(n), f"{where}: widget {n} differs from the API twin"
+        if isinstance(s[0], list) and s[0] and n not in FILE_INPUTS:
+            assert values[0] in s[0], f"{where}: {n} = {values[0]!r} is not a choice here"
+        values = values[n_values(n, s):]
+    assert [o["type"] for o in node["outputs"]] == list(schema["output"]), where
+    assert [o["name"] for o in node["outputs"]] == list(schema["output_name"]), where
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nodes_match_server_schema(name, object_info):
+    ui, api = load(name)
+    nodes = [n for n in ui["nodes"] if n["type"] not in UI_ONLY]
+    for node in nodes:  # ours: always present, always exact; uninstalled third-party nodes: the schema kept here
+        kind = node["type"]
+        if kind.startswith("DeltaConv") or (kind in THIRD_PARTY and kind not in object_info):
+            check_node(node, api[str(node["id"])]["inputs"], object_info.get(kind) or THIRD_PARTY[kind], exact=True)
+    core = [n for n in nodes if not n["type"].startswith("DeltaConv") and n["type"] not in THIRD_PARTY]
+    missing = sorted({n["type"] for n in core} - set(object_info))
+    if missing:  # made for a newer ComfyUI: its other core nodes may have newer widgets too
+        pytest.skip(f"this ComfyUI has no {missing} (ΔConv nodes of {name} matched)")
+    for node in core:
+        check_node(node, api[str(node["id"])]["inputs"], object_info[node["type"]], exact=False)
+
+
+# --- end to end on tiny models --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_inputs(comfy_server):
+    """A test image with a transparent square (the mask), an image set folder, and a tiny SD1.5 LoRA file."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    base = comfy_server.base
+    os.makedirs(os.path.join(base, "input", "deltaconv_test_set"), exist_ok=True)
+    img = Image.new("RGBA", (64, 64), (200, 120, 40, 255))
+    img.paste((0, 0, 0, 0), (20, 20, 44, 44))
+    img.save(os.path.join(base, "input", "deltaconv_test.png"))
+    for i in range(2):  # two sizes: the folder loader resizes to the first
+        Image.new("RGB", (64 + 16 * i, 64), (40 * i, 90, 160)).save(f"{base}/input/deltaconv_test_set/{i}.png")
+    g, lora = torch.Generator().manual_seed(0), {}
+    for key, (out, inp) in {"attn1_to_q": (320, 320), "attn2_to_k": (320, 768)}.items():
+        stem = f"lora_unet_input_blocks_1_1_transformer_blocks_0_{key}"
+        lora[f"{stem}.lora_up.weight"] = torch.randn(out, 2, generator=g) * 0.1
+        lora[f"{stem}.lora_down.weight"] = torch.randn(2, inp, generator=g) * 0.1
+    save_file(lora, os.path.join(base, "models", "loras", "tiny_lora_sd15.safetensors"))
+
+
+SMALL = {"KSampler": {"steps": 2}, "LoadImage": {"image": "deltaconv_test.png"},
+         "LoadImageSetFromFolderNode": {"folder": "deltaconv_test_set"},
+         "DeltaConvDistill": {"steps": 2, "batch_size": 2, "save_every": 0, "warmup_steps": 0,
+                              "training_dtype": "fp32", "allow_cpu": True}}
+
+
+def family(name):
+    return "sdxl" if "sdxl" in name else "pixart" if "pixart" in name else "sd15"
+
+
+def tiny_graph(name, api, info):
+    """The API twin on tiny files: loaders → tiny UNet/TAESD, text encoders → random conditioning, small sizes."""
+    fam = family(name)
+    dim, pooled = {"sd15": (768, 0), "sdxl": (2048, 1280), "pixart": (4096, 0)}[fam]
+    unet = "tiny_sd15_inpaint" if "inpaint" in name else f"tiny_{fam}"
+    size = 320 if fam == "pixart" else 64
+    dtype = {"weight_dtype": "default"} if "weight_dtype" in info["UNETLoader"]["input"]["required"] else {}
+    g = {**json.loads(json.dumps(api)), "vae": {"class_type": "VAELoader", "inputs": {
+        "vae_name": "taesd" if fam == "sd15" else "taesdxl"}}}
+    redirect, consumed = {}, {v[0] for n in g.values() for v in n["inputs"].values() if isinstance(v, list)}
+    for nid, node in list(g.items()):
+        kind, inp = node["class_type"], node["inputs"]
+        if kind in ("CheckpointLoaderSimple", "UNETLoader"):
+            node.update(class_type="UNETLoader", inputs={"unet_name": f"{unet}.safetensors", **dtype})
+            redirect[(nid, 2)] = ["vae", 0]
+        elif kind in ("VAELoader", "CLIPLoader") and nid != "vae":
+            redirect[(nid, 0)] = ["vae", 0]
+            del g[nid]
+        elif kind.startswith("CLIPTextEncode"):
+            node.update(class_type="DeltaConvTestConditioning", inputs={
+                "seed": len(inp["text"]), "tokens": 16, "dim": dim, "pooled_dim": pooled})
+        elif kind == "LoraLoader":  # no CLIP here: the model half, with a tiny LoRA file
+            node.update(class_type="LoraLoaderModelOnly", inputs={
+                "model": inp["model"], "lora_name": "tiny_lora_sd15.safetensors", "strength_model": 1.0})
+        elif kind == "DeltaConvLoad":
+            inp["weights_name"] = f"tiny_{fam}_random.safetensors"
+        elif kind in ("EmptyLatentImage", "ImageScale"):
+            inp.update(width=size, height=size, **({"batch_size": min(inp["batch_size"], 2)} if "batch_size" in inp
+                                                   else {}))
+        inp.update(SMALL.get(kind, {}))
+        if kind not in info and nid in g:
+            if nid in consumed:
+                pytest.skip(f"this ComfyUI has no {kind}")
+            del g[nid]  # an output-only node this ComfyUI lacks (Plot Loss Graph before 2025)
+    for inp in (node["inputs"] for node in g.values()):
+        inp.update({k: redirect[tuple(v)] for k, v in inp.items() if isinstance(v, list) and tuple(v) in redirect})
+    for nid in [n for n, node in g.items() if node["class_type"] == "KSampler"]:
+        g[f"digest{nid}"] = {"class_type": "DeltaConvTestDigest", "inputs": {
+            "samples": [nid, 0], "model": g[nid]["inputs"]["model"]}}
+    return g, unet
+
+
+def patched(g, ref):
+    node = g[ref[0]]
+    return node["class_type"] == "DeltaConvPatch" or ("model" in node["inputs"] and patched(g, node["inputs"]["model"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_on_tiny_models(name, comfy_server, object_info, tiny_inputs):
+    from tiny_models import SITE_COUNTS, has_pixart
+
+    if name in NOT_RUN or (family(name) == "pixart" and not has_pixart()):
+        pytest.skip(NOT_RUN.get(name, "this ComfyUI has no PixArt"))
+    g, unet = tiny_graph(name, load(name)[1], object_info)
+    outputs = comfy_server.run(g, timeout=300)["outputs"]
+    digests = {k[len("digest"):]: outputs[k]["digest"][0] for k in outputs if k.startswith("digest")}
+    assert digests and all(d["finite"] for d in digests.values())
+    for nid, d in digests.items():
+        if patched(g, g[nid]["inputs"]["model"]):
+            assert d["patched_sites"] == SITE_COUNTS[unet] and set(d["counts"]) <= {"delta"}, (nid, d)
+        else:
+            assert d["patched_sites"] == 0
+    assert sum(d["counts"].get("delta", 0) for d in digests.values()) > 0, "ΔConv never ran"
+    if name.endswith("_compare"):  # attention and ΔConv from the same seed differ
+        assert len({d["sha256"] for d in digests.values()}) == len(digests) == 2
+    for nid, node in g.items():
+        if node["class_type"] == "SaveImage":
+            assert outputs[nid]["images"], nid
+        if node["class_type"] == "DeltaConvSave":
+            assert os.path.isfile(outputs[nid]["text"][0])
+            os.remove(outputs[nid]["text"][0])  # leave the shared server's folders as other tests expect them
+        if node["class_type"] == "DeltaConvDistill":  # its checkpoints
+            folder = os.path.join(comfy_server.base, "output", "deltaconv")
+            made = [f for f in os.listdir(folder) if f.startswith(node["inputs"]["filename_prefix"] + "_A_")]
+            assert made
+            for f in made:
+                os.remove(os.path.join(folder, f))
+
+
+# --- templates --------------------------------------------------------------------------------------------------
+
+def test_template_route_lists_the_workflows(comfy_server):
+    try:
+        templates = comfy_server.get("/workflow_templates")
+    except urllib.error.HTTPError as e:
+        pytest.skip(f"this ComfyUI has no /workflow_templates route ({e.code})")
+    assert sorted(templates["ComfyUI-DeltaConv"]) == NAMES
+    route = f"{comfy_server.url}/api/workflow_templates/ComfyUI-DeltaConv/{NAMES[0]}"
+    with urllib.request.urlopen(f"{route}.json") as r:
+        assert json.loads(r.read()) == load(NAMES[0])[0]
+    with urllib.request.urlopen(f"{route}.jpg") as r:
+        assert r.read(3) == b"\xff\xd8\xff"
+
+
+def test_files_are_what_the_generator_makes(comfy_server, object_info):
+    from make_workflows import build_all
+
+    version = comfy_server.get("/system_stats").get("system", {}).get("comfyui_version")
+    made_with = {n["properties"].get("ver") for n in load(NAMES[0])[0]["nodes"] if n["type"] == "KSampler"}
+    if made_with != {version}:
+        pytest.skip(f"workflows were generated against ComfyUI {made_with}, this is {version}")
+    built = build_all(object_info, version)
+    assert sorted(built) == NAMES
+    for name, (_, ui, api) in built.items():
+        assert (ui, api) == load(name), f"{name} is stale: run scripts/make_workflows.py"
