@@ -33,6 +33,7 @@ class PatchRuntime:
     def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0):
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.counts: Counter = Counter()  # "delta" and "attention:<reason>" per call
+        self.site_counts: Counter = Counter()  # ΔConv calls per site name
         self.teacher = False  # distillation: every site runs its original attention
         self.recording: dict | None = None  # distillation: site → (input, grid, attention output) of teacher calls
         self.stashed_options = None  # older ComfyUI: extra_options captured by an attn1_patch just before attn1
@@ -51,6 +52,10 @@ class PatchRuntime:
             s = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
             self._sigma_key, self._sigma_ok = sigmas, self.sigma_end <= s <= self.sigma_start
         return self._sigma_ok
+
+    def ran_delta(self, site: str):
+        self.counts["delta"] += 1
+        self.site_counts[site] += 1
 
     def run_teacher(self, site: str, original, x, hw, **kwargs):
         """Original attention for distillation; records what stage A trains each block on."""
@@ -96,7 +101,8 @@ class DeltaConvSelfAttention(nn.Module):
         if shape is not None:
             hw = (int(shape[2]), int(shape[3])) if shape[0] == x.shape[0] else None
         elif options.get("original_shape") is not None:
-            hw = infer_grid(options["original_shape"][2:], x.shape[1])
+            latent = options["original_shape"]
+            hw = infer_grid(latent[2:], x.shape[1]) if latent[0] == x.shape[0] else None
         else:
             return "grid unknown"
         if hw is None or hw[0] * hw[1] != x.shape[1]:
@@ -115,7 +121,7 @@ class DeltaConvSelfAttention(nn.Module):
         if isinstance(plan, str):
             self.runtime.fallback(self.site, plan)
             return self.original(x, **kwargs)
-        self.runtime.counts["delta"] += 1
+        self.runtime.ran_delta(self.site)
         b, n, c = x.shape
         return self.delta(x.reshape(b, plan[0], plan[1], c)).reshape(b, n, c)
 
@@ -158,5 +164,5 @@ class DeltaConvDiTAttention(nn.Module):
         if reason is not None:
             self.runtime.fallback(self.site, reason)
             return self.original(x, **kwargs)
-        self.runtime.counts["delta"] += 1
+        self.runtime.ran_delta(self.site)
         return self.delta(x.reshape(b, h, w, c)).reshape(b, n, c)

@@ -68,6 +68,15 @@ def build_pixart(seed: int) -> nn.Module:
     return init_random(model, seed)
 
 
+def build_controlnet(seed: int) -> nn.Module:
+    """A ControlNet matching SD15_TINY, in the classic `control_model.*` layout ComfyUI's loader detects."""
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+
+    cfg = {k: v for k, v in SD15_TINY.items() if k not in ("out_channels", "transformer_depth_output")}
+    return init_random(ControlNet(hint_channels=3, **cfg, operations=comfy.ops.disable_weight_init), seed)
+
+
 def build_taesd(seed: int):
     from comfy.taesd.taesd import TAESD
 
@@ -101,6 +110,11 @@ def write_tiny_models(base) -> dict:
         _save(module, out[name])
         if name != "tiny_sd15_inpaint":
             write_block_files(name, module, blocks_dir, out)
+    controlnet = build_controlnet(6)
+    out["tiny_controlnet"] = os.path.join(base, "models", "controlnet", "tiny_sd15_controlnet.safetensors")
+    os.makedirs(os.path.dirname(out["tiny_controlnet"]), exist_ok=True)
+    save_file({f"control_model.{k}": v.half().contiguous() for k, v in controlnet.state_dict().items()},
+              out["tiny_controlnet"])
     taesd = build_taesd(5)
     approx = os.path.join(base, "models", "vae_approx")
     for prefix in ("taesd", "taesdxl"):

@@ -39,6 +39,26 @@ class DeltaConvTestZeroAttn1:
         return (m,)
 
 
+class DeltaConvTestAttn2Zero:
+    """Replaces every cross-attention (attn2) core through set_model_attn2_replace, the mechanism IP-Adapter uses."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        m = model.clone()
+        dm = m.model.diffusion_model
+        for name, blocks in (("input", dm.input_blocks), ("middle", [dm.middle_block]), ("output", dm.output_blocks)):
+            for number, block in enumerate(blocks):
+                if block is not None and any(hasattr(sub, "transformer_blocks") for sub in block):
+                    m.set_model_attn2_replace(lambda q, k, v, extra_options: torch.zeros_like(q), name, number)
+        return (m,)
+
+
 class DeltaConvTestDigest:
     """Reports a latent's hash, shape and finiteness, and the ΔConv call counts of the model that made it."""
     CATEGORY = "ΔConv/tests"
@@ -60,12 +80,13 @@ class DeltaConvTestDigest:
                 "finite": bool(torch.isfinite(x).all()), "mean_abs": float(x.abs().mean())}
         if model is not None:
             runtimes = {id(p.runtime): p.runtime for p in model.object_patches.values() if hasattr(p, "runtime")}
-            counts = {}
+            counts, sites = {}, {}
             for runtime in runtimes.values():
-                for k, v in runtime.counts.items():
-                    counts[k] = counts.get(k, 0) + v
-                runtime.counts.clear()  # per-prompt counts: the patched clone is cached between prompts
-            info["counts"] = counts
+                for total, part in ((counts, runtime.counts), (sites, runtime.site_counts)):
+                    for k, v in part.items():
+                        total[k] = total.get(k, 0) + v
+                    part.clear()  # per-prompt counts: the patched clone is cached between prompts
+            info["counts"], info["sites"] = counts, sites
             info["patched_sites"] = sum(1 for p in model.object_patches.values() if hasattr(p, "runtime"))
         return {"ui": {"digest": [info]}}
 
@@ -74,4 +95,5 @@ NODE_CLASS_MAPPINGS = {
     "DeltaConvTestConditioning": DeltaConvTestConditioning,
     "DeltaConvTestZeroAttn1": DeltaConvTestZeroAttn1,
     "DeltaConvTestDigest": DeltaConvTestDigest,
+    "DeltaConvTestAttn2Zero": DeltaConvTestAttn2Zero,
 }

@@ -1,0 +1,138 @@
+"""One UNet step (apply_model) in ComfyUI, self-attention vs ΔConv, for random-weight SD1.5 / SDXL / tiny models.
+
+    COMFYUI_PATH=... .venv/bin/python bench/bench_unet.py --models sd15 --sizes 512 1024 [--dtype fp16]
+
+Random weights are fine for speed. Median of --repeats timed steps after one warm-up (perf counters on CPU, CUDA
+events on GPU), peak memory (CUDA: max_memory_allocated; CPU: not measured per step). Results:
+bench/results/unet_<device>.{json,md}.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(REPO, "scripts"), os.path.join(REPO, "tests")]
+from comfy_env import load_pack, setup_comfy  # noqa: E402
+
+SD15_FULL = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+             "transformer_depth_output": [1] * 9 + [0] * 3}
+SDXL_FULL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+
+
+def build(name, device, dtype):
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    from tiny_models import KOALA_TINY, SD15_TINY, init_random
+
+    if name == "sdxl":
+        config, cls, ctx = {**KOALA_TINY, **SDXL_FULL}, comfy.supported_models.SDXL, 2048
+    else:
+        config, cls, ctx = ({**SD15_TINY, **SD15_FULL} if name == "sd15" else dict(SD15_TINY)), comfy.supported_models.SD15, 768
+    base = cls({**config, "dtype": dtype}).get_model({})
+    init_random(base.diffusion_model, seed=0)
+    base.diffusion_model.to(device, dtype)
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu")), ctx
+
+
+def time_step(model, x, conds, repeats, device):
+    import torch
+
+    sigma = torch.full((x.shape[0],), 5.0, device=device)
+    model.model.apply_model(x, sigma, **conds)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model.model.apply_model(x, sigma, **conds)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            model.model.apply_model(x, sigma, **conds)
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=("tiny", "sd15", "sdxl"))
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 512], help="image sizes in pixels")
+    p.add_argument("--batch", type=int, default=2, help="2 = cond + uncond, as with CFG")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    args = p.parse_args()
+    import torch
+
+    setup_comfy(os.environ["COMFYUI_PATH"], cpu=not torch.cuda.is_available())
+    pack = load_pack()
+    import comfy.model_management
+
+    from deltaconv_core.families import find_attention_sites
+    from deltaconv_core.weights import DeltaConvWeights
+
+    device = comfy.model_management.get_torch_device()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    rows = []
+    for name in args.models:
+        model, ctx = build(name, device, dtype)
+        sites = find_attention_sites(model.model.diffusion_model)
+        patched, _, _ = pack.nodes.patching.patch_model(model, DeltaConvWeights.fresh(sites, 0))
+        g = torch.Generator().manual_seed(0)
+        for size in args.sizes:
+            x = torch.randn(args.batch, 4, size // 8, size // 8, generator=g).to(device, dtype)
+            conds = {"c_crossattn": torch.randn(args.batch, 77, ctx, generator=g).to(device, dtype)}
+            if name == "sdxl":
+                conds["y"] = torch.randn(args.batch, 2816, generator=g).to(device, dtype)
+            row = {"model": name, "size": size, "sites": len(sites.sites)}
+            with torch.inference_mode():
+                for label, m in (("attention", model), ("deltaconv", patched)):
+                    comfy.model_management.load_models_gpu([m])
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    try:
+                        row[f"{label}_s"] = time_step(m, x, conds, args.repeats, device)
+                    except torch.OutOfMemoryError:
+                        row[f"{label}_s"] = None
+                    if device.type == "cuda":
+                        row[f"{label}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if row["attention_s"] and row["deltaconv_s"]:
+                row["speedup"] = row["attention_s"] / row["deltaconv_s"]
+            rows.append(row)
+            print(row, flush=True)
+        comfy.model_management.unload_all_models()
+        del model, patched
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else next(
+        (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "cpu")
+    meta = {"device": f"{dev} ({device.type}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
+            "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "repeats": args.repeats,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python bench/bench_unet.py " + " ".join(sys.argv[1:])}
+    slug = "".join(c if c.isalnum() else "-" for c in f"{device.type}-{dev}".lower())[:60]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"unet_{slug}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+    def fmt(v, unit=""):
+        return "–" if v is None else f"{v:.3f}{unit}"
+
+    table = ["| model | sites | image | attention step (s) | ΔConv step (s) | speed-up |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['model']} | {r['sites']} | {r['size']}² | {fmt(r['attention_s'])} | {fmt(r['deltaconv_s'])} | "
+              f"{fmt(r.get('speedup'), '×')} |" for r in rows]
+    text = "\n".join(["# UNet step: self-attention vs ΔConv (random weights)", ""] +
+                     [f"- {k}: {v}" for k, v in meta.items()] + [""] + table) + "\n"
+    with open(os.path.join(args.out, f"unet_{slug}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
