@@ -151,8 +151,9 @@ def main():
                     xa = x.view(args.batch, n, c)
                     a_times, a_rep = bench(lambda: attn(xa), device, args.repeats, args.warmup, args.cell_budget)
                 attn_cache[(c, g)] = (a_times, a_rep)
-                cell_other = None if cell_busy is None else 100 * (busy_cpu_s() - cell_busy) / (
-                    (time.perf_counter() - cell_t0) * os.cpu_count())
+                # /proc/stat counts in 10 ms ticks: clamp at 0, flag (⚠) only > 0.1 CPU-s and > 5 % of the cores
+                cell_other = None if cell_busy is None else max(0.0, busy_cpu_s() - cell_busy)
+                cell_pct = None if cell_other is None else 100 * cell_other / ((time.perf_counter() - cell_t0) * os.cpu_count())
                 d_macs, a_macs = args.batch * deltaconv_macs(n, c, k), args.batch * attention_macs(n, c)
                 rec = {**common, "site": label, "channels": c, "kernel_size": k, "grid": g, "tokens": n,
                        "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
@@ -163,7 +164,8 @@ def main():
                        "attention_repeats": a_rep, "attention_times_ms": None if a_times is None else [t * 1e3 for t in a_times],
                        "speedup": None if a_times is None else statistics.median(a_times) / statistics.median(d_times),
                        "deltaconv_macs": d_macs, "attention_macs": a_macs, "mac_ratio": a_macs / d_macs,
-                       "other_processes_cpu_pct": cell_other}
+                       "other_processes_cpu_s": cell_other, "other_processes_cpu_pct": cell_pct,
+                       "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)}
                 records.append(rec)
                 print(f"{label} C={c} k={k} {g}x{g}: ΔConv {fmt_ms(d_times)} ms x{d_rep}, attention "
                       f"{'skipped' if a_times is None else fmt_ms(a_times) + f' ms x{a_rep}'}", flush=True)
@@ -171,9 +173,9 @@ def main():
     elapsed = time.perf_counter() - t_start
     other = None if busy_before is None else busy_cpu_s() - busy_before
     load = "n/a" if other is None else f"{other:.1f} CPU-s used by other processes during the run " \
-        f"({100 * other / (elapsed * os.cpu_count()):.1f}% of all cores; >~1% skews CPU timings; ⚠ = >5% during that row)"
+        f"({100 * other / (elapsed * os.cpu_count()):.1f}% of all cores; >~1% skews CPU timings; ⚠ = row during which they used >0.1 CPU-s and >5%)"
     for r in records:
-        r["other_processes_cpu_s"] = other
+        r["run_other_processes_cpu_s"] = other
 
     head = ("| site | C | k | grid | N | ΔConv ms median (min) | attention ms median (min) | speed-up | "
             "ΔConv GMAC | attention GMAC | MAC ratio | runs Δ/attn |\n" + "|---" * 12 + "|")
@@ -181,7 +183,7 @@ def main():
     for r in records:
         attn_cell = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})"
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
-        speed += " ⚠" if (r["other_processes_cpu_pct"] or 0) > 5 else ""
+        speed += " ⚠" if r["contaminated"] else ""
         rows.append(f"| {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
                     f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {attn_cell} | {speed} | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "

@@ -171,3 +171,16 @@ def test_save_node_never_overwrites_unasked(pack, tmp_path, monkeypatch, sd15, d
     assert save.save(weights, "mine.safetensors", True)["result"][0] == path
     with pytest.raises(ValueError, match="filename"):
         save.save(weights, "../escape", False)
+
+
+def test_gradient_checkpointing_gives_the_same_training(pack, sd15, data, out_dir):
+    if not _stage_b_supported(pack):
+        pytest.skip("stage B needs ComfyUI from mid-2024 on")
+    plain, loss_plain, _ = run(pack, sd15, data, "B", steps=3, filename_prefix="plain")
+    ckpt, loss_ckpt, _ = run(pack, sd15, data, "B", steps=3, filename_prefix="ckpt", gradient_checkpointing=True)
+    assert loss_ckpt["loss"] == pytest.approx(loss_plain["loss"], rel=1e-5)
+    a, b = _tensors(plain), _tensors(ckpt)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    dm = sd15.model.diffusion_model
+    assert "forward" not in vars(dm.input_blocks[1])  # the checkpointing wrappers are gone afterwards

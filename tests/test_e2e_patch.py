@@ -122,3 +122,11 @@ def test_tome_rearranged_tokens_fall_back_per_call(server, unet_inputs):
 def test_wrong_family_refused_with_clear_message(server, unet_inputs):
     with pytest.raises(ComfyError, match="made for SDXL"):
         server.run(txt2img("sd15", "tiny_sdxl_random.safetensors", seed=81, unet_inputs=unet_inputs))
+
+
+@pytest.mark.skipif(not has_pixart(), reason="this ComfyUI has no PixArt")
+def test_pixart_sigma_range_through_the_model_wrapper(server, unet_inputs):
+    # PixArt blocks see no sigma: an APPLY_MODEL wrapper hands it to the ΔConv modules.
+    calls = digest(server.run(txt2img("pixart", "tiny_pixart_random.safetensors", seed=91, steps=4, end=0.5,
+                                      unet_inputs=unet_inputs)))["counts"]
+    assert calls["delta"] > 0 and calls["attention:sigma"] > 0 and calls["delta"] + calls["attention:sigma"] == 4, calls

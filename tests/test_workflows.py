@@ -33,8 +33,7 @@ THIRD_PARTY = {
         "output": ["MODEL"], "output_name": ["MODEL"], "display_name": "IPAdapter", "category": "ipadapter"},
 }
 # Workflows whose API twins run on tiny models, and why the others do not.
-NOT_RUN = {"deltaconv_sd15_controlnet": "no tiny ControlNet model",
-           "deltaconv_sd15_ipadapter": "ComfyUI_IPAdapter_plus is not installed in the test server"}
+NOT_RUN = {"deltaconv_sd15_ipadapter": "ComfyUI_IPAdapter_plus is not installed in the test server"}
 
 
 def load(name):
@@ -197,6 +196,8 @@ def tiny_graph(name, api, info):
         elif kind == "LoraLoader":  # no CLIP here: the model half, with a tiny LoRA file
             node.update(class_type="LoraLoaderModelOnly", inputs={
                 "model": inp["model"], "lora_name": "tiny_lora_sd15.safetensors", "strength_model": 1.0})
+        elif kind == "ControlNetLoader":
+            inp["control_net_name"] = "tiny_sd15_controlnet.safetensors"
         elif kind == "DeltaConvLoad":
             inp["weights_name"] = f"tiny_{fam}_random.safetensors"
         elif kind in ("EmptyLatentImage", "ImageScale"):
