@@ -54,3 +54,15 @@ def comfy_server(tiny_models):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(comfy_server):
+    return comfy_server
+
+
+@pytest.fixture(scope="session")
+def unet_inputs(comfy_server):
+    """Old ComfyUI's UNETLoader has no weight_dtype widget; newer ones require it."""
+    required = comfy_server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]
+    return {"weight_dtype": "default"} if "weight_dtype" in required else {}

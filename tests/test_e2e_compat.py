@@ -14,17 +14,6 @@ MIDDLE = "mid_block.attentions.0.transformer_blocks.0"
 
 
 @pytest.fixture(scope="module")
-def server(comfy_server):
-    return comfy_server
-
-
-@pytest.fixture(scope="module")
-def unet_inputs(server):
-    required = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]
-    return {"weight_dtype": "default"} if "weight_dtype" in required else {}
-
-
-@pytest.fixture(scope="module")
 def image(server):
     """A 64×64 test image in the server's input folder."""
     g = torch.Generator().manual_seed(0)

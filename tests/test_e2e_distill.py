@@ -4,10 +4,8 @@ import os
 from graphs import digest, txt2img
 
 
-def test_distill_save_load_patch_sample(comfy_server):
-    server = comfy_server
-    required = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]
-    unet = {"unet_name": "tiny_sd15.safetensors", **({"weight_dtype": "default"} if "weight_dtype" in required else {})}
+def test_distill_save_load_patch_sample(server, unet_inputs):
+    unet = {"unet_name": "tiny_sd15.safetensors", **unet_inputs}
     cond = {"tokens": 16, "dim": 768, "pooled_dim": 0}
     graph = {
         "unet": {"class_type": "UNETLoader", "inputs": unet},
@@ -31,6 +29,5 @@ def test_distill_save_load_patch_sample(comfy_server):
     checkpoints = sorted(os.listdir(os.path.join(server.base, "output", "deltaconv")))
     assert checkpoints == ["e2e_distill_A_0000002.safetensors", "e2e_distill_A_0000004.safetensors"]
 
-    d = digest(server.run(txt2img("sd15", "e2e_saved.safetensors", seed=9, unet_inputs=unet and {
-        k: v for k, v in unet.items() if k != "unet_name"})))
+    d = digest(server.run(txt2img("sd15", "e2e_saved.safetensors", seed=9, unet_inputs=unet_inputs)))
     assert d["patched_sites"] == 7 and d["finite"] and d["counts"] == {"delta": 7 * 3}

@@ -10,18 +10,6 @@ from tiny_models import SITE_COUNTS, has_pixart
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def server(comfy_server):
-    return comfy_server
-
-
-@pytest.fixture(scope="module")
-def unet_inputs(server):
-    """Old ComfyUI's UNETLoader has no weight_dtype widget; newer ones require it."""
-    required = server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]
-    return {"weight_dtype": "default"} if "weight_dtype" in required else {}
-
-
 def families():
     return ["sd15", "sdxl"] + (["pixart"] if has_pixart() else [])
 
