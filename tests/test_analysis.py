@@ -1,0 +1,65 @@
+"""Attention-locality statistics on synthetic attention with known answers."""
+import math
+
+import pytest
+import torch
+
+from deltaconv_core.analysis import locality_stats, nearest_odd
+
+GRID = (31, 27)
+
+
+def queries(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(GRID[0], (n,), generator=g), torch.randint(GRID[1], (n,), generator=g)], 1)
+
+
+def gaussian_maps(q, sigma):
+    ys = torch.arange(GRID[0]).repeat_interleave(GRID[1]).double()
+    xs = torch.arange(GRID[1]).repeat(GRID[0]).double()
+    d2 = (ys[None] - q[:, :1]) ** 2 + (xs[None] - q[:, 1:]) ** 2
+    m = torch.exp(-d2 / (2 * sigma ** 2))
+    return m / m.sum(1, keepdim=True)
+
+
+def expected_erf(sigma):
+    """Smallest odd k whose window holds 80 % of a separable Gaussian: erf((r+½)/(σ√2))² ≥ 0.8."""
+    r = 0
+    while math.erf((r + 0.5) / (sigma * math.sqrt(2))) ** 2 < 0.8:
+        r += 1
+    return 2 * r + 1
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.5, 3.0])
+def test_gaussian_local_map(sigma):
+    q = torch.tensor([[15, 13], [14, 12], [16, 14]])  # central queries: the window is not cut by the border
+    stats = locality_stats(gaussian_maps(q, sigma), q, GRID)
+    assert stats.erf == expected_erf(sigma)
+    assert stats.uniform_fraction < 0.01
+    assert stats.suggested_kernel == nearest_odd(0.6 * stats.erf)
+    centre = stats.aligned_map[GRID[0] - 1, GRID[1] - 1]
+    assert float(centre) == pytest.approx(float(stats.aligned_map.max()))  # re-centred on the query
+    assert stats.mass_in_kernel(stats.erf) >= 0.8 > stats.mass_in_kernel(stats.erf - 2)
+
+
+def test_uniform_map():
+    q = queries()
+    stats = locality_stats(torch.full((len(q), GRID[0] * GRID[1]), 1.0), q, GRID)
+    assert stats.uniform_fraction == pytest.approx(1.0)
+    assert stats.erf == 2 * (max(GRID) - 1) + 1  # no local part: the whole image
+    assert float(stats.aligned_map.sum()) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5])
+def test_mix_of_local_and_uniform(alpha):
+    q = torch.tensor([[15, 13], [14, 12]])
+    n = GRID[0] * GRID[1]
+    maps = (1 - alpha) * gaussian_maps(q, 1.5) + alpha / n
+    stats = locality_stats(maps, q, GRID)
+    assert stats.uniform_fraction == pytest.approx(alpha, abs=0.02)
+    assert stats.erf == expected_erf(1.5)  # the local part's extent, unaffected by the uniform floor
+
+
+@pytest.mark.parametrize("x, k", [(0.2, 1), (3.0, 3), (5.4, 5), (6.6, 7), (7.8, 7), (8.2, 9)])
+def test_nearest_odd(x, k):
+    assert nearest_odd(x) == k
