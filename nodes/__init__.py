@@ -2,6 +2,7 @@
 from .distill import DeltaConvDistill
 from .folders import register_folder
 from .load import DeltaConvLoad
+from .locality import DeltaConvAttentionLocality
 from .patch import DeltaConvPatch
 from .save import DeltaConvSave
 
@@ -12,10 +13,12 @@ NODE_CLASS_MAPPINGS = {
     "DeltaConvPatch": DeltaConvPatch,
     "DeltaConvDistill": DeltaConvDistill,
     "DeltaConvSave": DeltaConvSave,
+    "DeltaConvAttentionLocality": DeltaConvAttentionLocality,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaConvLoad": "ΔConv Load",
     "DeltaConvPatch": "ΔConv Patch",
     "DeltaConvDistill": "ΔConv Distill",
     "DeltaConvSave": "ΔConv Save",
+    "DeltaConvAttentionLocality": "ΔConv Attention Locality",
 }
