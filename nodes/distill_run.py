@@ -9,7 +9,7 @@ import torch
 from ..deltaconv_core.distill import DistillConfig, DistillError, Distiller
 from ..deltaconv_core.weights import DeltaConvWeights, attention_fingerprint, read_training_state, save_weights
 from . import distill_adapter as adapter
-from .patching import PREFIX, current_object, patch_model
+from .patching import original_attention, patch_model
 
 log = logging.getLogger("deltaconv")
 OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5 has only the latter
@@ -35,7 +35,7 @@ def check_latents(model, x0: torch.Tensor):
 
 
 def model_fingerprint(model, sites) -> str:
-    reference = current_object(model, PREFIX + sites.sites[0].path)  # ΔConv wrappers keep the projections
+    reference = original_attention(model, sites.sites[0])
     return attention_fingerprint(reference.qkv.weight if sites.family == "pixart" else reference.to_q.weight)
 
 

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from ..deltaconv_core.analysis import locality_stats
-from ..deltaconv_core.attention import DeltaConvDiTAttention, DeltaConvSelfAttention, PatchRuntime
+from ..deltaconv_core.attention import PatchRuntime
 from ..deltaconv_core.families import find_attention_sites
 from . import distill_adapter as adapter
-from .patching import LEGACY_ATTN1_CALL, PREFIX, _legacy_stash, current_object
+from .patching import PREFIX, install_runtime_hooks, install_wrapper, original_attention
 
 
 def _attention_maps(module, x, queries, family):
@@ -33,14 +33,9 @@ def measure(model, positive, latent_hw, sigma, seed, max_queries):
     runtime = PatchRuntime()
     runtime.teacher, runtime.recording = True, {}
     clone = model.clone()
-    for s in sites.sites:
-        original = current_object(model, PREFIX + s.path)
-        original = getattr(original, "original", original)
-        wrapper = (DeltaConvDiTAttention(original, None, runtime, s.name, sites.patch_size)
-                   if sites.family == "pixart" else DeltaConvSelfAttention(original, None, runtime, s.name))
-        clone.add_object_patch(PREFIX + s.path, wrapper)
-    if LEGACY_ATTN1_CALL and sites.family != "pixart":
-        clone.set_model_attn1_patch(_legacy_stash(runtime))
+    for s in sites.sites:  # teacher-only wrappers: they run the original attention and record its input
+        install_wrapper(clone, sites, s, original_attention(model, s), None, runtime)
+    install_runtime_hooks(clone, sites, runtime)
     comfy.model_management.load_models_gpu([clone])
     device = comfy.model_management.get_torch_device()
     g = torch.Generator().manual_seed(seed)

@@ -74,6 +74,37 @@ def _legacy_stash(runtime: PatchRuntime):
     return stash_options
 
 
+def original_attention(model, site):
+    """The attention module a ΔConv wrapper for `site` should fall back to (never another ΔConv wrapper)."""
+    original = current_object(model, PREFIX + site.path)
+    if isinstance(original, DELTA_TYPES):
+        return original.original  # re-patching a ΔConv model: replace, do not stack
+    if not (hasattr(original, "to_q") or hasattr(original, "qkv")):
+        raise ValueError(f"{site.path} was already replaced by another node ({type(original).__name__}, without "
+                         "attention projections); put ΔConv Patch before that node in the graph")
+    return original
+
+
+def install_wrapper(clone, model_sites, site, original, block, runtime: PatchRuntime):
+    """Object-patch `site` of `clone` with a ΔConv wrapper around `original` (block may be None: teacher only)."""
+    if model_sites.family == "pixart":
+        wrapper = DeltaConvDiTAttention(original, block, runtime, site.name, model_sites.patch_size)
+    else:
+        wrapper = DeltaConvSelfAttention(original, block, runtime, site.name)
+    clone.add_object_patch(PREFIX + site.path, wrapper)
+
+
+def install_runtime_hooks(clone, model_sites, runtime: PatchRuntime):
+    """What the wrappers cannot see for themselves: PixArt's sigma, older ComfyUI's shapes and sigmas."""
+    if model_sites.family == "pixart" and not runtime.full_range:
+        import comfy.patcher_extension  # PixArt exists only in ComfyUI versions that have model wrappers
+
+        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                   _sigma_wrapper(runtime))
+    elif LEGACY_ATTN1_CALL and model_sites.family != "pixart":
+        clone.set_model_attn1_patch(_legacy_stash(runtime))
+
+
 def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent=1.0, levels="all",
                 strict=False, block_dtype=None):
     """A clone of `model` whose selected self-attention sites run ΔConv blocks; returns (clone, report, runtime).
@@ -99,28 +130,12 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
     notes = _conflicts(model, sites)
     first_original = None
     for site, config, state in match.present:
-        original = current_object(model, PREFIX + site.path)
-        if isinstance(original, DELTA_TYPES):
-            original = original.original  # re-patching a ΔConv model: replace, do not stack
-        elif not (hasattr(original, "to_q") or hasattr(original, "qkv")):
-            raise ValueError(f"{site.path} was already replaced by another node ({type(original).__name__}, without "
-                             "attention projections); put ΔConv Patch before that node in the graph")
+        original = original_attention(model, site)
         reference = original.qkv.weight if model_sites.family == "pixart" else original.to_q.weight
         first_original = first_original if first_original is not None else reference
         block = build_block(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))
-        if model_sites.family == "pixart":
-            wrapper = DeltaConvDiTAttention(original, block, runtime, site.name, model_sites.patch_size)
-        else:
-            wrapper = DeltaConvSelfAttention(original, block, runtime, site.name)
-        clone.add_object_patch(PREFIX + site.path, wrapper)
-
-    if model_sites.family == "pixart" and not runtime.full_range:
-        import comfy.patcher_extension  # PixArt exists only in ComfyUI versions that have model wrappers
-
-        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                   _sigma_wrapper(runtime))
-    elif LEGACY_ATTN1_CALL and model_sites.family != "pixart":
-        clone.set_model_attn1_patch(_legacy_stash(runtime))
+        install_wrapper(clone, model_sites, site, original, block, runtime)
+    install_runtime_hooks(clone, model_sites, runtime)
 
     if weights.base_fingerprint and weights.base_fingerprint != attention_fingerprint(first_original):
         notes.append("these blocks were distilled from a different checkpoint than this model (fingerprint "
