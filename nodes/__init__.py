@@ -1,4 +1,5 @@
 """ComfyUI layer of ComfyUI-DeltaConv: thin node classes over deltaconv_core."""
+from .compare import DeltaConvCompare
 from .distill import DeltaConvDistill
 from .folders import register_folder
 from .load import DeltaConvLoad
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "DeltaConvDistill": DeltaConvDistill,
     "DeltaConvSave": DeltaConvSave,
     "DeltaConvAttentionLocality": DeltaConvAttentionLocality,
+    "DeltaConvCompare": DeltaConvCompare,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaConvLoad": "ΔConv Load",
@@ -21,4 +23,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaConvDistill": "ΔConv Distill",
     "DeltaConvSave": "ΔConv Save",
     "DeltaConvAttentionLocality": "ΔConv Attention Locality",
+    "DeltaConvCompare": "ΔConv Compare",
 }

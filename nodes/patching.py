@@ -85,6 +85,12 @@ def original_attention(model, site):
     return original
 
 
+def delta_runtimes(model) -> list[PatchRuntime]:
+    """The runtimes of the ΔConv blocks `model` installs, one per ΔConv Patch behind it (empty: not patched)."""
+    wrappers = [p for p in model.object_patches.values() if isinstance(p, DELTA_TYPES) and p.delta is not None]
+    return list({id(w.runtime): w.runtime for w in wrappers}.values())
+
+
 def install_wrapper(clone, model_sites, site, original, block, runtime: PatchRuntime):
     """Object-patch `site` of `clone` with a ΔConv wrapper around `original` (block may be None: teacher only)."""
     if model_sites.family == "pixart":

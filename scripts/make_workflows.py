@@ -156,6 +156,26 @@ def deltaconv_sd15_txt2img_compare():
 
 
 @workflow
+def deltaconv_sd15_compare_psnr_ssim():
+    g = sd15_base(pos="a red vintage bicycle leaning against a sunlit brick wall, flowers in the basket, photograph")
+    g |= {"compare": N("DeltaConvCompare", color="purple", model=("ckpt", 0), patched_model=("dc_patch", 0),
+                       vae=("ckpt", 2), positive=("pos", 0), negative=("neg", 0), latent_image=("latent", 0),
+                       seed=Seed(123456789, "fixed"), steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                       denoise=1.0),
+          "save_original": N("SaveImage", "Original (attention)", images=("compare", 0),
+                             filename_prefix="deltaconv_compare/original"),
+          "save_patched": N("SaveImage", "Patched (ΔConv)", images=("compare", 1),
+                            filename_prefix="deltaconv_compare/deltaconv"),
+          "heat_map": N("PreviewImage", "Difference heat map", images=("compare", 2))}
+    return ("SD1.5 · ΔConv Compare: PSNR, SSIM, heat map", g,
+            "ΔConv Compare samples the original model and the ΔConv-patched clone from the same seed and settings "
+            "(as KSampler does), decodes both and measures what the patch costs on your prompt: PSNR and SSIM per "
+            "image, a heat map of the per-pixel difference (its scale is in the report) and both sampling times. "
+            "The report is printed to the console and is the node's report output.\nModels: DreamShaper 8 in "
+            "models/checkpoints; ConvFusion-sd15-mjv5 in models/deltaconv.\n" + DC_NOTE)
+
+
+@workflow
 def deltaconv_sdxl_txt2img():
     g = {"ckpt": N("CheckpointLoaderSimple", ckpt_name=Model("sdxl")),
          **prompts(("ckpt", 1), "a lighthouse on a cliff above a stormy sea, dramatic clouds, golden hour, "

@@ -3,6 +3,7 @@ schemas, end-to-end runs of their API twins on tiny models, and ComfyUI's templa
 import glob
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 
@@ -162,7 +163,7 @@ def tiny_inputs(comfy_server):
     save_file(lora, os.path.join(base, "models", "loras", "tiny_lora_sd15.safetensors"))
 
 
-SMALL = {"KSampler": {"steps": 2}, "LoadImage": {"image": "deltaconv_test.png"},
+SMALL = {"KSampler": {"steps": 2}, "DeltaConvCompare": {"steps": 2}, "LoadImage": {"image": "deltaconv_test.png"},
          "LoadImageSetFromFolderNode": {"folder": "deltaconv_test_set"},
          "DeltaConvDistill": {"steps": 2, "batch_size": 2, "save_every": 0, "warmup_steps": 0,
                               "training_dtype": "fp32", "allow_cpu": True}}
@@ -230,13 +231,18 @@ def test_workflow_runs_on_tiny_models(name, comfy_server, object_info, tiny_inpu
     g, unet = tiny_graph(name, load(name)[1], object_info)
     outputs = comfy_server.run(g, timeout=300)["outputs"]
     digests = {k[len("digest"):]: outputs[k]["digest"][0] for k in outputs if k.startswith("digest")}
-    assert digests and all(d["finite"] for d in digests.values())
+    # ΔConv Compare samples inside the node: its report gives the ΔConv calls, and PSNR when the images differ
+    compares = [outputs[nid]["text"][0] for nid, node in g.items() if node["class_type"] == "DeltaConvCompare"]
+    assert (digests or compares) and all(d["finite"] for d in digests.values())
+    assert all(" dB, SSIM " in report for report in compares), compares
     for nid, d in digests.items():
         if patched(g, g[nid]["inputs"]["model"]):
             assert d["patched_sites"] == SITE_COUNTS[unet] and set(d["counts"]) <= {"delta"}, (nid, d)
         else:
             assert d["patched_sites"] == 0
-    assert sum(d["counts"].get("delta", 0) for d in digests.values()) > 0, "ΔConv never ran"
+    delta_calls = sum(d["counts"].get("delta", 0) for d in digests.values())
+    delta_calls += sum(int(re.search(r"(\d+) ran ΔConv", report)[1]) for report in compares)
+    assert delta_calls > 0, "ΔConv never ran"
     if name.endswith("_compare"):  # attention and ΔConv from the same seed differ
         assert len({d["sha256"] for d in digests.values()}) == len(digests) == 2
     for nid, node in g.items():

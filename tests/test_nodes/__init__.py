@@ -1,5 +1,6 @@
 """Test-only ComfyUI nodes, loaded into the test server next to the pack (never shipped to users)."""
 import hashlib
+import os
 
 import torch
 
@@ -91,9 +92,55 @@ class DeltaConvTestDigest:
         return {"ui": {"digest": [info]}}
 
 
+class DeltaConvTestSaveTensor:
+    """Writes an IMAGE tensor unchanged (no 8-bit PNG rounding) to output/deltaconv_tensors/<name>.safetensors."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "name": ("STRING", {"default": "images"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def save(self, images, name):
+        import folder_paths
+        from safetensors.torch import save_file
+
+        path = os.path.join(folder_paths.get_output_directory(), "deltaconv_tensors", f"{name}.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({"images": images.contiguous()}, path)
+        return {"ui": {"path": [path]}}
+
+
+class DeltaConvTestShowFloat:
+    """Reports a FLOAT output as repr() text (JSON has no inf)."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ()
+    FUNCTION = "show"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT", {"forceInput": True})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def show(self, value):
+        return {"ui": {"value": [repr(value)]}}
+
+
 NODE_CLASS_MAPPINGS = {
     "DeltaConvTestConditioning": DeltaConvTestConditioning,
     "DeltaConvTestZeroAttn1": DeltaConvTestZeroAttn1,
     "DeltaConvTestDigest": DeltaConvTestDigest,
     "DeltaConvTestAttn2Zero": DeltaConvTestAttn2Zero,
+    "DeltaConvTestSaveTensor": DeltaConvTestSaveTensor,
+    "DeltaConvTestShowFloat": DeltaConvTestShowFloat,
 }

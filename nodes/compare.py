@@ -1,0 +1,119 @@
+"""ΔConv Compare: the original and the ΔConv-patched model sampled from one seed, with PSNR, SSIM and a heat map."""
+import logging
+import time
+from collections import Counter
+
+import comfy.model_management
+import comfy.samplers
+
+from ..deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
+from .patching import delta_runtimes
+
+log = logging.getLogger("deltaconv")
+NOT_PATCHED = ("patched_model carries no ΔConv patch, so both images would come from the same model: connect the "
+               "MODEL output of ΔConv Patch to patched_model (and the model before it to model)")
+
+
+def sample(model, latent, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise):
+    """KSampler's own sampling (same noise from the same seed); returns (latent, seconds without weight loading)."""
+    import nodes  # ComfyUI's nodes.py: the server has it loaded; imported here so library use stays light
+
+    comfy.model_management.load_models_gpu([model])
+    start = time.perf_counter()
+    (out,) = nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                                   denoise=denoise)
+    return out, time.perf_counter() - start  # samples come back on the CPU by default: synchronised
+
+
+def decode(vae, latent):
+    images = vae.decode(latent["samples"])
+    return images.reshape(-1, *images.shape[-3:])  # video VAEs give [B, T, H, W, C]
+
+
+def call_counts(runtimes) -> Counter:
+    total = Counter()
+    for runtime in runtimes:
+        total.update(runtime.counts)
+    return total
+
+
+def report(settings, original, patched, times, calls, notes):
+    p, s = psnr(original, patched), ssim(original, patched)
+    diff = abs_difference(original, patched)
+    lines = [f"ΔConv Compare: {settings}"]
+    for i in range(len(p)):
+        quality = f"identical (PSNR inf, SSIM {s[i]:.4f})" if p[i].isinf() else f"PSNR {p[i]:.2f} dB, SSIM {s[i]:.4f}"
+        lines.append(f"  image {i + 1}: {quality}, mean |Δ| {diff[i].mean():.4f}, max |Δ| {diff[i].max():.4f}")
+    if p.isinf().all():
+        lines.append("  the patched images are identical to the original ones: ΔConv changed nothing "
+                     "(check start/end percent of ΔConv Patch)")
+    else:
+        lines.append(f"  mean over {len(p)} image(s): PSNR {p.mean():.2f} dB, SSIM {s.mean():.4f}")
+    scale = float(diff.max())
+    lines.append(f"  heat map: per-pixel mean |Δ| over the channels (pixel values 0-1), black = 0 to pale yellow = "
+                 f"{scale:.4f} (the largest)" if scale > 0 else "  heat map: black, no difference")
+    lines.append(f"  sampling time (weight loading excluded): original {times[0]:.2f} s, patched {times[1]:.2f} s "
+                 f"(speed-up {times[0] / max(times[1], 1e-9):.2f}x)")
+    fallbacks = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(calls.items()) if k.startswith("attention:"))
+    lines.append(f"  self-attention calls of the patched model: {calls['delta']} ran ΔConv"
+                 + (f"; original attention: {fallbacks}" if fallbacks else ""))
+    lines += [f"  note: {n}" for n in notes]
+    return "\n".join(lines), p, s
+
+
+class DeltaConvCompare:
+    DESCRIPTION = ("Samples the original and the ΔConv-patched model from the same seed and settings (as KSampler "
+                   "does), decodes both and measures the difference: PSNR and SSIM per image, a heat map of the "
+                   "per-pixel difference, both sampling times and how often ΔConv ran. Times exclude weight "
+                   "loading; the first run after starting ComfyUI also includes one-off warm-up (kernel "
+                   "compilation): run again with another seed for steady-state times.")
+    CATEGORY = "ΔConv"
+    RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE", "FLOAT", "FLOAT", "STRING")
+    RETURN_NAMES = ("original", "patched", "difference", "psnr", "ssim", "report")
+    OUTPUT_TOOLTIPS = ("Decoded images of model.", "Decoded images of patched_model.",
+                       "Per-pixel difference heat map (scale in the report).",
+                       "PSNR in dB, mean over the batch (inf: identical).", "SSIM, mean over the batch (1: identical).",
+                       "Per-image PSNR/SSIM, differences, times and ΔConv call counts.")
+    FUNCTION = "compare"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The original model (before ΔConv Patch)."}),
+            "patched_model": ("MODEL", {"tooltip": "The MODEL output of ΔConv Patch."}),
+            "vae": ("VAE",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT",),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }}
+
+    def compare(self, model, patched_model, vae, positive, negative, latent_image, seed, steps, cfg, sampler_name,
+                scheduler, denoise):
+        runtimes = delta_runtimes(patched_model)
+        if not runtimes:
+            raise ValueError(NOT_PATCHED)
+        notes = []
+        if delta_runtimes(model):
+            notes.append("model carries a ΔConv patch too: this compares two patches, not attention with ΔConv")
+        if not model.is_clone(patched_model):
+            notes.append("patched_model was not made from model (different weights): the difference is not only "
+                         "ΔConv's")
+        args = (seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise)
+        original, t_original = sample(model, latent_image, *args)
+        before = call_counts(runtimes)
+        patched, t_patched = sample(patched_model, latent_image, *args)
+        calls = call_counts(runtimes) - before
+        images = decode(vae, original), decode(vae, patched)
+        settings = f"seed {seed}, {steps} steps, {sampler_name}/{scheduler}, cfg {cfg}, denoise {denoise}"
+        text, p, s = report(settings, *images, (t_original, t_patched), calls, notes)
+        for line in text.splitlines():
+            log.info("%s", line.strip())
+        result = (*images, difference_heatmap(*images), float(p.mean()), float(s.mean()), text)
+        return {"ui": {"text": [text]}, "result": result}
