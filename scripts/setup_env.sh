@@ -30,4 +30,6 @@ if [ ! -f "$stamp" ]; then
   pipi -r "$VENV/comfy-req.txt" -r requirements.txt -r requirements-dev.txt
   touch "$stamp"
 fi
+# The quality proxy's photos: scikit-image's wheel, downloaded (not installed) into .cache/proxy.
+"$PY" bench/quality_proxy/data.py >/dev/null
 echo "$COMFYUI_PATH"
