@@ -1,10 +1,14 @@
 """Block-level benchmark: one ΔConvBlock vs. the SD1.5 self-attention (attn1) it replaces.
 
-    .venv/bin/python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R] [--out bench/results]
+    .venv/bin/python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R] [--grids 16,32]
+                                          [--out bench/results]
 
 Attention = q/k/v projections (no bias) + scaled_dot_product_attention (8 heads, head dim C/8) + output projection
 (with bias), i.e. diffusers' attn1 of SD1.5. Times are per forward pass (torch.inference_mode); median and min of the
-timed runs. Writes block_<device-slug>.json (records) and block_<device-slug>.md (table + header) to --out.
+timed runs. The block runs as ComfyUI runs it: on CUDA through the fused Triton kernels (unless DELTACONV_TRITON=0),
+and there it is also timed on PyTorch ops for comparison. Bandwidth: the floor traffic of the block (one read of x,
+one write of the output) over its median time, and the same bytes moved by a device-to-device copy. Writes
+block_<device-slug>.json (records) and block_<device-slug>.md (table + header) to --out.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for deltaconv_core
+from deltaconv_core import kernels  # noqa: E402
 from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
 
 # SD1.5 self-attention sites (spec §1.4): (label, channels C, ΔConv kernel k)
@@ -112,6 +117,17 @@ def fmt_ms(times) -> str:
     return f"{statistics.median(times) * 1e3:.2f} ({min(times) * 1e3:.2f})"
 
 
+def torch_ops(fn):
+    """fn run with the Triton kernels switched off (the block's PyTorch path)."""
+    def run():
+        kernels.set_enabled(False)
+        try:
+            return fn()
+        finally:
+            kernels.set_enabled(None)
+    return run
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -120,6 +136,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--cell-budget", type=float, default=20.0, help="max seconds of timed runs per cell (repeats adapt)")
+    p.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated grid sizes (default: %(default)s)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
 
@@ -131,17 +148,30 @@ def main():
               "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
     print(f"# {name} | torch {torch.__version__} | {device} {common['dtype']} | threads {common['threads']}", flush=True)
 
+    grids = [int(g) for g in args.grids.split(",")]
     busy_before = busy_cpu_s()
-    records, attn_cache, t_start = [], {}, time.perf_counter()
+    records, attn_cache, copy_cache, t_start = [], {}, {}, time.perf_counter()
     torch.manual_seed(0)
     with torch.inference_mode():
         for label, c, k in SHAPES:
             block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
             attn = SelfAttention(c, device=device, dtype=dtype).eval()
-            for g in GRIDS:
+            for g in grids:
                 n, cell_busy, cell_t0 = g * g, busy_cpu_s(), time.perf_counter()
                 x = torch.randn(args.batch, g, g, c, device=device, dtype=dtype)
+                fused = kernels.use_triton(x)  # x's dtype is the gate input's: the block takes the kernels
+                block(x)  # untimed: compiles the kernels for this shape, so the first timed run is a real one
                 d_times, d_rep = bench(lambda: block(x), device, args.repeats, args.warmup, args.cell_budget)
+                path = "triton" if fused and kernels.failure() is None else "torch"
+                t_times = None
+                if path == "triton":  # the same block on PyTorch ops, for comparison
+                    t_times, _ = bench(torch_ops(lambda: block(x)), device, args.repeats, args.warmup, args.cell_budget)
+                if (c, g) not in copy_cache:  # the floor traffic moved by a plain copy: x read, y written
+                    y = torch.empty_like(x)
+                    copy_cache[(c, g)] = bench(lambda: y.copy_(x), device, args.repeats, args.warmup, args.cell_budget)[0]
+                    del y
+                c_times = copy_cache[(c, g)]
+                floor_bytes = 2 * x.numel() * x.element_size()
                 matrix_bytes = args.batch * HEADS * n * n * x.element_size()  # the materialised N×N scores
                 if (c, g) in attn_cache:  # attention does not depend on k: reuse the measurement
                     a_times, a_rep = attn_cache[(c, g)]
@@ -156,8 +186,14 @@ def main():
                 cell_pct = None if cell_other is None else 100 * cell_other / ((time.perf_counter() - cell_t0) * os.cpu_count())
                 d_macs, a_macs = args.batch * deltaconv_macs(n, c, k), args.batch * attention_macs(n, c)
                 rec = {**common, "site": label, "channels": c, "kernel_size": k, "grid": g, "tokens": n,
+                       "deltaconv_path": path, "kernel_failure": kernels.failure(),
                        "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
                        "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
+                       "deltaconv_torch_ops_median_ms": None if t_times is None else statistics.median(t_times) * 1e3,
+                       "floor_bytes": floor_bytes, "copy_median_ms": statistics.median(c_times) * 1e3,
+                       "deltaconv_floor_gbps": floor_bytes / statistics.median(d_times) / 1e9,
+                       "copy_gbps": floor_bytes / statistics.median(c_times) / 1e9,
+                       "floor_fraction_of_copy": statistics.median(c_times) / statistics.median(d_times),
                        "attention_skipped": a_times is None, "attention_matrix_bytes": matrix_bytes,
                        "attention_median_ms": None if a_times is None else statistics.median(a_times) * 1e3,
                        "attention_min_ms": None if a_times is None else min(a_times) * 1e3,
@@ -167,8 +203,11 @@ def main():
                        "other_processes_cpu_s": cell_other, "other_processes_cpu_pct": cell_pct,
                        "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)}
                 records.append(rec)
-                print(f"{label} C={c} k={k} {g}x{g}: ΔConv {fmt_ms(d_times)} ms x{d_rep}, attention "
-                      f"{'skipped' if a_times is None else fmt_ms(a_times) + f' ms x{a_rep}'}", flush=True)
+                print(f"{label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
+                      f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}, "
+                      f"{rec['deltaconv_floor_gbps']:.3g} GB/s floor ({100 * rec['floor_fraction_of_copy']:.0f}% of "
+                      f"copy), attention {'skipped' if a_times is None else fmt_ms(a_times) + f' ms x{a_rep}'}",
+                      flush=True)
             del block, attn
     elapsed = time.perf_counter() - t_start
     other = None if busy_before is None else busy_cpu_s() - busy_before
@@ -177,23 +216,32 @@ def main():
     for r in records:
         r["run_other_processes_cpu_s"] = other
 
-    head = ("| site | C | k | grid | N | ΔConv ms median (min) | attention ms median (min) | speed-up | "
-            "ΔConv GMAC | attention GMAC | MAC ratio | runs Δ/attn |\n" + "|---" * 12 + "|")
+    head = ("| site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | attention ms median (min) | "
+            "speed-up | ΔConv floor GB/s (of copy) | ΔConv GMAC | attention GMAC | MAC ratio | runs Δ/attn |\n"
+            + "|---" * 14 + "|")
     rows = []
     for r in records:
         attn_cell = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})"
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         speed += " ⚠" if r["contaminated"] else ""
+        torch_cell = "—" if r["deltaconv_torch_ops_median_ms"] is None else f"{r['deltaconv_torch_ops_median_ms']:.2f}"
         rows.append(f"| {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
-                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {attn_cell} | {speed} | "
+                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {attn_cell} | {speed} | "
+                    f"{r['deltaconv_floor_gbps']:.3g} ({100 * r['floor_fraction_of_copy']:.0f}%) | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "
                     f"{r['deltaconv_repeats']}/{r['attention_repeats']} |")
     table = "\n".join([head, *rows])
     print("\n" + table)
 
+    failure = kernels.failure()
+    paths = ("fused Triton kernels ([pool +] dwconv + gate per scale, fused upsample + concat + conv_out), "
+             "also timed on PyTorch ops" if all(r["deltaconv_path"] == "triton" for r in records) else
+             "PyTorch ops" + (f" (the Triton kernels failed: {failure})" if failure else
+                              " (no Triton kernels for this device/dtype, or DELTACONV_TRITON=0)"))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (f"# ΔConvBlock vs SD1.5 self-attention (block level)\n\n"
               f"- device: {name} ({device}, {common['dtype']}, batch {args.batch})\n- torch: {torch.__version__}\n"
+              f"- ΔConv path: {paths}\n"
               f"- threads: {common['threads']}; system load: {load}\n- repeats: up to {args.repeats} timed runs after up to {args.warmup} "
               f"warm-up runs; per cell the timed runs are cut to fit ~{args.cell_budget:g} s (min 1), and warm-up to 1 "
               f"run for slow cells — actual counts in the last column\n- date: {date}; total bench time {elapsed:.0f} s\n"
@@ -201,7 +249,10 @@ def main():
               f"projection (bias); measured once per (C, grid) and shared by the two C=320 rows\n"
               f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (spec §1.2); "
               f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
-              f"would exceed 90% of available memory\n- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
+              f"would exceed 90% of available memory\n"
+              f"- bandwidth: floor = one read of x + one write of the output (2·B·N·C·{torch.finfo(dtype).bits // 8} "
+              f"bytes) / ΔConv median; 'of copy' = that rate / the rate of a device-to-device copy of x into a tensor "
+              f"of its size (median of its own timed runs)\n- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"block_{slug}.json").write_text(json.dumps(records, indent=1) + "\n")

@@ -94,6 +94,11 @@ class Linear(nn.Linear):
 TORCH_OPS = SimpleNamespace(Linear=Linear, DepthwiseConv=DepthwiseConv)
 
 
+def pooled_size(size, scale: float) -> tuple[int, int]:
+    """Grid of a pyramid scale: int() as the official code does; at least 1 so a 1-pixel-wide grid still pools."""
+    return max(1, int(size[0] * scale)), max(1, int(size[1] * scale))
+
+
 class PyramidGate(nn.Module):
     """One pyramid scale: [pool] → depthwise conv → gate → [bilinear back to H×W]."""
 
@@ -107,17 +112,9 @@ class PyramidGate(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u: [B, C_i, H, W] channel-last view; returns [B, C_i/2, H, W] in the same layout."""
-        if kernels.use_triton(u):  # fused Triton dwconv+gate (CUDA); off with DELTACONV_TRITON=0
-            weight, bias = self.conv_spatial.cast_weight_bias(u)
-            y = kernels.pyramid_gate_or_none(u.permute(0, 2, 3, 1), weight, bias, self.scale_factor, self.gate,
-                                             self.gate_constant)
-            if y is not None:
-                return y.permute(0, 3, 1, 2)
         size = u.shape[-2:]
         if self.scale_factor != 1.0:
-            # int() as the official code does; clamp so a 1-pixel-wide grid still pools to something.
-            pooled = (max(1, int(size[0] * self.scale_factor)), max(1, int(size[1] * self.scale_factor)))
-            u = F.adaptive_avg_pool2d(u, pooled)
+            u = F.adaptive_avg_pool2d(u, pooled_size(size, self.scale_factor))
         v = self.conv_spatial(u)
         a, b = v.chunk(2, dim=1)
         y = a * b * self.gate_constant if self.gate == "scaled" else a * torch.sigmoid(b)
@@ -151,11 +148,17 @@ class DeltaConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
-        u = self.conv_up(x).permute(0, 3, 1, 2)  # [B, C_i, H, W] view, channel-last in memory
-        # conv_out(concat(branches)) + conv_pool(mean x) computed as one per-image bias plus a sum of per-branch
-        # projections: no concatenated tensor and no extra pass to add the pooled branch.
-        weight, bias = self.conv_out.cast_weight_bias(x)
+        u = self.conv_up(x)  # [B, H, W, C_i]
         pooled = self.conv_pool(x.mean(dim=(1, 2)))  # uses the block input, not conv_up's output
+        if kernels.use_triton(u):  # fused Triton kernels (CUDA); off with DELTACONV_TRITON=0
+            out = self._forward_kernels(u, pooled)
+            if out is not None:
+                return out
+        # conv_out(concat(branches)) + conv_pool(mean x) computed as one per-image bias plus a sum of per-branch
+        # projections: no concatenated tensor and no extra pass to add the pooled branch. Weights in u's dtype
+        # (x's, or the autocast dtype), so that the in-place baddbmm_ below sees one dtype under autocast too.
+        weight, bias = self.conv_out.cast_weight_bias(u)
+        u = u.permute(0, 3, 1, 2)  # [B, C_i, H, W] view, channel-last in memory
         z = (pooled + bias).unsqueeze(1)  # [B, 1, C], broadcast over the pixels by the first baddbmm
         width = weight.shape[1] // len(self.gates)
         for i, gate in enumerate(self.gates):
@@ -163,6 +166,15 @@ class DeltaConvBlock(nn.Module):
             w_i = weight[:, i * width:(i + 1) * width].t().expand(b, width, c)
             z = torch.baddbmm(z, y, w_i) if i == 0 else z.baddbmm_(y, w_i)
         return z.view(b, h, w, c)
+
+    def _forward_kernels(self, u: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The rest of the block in Triton (pooled scales stay low-res until the fused projection upsamples
+        them), weights in u's dtype as in the torch path; None when the kernels cannot take it."""
+        weight, bias = self.conv_out.cast_weight_bias(u)
+        gates = [(*g.conv_spatial.cast_weight_bias(u),
+                  None if g.scale_factor == 1.0 else pooled_size(u.shape[1:3], g.scale_factor)) for g in self.gates]
+        return kernels.delta_conv_or_none(u, gates, self.config.gate, self.gates[0].gate_constant, weight,
+                                          pooled + bias)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -134,6 +134,24 @@ def test_half_precision_on_cpu_close_to_fp32(dtype, gate):
     assert err < 2e-2, f"{dtype}: max error {err:.3g} of the output scale"
 
 
+@pytest.mark.parametrize("n_scales", ["2", "3"])
+def test_autocast_bf16_fp32_weights(n_scales):
+    """Distillation's mixed precision: fp32 parameters and input under bf16 autocast (several scales: the output
+    projection accumulates in place, which autocast does not cast for); gradients reach the fp32 parameters."""
+    cfg = BlockConfig(32, 3, SCALES[n_scales], "sigmoid")
+    block, gen = make_block(cfg, seed=5, dtype=torch.float32)
+    x = torch.randn(2, 7, 6, 32, generator=gen)
+    with torch.no_grad():
+        ref = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.bfloat16
+    err = (out.float() - ref).abs().max() / ref.abs().max()
+    assert err < 3e-2, f"max error {err:.3g} of the output scale"
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in block.parameters())
+
+
 @pytest.mark.parametrize("n_scales", list(SCALES))
 @pytest.mark.parametrize("hw", [(7, 5), (1, 3), (1, 1), (16, 16)])
 @pytest.mark.parametrize("batch", [1, 3])

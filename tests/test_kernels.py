@@ -1,4 +1,6 @@
-"""Fused Triton dwconv+gate kernels (deltaconv_core/kernels) against float64 references, forward and backward.
+"""Fused Triton dwconv+gate kernel (deltaconv_core/kernels/dwconv_gate.py) against float64 references, forward and
+backward, plus the kernel routing. Pooling inside the kernel, the fused output projection and the whole block on
+the kernels: test_kernels_fused.py.
 
 Without a GPU the kernels run in Triton's CPU interpreter. Triton decides interpreted vs compiled when a
 `@triton.jit` decorator runs (its own helpers at `import triton`, ours when `kernels/dwconv_gate.py` is imported)
@@ -19,11 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import deltaconv_core
-from deltaconv_core.block import BlockConfig, build_block
-from deltaconv_core.reference import reference_block_forward
 
 # The package under its real name: under the pack loader `deltaconv_core` aliases `<pack>.deltaconv_core`, and the
-# block (once wired) uses that copy; importing `deltaconv_core.kernels` would make a second one.
+# block uses that copy; importing `deltaconv_core.kernels` would make a second one.
 kernels = importlib.import_module(deltaconv_core.__name__ + ".kernels")
 if not kernels.triton_available():
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -165,72 +165,6 @@ def test_bad_arguments_and_empty_batch():
     assert empty.grad.shape == empty.shape
 
 
-# ------------------------------------------------------------------------------------ whole block, via reference.py
-def kernel_block_forward(block, x):
-    """The ΔConvBlock maths with every pyramid scale through `pyramid_gate_triton` (pool → kernel → resize)."""
-    u = block.conv_up(x)
-    ys = [kernels.pyramid_gate_triton(u, g.conv_spatial.weight, g.conv_spatial.bias, g.scale_factor, g.gate,
-                                      g.gate_constant) for g in block.gates]
-    return block.conv_out(torch.cat(ys, dim=-1)) + block.conv_pool(x.mean(dim=(1, 2), keepdim=True))
-
-
-@pytest.mark.parametrize("gate,scales,dw_bias,hw,k,seed", [
-    ("scaled", (1.0, 0.5), False, (9, 13), 3, 11),
-    ("sigmoid", (1.0, 0.5), True, (7, 5), 5, 12),
-    ("scaled", (1.0, 0.5, 1 / 3), True, (1, 3), 3, 13),
-])
-def test_pyramid_gates_match_reference_block(gate, scales, dw_bias, hw, k, seed):
-    """Forward and gradients (input and every parameter) of a block built on the kernel vs reference.py in fp64."""
-    cfg = BlockConfig(dim=16, kernel_size=k, scales=scales, gate=gate, dw_bias=dw_bias)
-    gen = torch.Generator().manual_seed(seed)
-    block = build_block(cfg, dtype=torch.float64)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
-    state64 = {n: t.detach().clone().requires_grad_() for n, t in block.state_dict().items()}
-    x64 = torch.randn(2, *hw, cfg.dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    ref = reference_block_forward(state64, cfg, x64)
-
-    block = block.to(device=DEVICE, dtype=torch.float32)
-    x = x64.detach().float().to(DEVICE).requires_grad_()
-    out = kernel_block_forward(block, x)
-    assert_close_rel(out, ref, 1e-4, "block forward")
-    gy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    ref.backward(gy)
-    out.backward(gy.float().to(DEVICE))
-    assert_close_rel(x.grad, x64.grad, 1e-4, "grad x")
-    for name, p in block.named_parameters():
-        assert_close_rel(p.grad, state64[name].grad, 1e-4, f"grad {name}")
-
-
-def test_block_uses_kernel_when_wired(monkeypatch):
-    """Once block.py routes pyramid gates through `kernels.use_triton`, the block itself must take the kernel."""
-    block_module = sys.modules[deltaconv_core.__name__ + ".block"]
-    if getattr(block_module, "kernels", None) is not kernels:
-        pytest.skip("block.py does not use deltaconv_core.kernels yet")
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets use_triton() route CPU tensors (kernels already interpreted)
-    calls = []
-    real_apply = dwconv_gate._FusedDwconvGate.apply
-    monkeypatch.setattr(dwconv_gate._FusedDwconvGate, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    cfg = BlockConfig(dim=8, kernel_size=3, scales=(1.0, 0.5), gate="sigmoid", dw_bias=True)
-    block = build_block(cfg, dtype=torch.float64)
-    x = torch.randn(1, 5, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ref = reference_block_forward(block.state_dict(), cfg, x)
-    with torch.no_grad():
-        out = block.to(device=DEVICE, dtype=torch.float32)(x.float().to(DEVICE))
-    assert len(calls) == 2 and kernels.failure() is None, f"kernel path not taken: {kernels.failure()}"
-    assert_close_rel(out, ref, 1e-4, "wired block")
-    kernels.set_enabled(False)
-    try:
-        calls.clear()
-        with torch.no_grad():
-            block(x.float().to(DEVICE))
-        assert not calls, "set_enabled(False) must switch the kernel path off"
-    finally:
-        kernels.set_enabled(None)
-
-
 # ------------------------------------------------------------------------------------------------ routing / import
 def test_use_triton_routing(monkeypatch):
     monkeypatch.delenv("DELTACONV_TRITON", raising=False)
@@ -251,26 +185,6 @@ def test_use_triton_routing(monkeypatch):
     if torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET")
         assert kernels.use_triton(torch.zeros(1, device="cuda"))
-
-
-def test_failure_switches_the_kernel_path_off(monkeypatch, caplog):
-    interpret = (lambda: None) if ON_GPU else (lambda: monkeypatch.setenv("TRITON_INTERPRET", "1"))
-    monkeypatch.setattr(kernels, "_failure", None)
-    interpret()  # so that use_triton() accepts a CPU tensor too
-
-    def broken(*args):
-        raise RuntimeError("no C compiler")
-
-    monkeypatch.setattr(kernels, "pyramid_gate_triton", broken)
-    u, w = torch.randn(1, 3, 3, 8, device=DEVICE), torch.randn(3, 3, 8, device=DEVICE)
-    assert kernels.pyramid_gate_or_none(u, w, None, 1.0, "scaled", 2.0) is None
-    assert "no C compiler" in kernels.failure() and "switched off" in caplog.text
-    monkeypatch.undo()  # the real function back, but the path stays off once it has failed
-    monkeypatch.setattr(kernels, "_failure", "earlier failure")
-    interpret()
-    assert kernels.pyramid_gate_or_none(u, w, None, 1.0, "scaled", 2.0) is None
-    monkeypatch.setattr(kernels, "_failure", None)
-    assert kernels.pyramid_gate_or_none(u, w, None, 1.0, "scaled", 2.0).shape == (1, 3, 3, 4)
 
 
 def test_package_imports_without_triton():

@@ -1,15 +1,17 @@
-"""Optional fused Triton kernels for the ΔConvBlock (pyramid gate: depthwise conv + gate).
+"""Optional fused Triton kernels for the ΔConvBlock: everything after conv_up.
 
-This package imports without triton. The kernel module (`dwconv_gate`) imports triton and is loaded lazily on
-first use. Triton's CPU interpreter (used by the tests) needs TRITON_INTERPRET=1 both when that module is first
-imported (its @triton.jit decorators pick interpreted or compiled then) and while the kernels run.
+This package imports without triton. The kernel modules (`dwconv_gate`: [pooling +] depthwise conv + gate of one
+pyramid scale; `output_projection`: bilinear upsampling of the pooled scales + concatenation + conv_out + the
+per-image pooled bias) import triton and are loaded lazily on first use. Triton's CPU interpreter (used by the
+tests) needs TRITON_INTERPRET=1 both when those modules are first imported (their @triton.jit decorators pick
+interpreted or compiled then) and while the kernels run.
 
-Usage from the block (u_bhwc: [B, H, W, C_i] channel-last; weight [k, k, C_i]; bias [C_i] or None):
+Usage from the block (u: conv_up's output [B, H, W, C_i], channel-last):
 
     from deltaconv_core import kernels
-    if kernels.use_triton(u_bhwc):
-        y = kernels.pyramid_gate_or_none(u_bhwc, weight, bias, scale, gate, gate_constant)  # [B, H, W, C_i/2]
-        if y is not None: return y
+    if kernels.use_triton(u):
+        out = kernels.delta_conv_or_none(u, gates, gate, gate_constant, weight, image_bias)  # [B, H, W, C]
+        if out is not None: return out
     ... torch path ...
 
 Switch: set DELTACONV_TRITON=0 in the environment, or call `set_enabled(False)`, to always use the torch path.
@@ -25,6 +27,7 @@ import os
 
 _enabled: bool | None = None  # None: follow the DELTACONV_TRITON environment variable
 _failure: str | None = None  # why the kernel path switched itself off, if it did
+MAX_BRANCHES = 4  # pyramid scales the fused output projection takes (its pointer arguments); more go to torch
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,7 +67,7 @@ def _cuda_capability_ok(device_index: int, needs_bf16: bool) -> bool:
 
 
 def use_triton(t) -> bool:
-    """Whether the fused kernels should handle tensor `t` (the gate input, any 4-D layout): enabled, triton
+    """Whether the fused kernels should handle tensor `t` (the gate input u, any 4-D layout): enabled, triton
     installed, fp32/fp16/bf16, and either a CUDA tensor on a GPU triton supports or Triton's interpreter switched on
     (then CPU tensors work too, slowly: tests only)."""
     import torch
@@ -78,19 +81,30 @@ def use_triton(t) -> bool:
     return interpreter_mode() and t.device.type == "cpu"
 
 
-def fused_dwconv_gate(v, weight, bias, gate: str, gate_constant: float):
-    """Depthwise k×k conv (+bias) and gate of one pyramid scale, fused: v [B,h,w,C_i] → y [B,h,w,C_i/2].
-    See `dwconv_gate.fused_dwconv_gate`."""
+def fused_dwconv_gate(v, weight, bias, gate: str, gate_constant: float, pool_to=None):
+    """[Adaptive average pooling to pool_to +] depthwise k×k conv (+bias) and gate of one pyramid scale, fused:
+    v [B,H,W,C_i] → y [B,h,w,C_i/2]. See `dwconv_gate.fused_dwconv_gate`."""
     from .dwconv_gate import fused_dwconv_gate as impl
 
-    return impl(v, weight, bias, gate, gate_constant)
+    return impl(v, weight, bias, gate, gate_constant, pool_to)
 
 
-def pyramid_gate_triton(u_bhwc, weight, bias, scale: float, gate: str, gate_constant: float):
-    """One whole pyramid scale on a channel-last input: u [B,H,W,C_i] → [B,H,W,C_i/2]. See `dwconv_gate`."""
-    from .dwconv_gate import pyramid_gate_triton as impl
+def fused_output_projection(ys, weight, image_bias):
+    """image_bias[b] + concat(branches, the pooled ones upsampled bilinearly to y_0's H×W) · weightᵀ → [B,H,W,C].
+    See `output_projection.fused_output_projection`."""
+    from .output_projection import fused_output_projection as impl
 
-    return impl(u_bhwc, weight, bias, scale, gate, gate_constant)
+    return impl(ys, weight, image_bias)
+
+
+def delta_conv_triton(u, gates, gate: str, gate_constant: float, weight, image_bias):
+    """The ΔConvBlock after conv_up, all in Triton: u [B,H,W,C_i] → [B,H,W,C].
+
+    gates: one (weight [k,k,C_i], bias [C_i] or None, pooled size (h, w) or None) per pyramid scale, the first at
+    full resolution; weight: conv_out's [C, n·C_i/2]; image_bias [B, C]: conv_pool(mean x) + conv_out.bias.
+    The pooled scales stay at their own resolution until the projection reads them."""
+    ys = [fused_dwconv_gate(u, w, b, gate, gate_constant, pool_to) for w, b, pool_to in gates]
+    return fused_output_projection(ys, weight, image_bias)
 
 
 def failure() -> str | None:
@@ -98,17 +112,17 @@ def failure() -> str | None:
     return _failure
 
 
-def pyramid_gate_or_none(u_bhwc, weight, bias, scale: float, gate: str, gate_constant: float):
-    """`pyramid_gate_triton` for the block: None (use the torch path) when the kernels are off or unusable for
-    u_bhwc, or when this call failed; a failure switches the kernel path off for the process, with one warning,
-    rather than failing a whole generation. Out-of-memory errors are raised as they are."""
+def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_bias):
+    """`delta_conv_triton` for the block: None (use the torch path) when the kernels are off or unusable for u or
+    for this many scales, or when this call failed; a failure switches the kernel path off for the process, with
+    one warning, rather than failing a whole generation. Out-of-memory errors are raised as they are."""
     global _failure
-    if _failure is not None or not use_triton(u_bhwc):
+    if _failure is not None or not use_triton(u) or len(gates) > MAX_BRANCHES:
         return None
     import torch
 
     try:
-        return pyramid_gate_triton(u_bhwc, weight, bias, scale, gate, gate_constant)
+        return delta_conv_triton(u, gates, gate, gate_constant, weight, image_bias)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch is the same class
         raise
     except Exception as e:  # noqa: BLE001  (compiler/driver/toolchain errors come in many types)
@@ -117,5 +131,5 @@ def pyramid_gate_or_none(u_bhwc, weight, bias, scale: float, gate: str, gate_con
         return None
 
 
-__all__ = ["enabled", "failure", "fused_dwconv_gate", "interpreter_mode", "pyramid_gate_or_none",
-           "pyramid_gate_triton", "set_enabled", "triton_available", "use_triton"]
+__all__ = ["MAX_BRANCHES", "delta_conv_or_none", "delta_conv_triton", "enabled", "failure", "fused_dwconv_gate",
+           "fused_output_projection", "interpreter_mode", "set_enabled", "triton_available", "use_triton"]

@@ -1,10 +1,12 @@
-"""Fused depthwise k×k convolution + gate for one ΔConv pyramid scale, in Triton (forward and backward).
+"""Fused [adaptive average pooling +] depthwise k×k convolution + gate for one ΔConv pyramid scale, in Triton.
 
     v [B, h, w, C] (channel-last, C = C_i) --dwconv k×k, zero padding k//2, weight [k, k, C] (+bias [C])--> [a | b]
     y = a·b·gate_constant ("scaled")  or  a·sigmoid(b) ("sigmoid")                              y: [B, h, w, C/2]
 
-The conv output (C channels) never reaches memory: each program computes the a-half and the b-half of the same
-channels for a tile of pixels and writes only the gated C/2 channels.
+With `pool_to=(h, w)` the input is the full-resolution u [B, H, W, C] and v = adaptive_avg_pool(u, (h, w)) is
+never materialised: every conv tap averages u over its pooled pixel's window (torch's [⌊i·H/h⌋, ⌈(i+1)·H/h⌉)).
+The conv output (C channels) never reaches memory either: each program computes the a-half and the b-half of the
+same channels for a tile of pixels and writes only the gated C/2 channels.
 
 Design notes (why, not what):
 * Channel-last tiles. A program owns TILE_H×TILE_W pixels × BLOCK_C channels. Channels are contiguous in memory, so
@@ -17,17 +19,25 @@ Design notes (why, not what):
   were rounded first.
 * The tap loops are runtime `range` loops (not unrolled): k is up to 17 here, and unrolling k² bodies would only
   bloat compile time for a memory-bound kernel.
+* Pooling inside the taps re-reads each window once per tap (k² times per pooled pixel) instead of writing and
+  re-reading a pooled tensor; those reads hit cache, and a pooled pixel costs about what a full-res one does.
+  The window loops run to the largest window (2 or 3 at scale ½), masked per window; runtime loops, because
+  unrolling them (9 tile loads live at once for 3×3) made the compiled kernel spill registers.
 * Backward recomputes a and b (one more conv) rather than saving the C-channel pre-activation from the forward:
   the forward stays a single C/2-channel write, which matters for inference, the main use.
   1. _bwd_gate_kernel:   recompute a, b; dL/da, dL/db → dvc [B, h, w, C] in fp32 (gradient of the conv output).
   2. _bwd_input_kernel:  dL/dv = dvc correlated with the flipped kernel (same tile loop, taps mirrored).
   3. _bwd_weight_kernel: dL/dw[i,j,c] = Σ_pixels dvc·v(shifted by tap); one program per (tap, channel block,
      pixel chunk) with fp32 partial sums [chunks, k·k, C] reduced by torch: deterministic, no atomics.
-  dL/dbias = Σ_pixels dvc, by torch.
+  dL/dbias = Σ_pixels dvc, by torch. With pooling, the backward pools u with torch, runs these kernels on the
+  pooled tensor and maps dL/dv back to u through torch's pooling backward (a transient pooled-size tensor; its
+  rounding to fp16/bf16, which the forward's fp32 window means skip, is the only difference).
 * Offsets: the per-image base is computed in int64 (B·h·w·C may exceed 2³¹ on large batches); offsets inside one
   image stay int32 (h·w·C < 2³¹ is checked on the host; `use_triton` leaves larger images to torch).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -68,38 +78,65 @@ def _tile_pixels(pid, tiles_w, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr)
 
 
 @triton.jit
-def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C,
-                 K: tl.constexpr, SIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Σ_{i,j} img[py + SIGN·(i-K//2), px + SIGN·(j-K//2), c] · w[i, j, c] in fp32, zero outside the image.
-    SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input)."""
+def _window_mean(img, r0, r1, q0, q1, ok, c, cm, W_in, C, win_h, win_w, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Mean of img [H_in, W_in, C] over rows [r0, r1) × columns [q0, q1) per pixel, fp32, 0 where not `ok`."""
+    total = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    for dy in range(win_h):
+        row_ok = ok & (r0 + dy < r1)
+        row = img + (((r0 + dy) * W_in + q0) * C)[:, None] + c[None, :]
+        for dx in range(win_w):
+            inside = row_ok & (q0 + dx < q1)
+            total += tl.load(row + dx * C, mask=inside[:, None] & cm, other=0.0).to(tl.float32)
+    return total / tl.maximum((r1 - r0) * (q1 - q0), 1).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, H_in, W_in, win_h, win_w,
+                 K: tl.constexpr, SIGN: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ_{i,j} img[py + SIGN·(i-K//2), px + SIGN·(j-K//2), c] · w[i, j, c] in fp32, zero outside the H×W image.
+    SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input). POOL: img is
+    [H_in, W_in, C] and each tap reads the adaptive-average-pool value of its pixel instead (forward only):
+    torch's windows, rows [⌊sy·H_in/H⌋, ⌈(sy+1)·H_in/H⌉), columns alike."""
     acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
     cm = cmask[None, :]
     w_taps = w_ptr + c
     for i in range(K):
         sy = py + SIGN * (i - K // 2)
         row_ok = pmask & (sy >= 0) & (sy < H)
-        row = img + ((sy * W + px) * C)[:, None] + c[None, :]  # tap (i, centre column); columns shift by ±C
+        if POOL:
+            r0 = (sy * H_in) // H
+            r1 = ((sy + 1) * H_in + H - 1) // H
+        else:
+            row = img + ((sy * W + px) * C)[:, None] + c[None, :]  # tap (i, centre column); columns shift by ±C
         for j in range(K):
             dx = SIGN * (j - K // 2)
-            ok = row_ok & (px + dx >= 0) & (px + dx < W)
-            x = tl.load(row + dx * C, mask=ok[:, None] & cm, other=0.0)
+            sx = px + dx
+            ok = row_ok & (sx >= 0) & (sx < W)
+            if POOL:
+                x = _window_mean(img, r0, r1, (sx * W_in) // W, ((sx + 1) * W_in + W - 1) // W, ok, c, cm, W_in, C,
+                                 win_h, win_w, BLOCK_P, BLOCK_C)
+            else:
+                x = tl.load(row + dx * C, mask=ok[:, None] & cm, other=0.0).to(tl.float32)
             wt = tl.load(w_taps + (i * K + j) * C, mask=cmask, other=0.0)
-            acc += x.to(tl.float32) * wt.to(tl.float32)[None, :]
+            acc += x * wt.to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
-                 K: tl.constexpr, HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-    """This program's tile of the conv output, both halves: a (channels c) and b (channels c + C/2), fp32."""
+def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H_in, W_in, win_h, win_w,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, POOL: tl.constexpr, TILE_H: tl.constexpr,
+                 TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of the conv output, both halves: a (channels c) and b (channels c + C/2), fp32.
+    v is [B, H_in, W_in, C]: the conv input itself (H_in, W_in = H, W) or, with POOL, the image to pool from."""
     BLOCK_P: tl.constexpr = TILE_H * TILE_W
     py, px, pmask = _tile_pixels(tl.program_id(0), tiles_w, H, W, TILE_H, TILE_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HALF
-    img = v_ptr + tl.program_id(2).to(tl.int64) * H * W * C
-    a = _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
-    b = _dwconv_tile(img, w_ptr, py, px, pmask, c + HALF, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
+    img = v_ptr + tl.program_id(2).to(tl.int64) * H_in * W_in * C
+    a = _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, H_in, W_in, win_h, win_w, K, 1, POOL,
+                     BLOCK_P, BLOCK_C)
+    b = _dwconv_tile(img, w_ptr, py, px, pmask, c + HALF, cmask, H, W, C, H_in, W_in, win_h, win_w, K, 1, POOL,
+                     BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         a += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         b += tl.load(bias_ptr + HALF + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -107,11 +144,11 @@ def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
 
 
 @triton.jit
-def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_constant,
-                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
+def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_constant, H_in, W_in, win_h, win_w,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, POOL: tl.constexpr,
                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
-                                                 K, HAS_BIAS, TILE_H, TILE_W, BLOCK_C)
+    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H_in, W_in,
+                                                 win_h, win_w, K, HAS_BIAS, POOL, TILE_H, TILE_W, BLOCK_C)
     if SIGMOID:
         y = a * _sigmoid(b)
     else:
@@ -126,8 +163,8 @@ def _bwd_gate_kernel(v_ptr, w_ptr, bias_ptr, gy_ptr, dvc_ptr, H, W, C, HALF, til
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """dvc = dL/d(conv output), both halves, fp32, from the recomputed a, b and the incoming gradient gy."""
-    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
-                                                 K, HAS_BIAS, TILE_H, TILE_W, BLOCK_C)
+    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H, W, 1, 1,
+                                                 K, HAS_BIAS, False, TILE_H, TILE_W, BLOCK_C)
     mask = pmask[:, None] & cmask[None, :]
     pix = (py * W + px)[:, None]
     image = tl.program_id(2).to(tl.int64) * H * W
@@ -152,7 +189,8 @@ def _bwd_input_kernel(dvc_ptr, w_ptr, dv_ptr, H, W, C, tiles_w,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     image = tl.program_id(2).to(tl.int64) * H * W * C
-    acc = _dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, K, -1, TILE_H * TILE_W, BLOCK_C)
+    acc = _dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, H, W, 1, 1, K, -1, False,
+                       TILE_H * TILE_W, BLOCK_C)
     tl.store(dv_ptr + image + (py * W + px)[:, None] * C + c[None, :], acc.to(dv_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
 
@@ -205,7 +243,13 @@ def _grid(h, w, b, channels, blocks):
     return (triton.cdiv(h, blocks["TILE_H"]) * tiles_w, triton.cdiv(channels, blocks["BLOCK_C"]), b), tiles_w
 
 
-def _check(v, weight, bias, gate):
+@functools.lru_cache(maxsize=None)
+def _max_window(n_in: int, n_out: int) -> int:
+    """Largest adaptive-pooling window along one axis (the window loop's extent)."""
+    return max(-(-(i + 1) * n_in // n_out) - i * n_in // n_out for i in range(n_out))
+
+
+def _check(v, weight, bias, gate, pool_to):
     if gate not in ("scaled", "sigmoid"):
         raise ValueError(f"gate must be 'scaled' or 'sigmoid', got {gate!r}")
     if v.dim() != 4 or v.shape[-1] % 2:
@@ -215,27 +259,71 @@ def _check(v, weight, bias, gate):
         raise ValueError(f"weight must be [k, k, {v.shape[-1]}] with odd k, got {tuple(weight.shape)}")
     if bias is not None and bias.shape != (v.shape[-1],):
         raise ValueError(f"bias must be [{v.shape[-1]}], got {tuple(bias.shape)}")
+    if pool_to is not None and (len(pool_to) != 2 or min(pool_to) < 1 or min(v.shape[1:3]) < 1):
+        raise ValueError(f"pool_to must be a positive (h, w) and the input non-empty, got {pool_to} for "
+                         f"{tuple(v.shape)}")
     if v[:1].numel() >= 2**31:
         raise ValueError(f"one image of {tuple(v.shape[1:])} is too large for the kernel's int32 offsets")
     if weight.device != v.device or (bias is not None and bias.device != v.device):
         raise ValueError("v, weight and bias must be on the same device")
 
 
+def _backward(v, weight, bias, gy, sigmoid, gate_constant, need_v, need_w, need_b):
+    """(dL/dv, dL/dweight, dL/dbias) of the unpooled dwconv + gate on v [B, H, W, C]; None where not needed."""
+    B, H, W, C = v.shape
+    k, half = weight.shape[0], C // 2
+    gy = gy.contiguous()
+    dvc = torch.empty(B, H, W, C, device=v.device, dtype=torch.float32)  # fp32: summed over pixels below
+    if dvc.numel() == 0:
+        return (torch.zeros_like(v) if need_v else None, torch.zeros_like(weight) if need_w else None,
+                torch.zeros_like(bias) if need_b else None)
+    blocks = _blocks(H, W, half, v.is_cuda)
+    grid, tiles_w = _grid(H, W, B, half, blocks)
+    _bwd_gate_kernel[grid](v, weight, v if bias is None else bias, gy, dvc, H, W, C, half, tiles_w, gate_constant,
+                           K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid, num_warps=_num_warps(blocks), **blocks)
+    dv = dw = db = None
+    if need_v:
+        dv = torch.empty_like(v)
+        blocks = _blocks(H, W, C, v.is_cuda)
+        grid, tiles_w = _grid(H, W, B, C, blocks)
+        _bwd_input_kernel[grid](dvc, weight, dv, H, W, C, tiles_w, K=k, num_warps=_num_warps(blocks), **blocks)
+    if need_w:
+        n = B * H * W
+        block_n, block_c = 64 if v.is_cuda else 256, _blocks(H, W, C, v.is_cuda)["BLOCK_C"]
+        c_blocks = triton.cdiv(C, block_c)
+        # Enough programs to fill the GPU (~4 per SM), never a chunk smaller than one pixel block; one chunk
+        # under the interpreter (each program is slow Python there).
+        target = 1 if not v.is_cuda else 4 * torch.cuda.get_device_properties(v.device).multi_processor_count
+        chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target, k * k * c_blocks)))
+        chunk = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
+        chunks = triton.cdiv(n, chunk)
+        part = torch.empty(chunks, k * k, C, device=v.device, dtype=torch.float32)
+        _bwd_weight_kernel[(k * k, c_blocks, chunks)](v, dvc, part, n, H, W, C, chunk, K=k, BLOCK_N=block_n,
+                                                      BLOCK_C=block_c, num_warps=4)
+        dw = part.sum(0).view(k, k, C).to(weight.dtype)
+    if need_b and bias is not None:
+        db = dvc.sum(dim=(0, 1, 2)).to(bias.dtype)
+    return dv, dw, db
+
+
 class _FusedDwconvGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, weight, bias, sigmoid: bool, gate_constant: float):
+    def forward(ctx, v, weight, bias, sigmoid: bool, gate_constant: float, pool_to):
         v, weight = v.contiguous(), weight.contiguous()
         bias = None if bias is None else bias.contiguous()
-        B, H, W, C = v.shape
+        B, H_in, W_in, C = v.shape
+        H, W = (H_in, W_in) if pool_to is None else pool_to
         k, half = weight.shape[0], C // 2
         y = torch.empty(B, H, W, half, device=v.device, dtype=v.dtype)
         blocks = _blocks(H, W, half, v.is_cuda)
         grid, tiles_w = _grid(H, W, B, half, blocks)
+        windows = (1, 1) if pool_to is None else (_max_window(H_in, H), _max_window(W_in, W))
         if y.numel():
             _fwd_kernel[grid](v, weight, v if bias is None else bias, y, H, W, C, half, tiles_w, float(gate_constant),
-                              K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid, num_warps=_num_warps(blocks), **blocks)
-        ctx.save_for_backward(v, weight, bias)
-        ctx.sigmoid, ctx.gate_constant = sigmoid, float(gate_constant)
+                              H_in, W_in, *windows, K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid,
+                              POOL=pool_to is not None, num_warps=_num_warps(blocks), **blocks)
+        ctx.save_for_backward(v, weight, bias)  # the unpooled input: the full-res branch keeps it alive anyway
+        ctx.sigmoid, ctx.gate_constant, ctx.pool_to = sigmoid, float(gate_constant), pool_to
         return y
 
     @staticmethod
@@ -243,70 +331,31 @@ class _FusedDwconvGate(torch.autograd.Function):
     def backward(ctx, gy):
         v, weight, bias = ctx.saved_tensors
         need_v, need_w, need_b = ctx.needs_input_grad[:3]
-        B, H, W, C = v.shape
-        k, half = weight.shape[0], C // 2
-        gy = gy.contiguous()
-        dvc = torch.empty(B, H, W, C, device=v.device, dtype=torch.float32)  # fp32: summed over pixels below
-        if dvc.numel() == 0:
-            return (torch.zeros_like(v) if need_v else None, torch.zeros_like(weight) if need_w else None,
-                    torch.zeros_like(bias) if need_b else None, None, None)
-        blocks = _blocks(H, W, half, v.is_cuda)
-        grid, tiles_w = _grid(H, W, B, half, blocks)
-        _bwd_gate_kernel[grid](v, weight, v if bias is None else bias, gy, dvc, H, W, C, half, tiles_w,
-                               ctx.gate_constant, K=k, HAS_BIAS=bias is not None, SIGMOID=ctx.sigmoid,
-                               num_warps=_num_warps(blocks), **blocks)
-        dv = dw = db = None
-        if need_v:
-            dv = torch.empty_like(v)
-            blocks = _blocks(H, W, C, v.is_cuda)
-            grid, tiles_w = _grid(H, W, B, C, blocks)
-            _bwd_input_kernel[grid](dvc, weight, dv, H, W, C, tiles_w, K=k, num_warps=_num_warps(blocks), **blocks)
-        if need_w:
-            n = B * H * W
-            block_n, block_c = 64 if v.is_cuda else 256, _blocks(H, W, C, v.is_cuda)["BLOCK_C"]
-            c_blocks = triton.cdiv(C, block_c)
-            # Enough programs to fill the GPU (~4 per SM), never a chunk smaller than one pixel block; one chunk
-            # under the interpreter (each program is slow Python there).
-            target = 1 if not v.is_cuda else 4 * torch.cuda.get_device_properties(v.device).multi_processor_count
-            chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target, k * k * c_blocks)))
-            chunk = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
-            chunks = triton.cdiv(n, chunk)
-            part = torch.empty(chunks, k * k, C, device=v.device, dtype=torch.float32)
-            _bwd_weight_kernel[(k * k, c_blocks, chunks)](v, dvc, part, n, H, W, C, chunk, K=k, BLOCK_N=block_n,
-                                                          BLOCK_C=block_c, num_warps=4)
-            dw = part.sum(0).view(k, k, C).to(weight.dtype)
-        if need_b and bias is not None:
-            db = dvc.sum(dim=(0, 1, 2)).to(bias.dtype)
-        return dv, dw, db, None, None
+        if ctx.pool_to is None:
+            return (*_backward(v, weight, bias, gy, ctx.sigmoid, ctx.gate_constant, need_v, need_w, need_b),
+                    None, None, None)
+        with torch.enable_grad():
+            u = v.detach().requires_grad_(need_v)
+            pooled = F.adaptive_avg_pool2d(u.permute(0, 3, 1, 2), ctx.pool_to).permute(0, 2, 3, 1).contiguous()
+        dp, dw, db = _backward(pooled.detach(), weight, bias, gy, ctx.sigmoid, ctx.gate_constant, need_v, need_w,
+                               need_b)
+        du = torch.autograd.grad(pooled, u, dp)[0] if need_v else None
+        return du, dw, db, None, None, None
 
 
 def fused_dwconv_gate(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: str,
-                      gate_constant: float) -> torch.Tensor:
-    """Depthwise conv + gate of one pyramid scale, differentiable w.r.t. v, weight and bias.
+                      gate_constant: float, pool_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """[Adaptive average pooling +] depthwise conv + gate of one pyramid scale, differentiable w.r.t. v, weight, bias.
 
-    v: [B, h, w, C] channel-last (made contiguous if it is not); weight: [k, k, C], k odd; bias: [C] or None;
-    gate: "scaled" (a·b·gate_constant) or "sigmoid" (a·sigmoid(b), gate_constant ignored).
-    Returns y: [B, h, w, C/2] in v's dtype (fp32 accumulation inside); gradients come back in each input's dtype.
+    v: [B, H, W, C] channel-last (made contiguous if it is not); weight: [k, k, C], k odd; bias: [C] or None;
+    gate: "scaled" (a·b·gate_constant) or "sigmoid" (a·sigmoid(b), gate_constant ignored); pool_to: (h, w) to
+    convolve adaptive_avg_pool2d(v, (h, w)) instead of v (computed inside the kernel), or None.
+    Returns y: [B, h, w, C/2] ((h, w) = pool_to or (H, W)) in v's dtype (fp32 accumulation inside); gradients
+    come back in each input's dtype.
     """
-    _check(v, weight, bias, gate)
-    return _FusedDwconvGate.apply(v, weight, bias, gate == "sigmoid", gate_constant)
+    pool_to = None if pool_to is None else tuple(int(n) for n in pool_to)
+    _check(v, weight, bias, gate, pool_to)
+    return _FusedDwconvGate.apply(v, weight, bias, gate == "sigmoid", gate_constant, pool_to)
 
 
-def pyramid_gate_triton(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, gate: str,
-                        gate_constant: float) -> torch.Tensor:
-    """One pyramid scale of the ΔConvBlock on a channel-last input, u [B, H, W, C_i] → [B, H, W, C_i/2]:
-    [adaptive avg pool to (max(1, int(H·s)), max(1, int(W·s)))] → fused dwconv + gate → [bilinear back to H×W].
-    Pooling and resizing are torch ops on channels_last views (no copies); only the conv+gate is a Triton kernel.
-    The result may be a channels_last-strided view rather than a contiguous tensor when scale != 1."""
-    H, W = u.shape[1:3]
-    v = u
-    if scale != 1.0:
-        pooled = (max(1, int(H * scale)), max(1, int(W * scale)))
-        v = F.adaptive_avg_pool2d(u.permute(0, 3, 1, 2), pooled).permute(0, 2, 3, 1)
-    y = fused_dwconv_gate(v, weight, bias, gate, gate_constant)
-    if scale != 1.0:
-        y = F.interpolate(y.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
-    return y
-
-
-__all__ = ["fused_dwconv_gate", "pyramid_gate_triton"]
+__all__ = ["fused_dwconv_gate"]
