@@ -1,10 +1,10 @@
-"""Block-level benchmark: one ΔConvBlock vs. the SD1.5 self-attention (attn1) it replaces.
+"""Block-level benchmark: one ΔConvBlock vs. the self-attention it replaces, SD1.5, SDXL and PixArt layer shapes.
 
-    .venv/bin/python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R] [--grids 16,32]
-                                          [--out bench/results]
+    .venv/bin/python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R]
+        [--families sd15,sdxl,pixart] [--images 512,1024,2048,4096] [--out bench/results]
 
-Attention = q/k/v projections (no bias) + scaled_dot_product_attention (8 heads, head dim C/8) + output projection
-(with bias), i.e. diffusers' attn1 of SD1.5. Times are per forward pass (torch.inference_mode); median and min of the
+Attention = q/k/v projections (no bias) + scaled_dot_product_attention (the family's heads) + output projection
+(with bias), i.e. the model's attn1; skipped where its score matrix would not fit in memory. Times are per forward pass (torch.inference_mode); median and min of the
 timed runs. The block runs as ComfyUI runs it: on CUDA through the fused Triton kernels (unless DELTACONV_TRITON=0),
 and there it is also timed on PyTorch ops for comparison. Bandwidth: the floor traffic of the block (one read of x,
 one write of the output) over its median time, and the same bytes moved by a device-to-device copy. Writes
@@ -31,17 +31,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root,
 from deltaconv_core import kernels  # noqa: E402
 from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
 
-# SD1.5 self-attention sites (spec §1.4): (label, channels C, ΔConv kernel k)
-SHAPES = [("down_blocks.0", 320, 7), ("up_blocks.3", 320, 11), ("down/up_blocks.1/2", 640, 9),
-          ("down/up_blocks.2/1", 1280, 5)]
-GRIDS = [16, 32, 64, 96, 128]
-HEADS = 8
+# Self-attention sites per family (spec §1.4): (label, channels C, official kernel k, image pixels per token,
+# attention heads). SD: latent = image/8, halved per level; PixArt: latent/8 in 2×2 patches.
+FAMILIES = {
+    "sd15": [("down_blocks.0", 320, 7, 8, 8), ("up_blocks.3", 320, 11, 8, 8), ("down/up_blocks.1/2", 640, 9, 16, 8),
+             ("down/up_blocks.2/1", 1280, 5, 32, 8)],
+    "sdxl": [("down_blocks.1", 640, 9, 16, 10), ("up_blocks.1", 640, 13, 16, 10), ("down_blocks.2", 1280, 7, 32, 20),
+             ("mid/up_blocks.0", 1280, 9, 32, 20)],
+    "pixart": [("blocks.0-27", 1152, 13, 16, 16)],
+}
+IMAGES = [512, 1024, 2048, 4096]
 
 
 class SelfAttention(nn.Module):
     """SD1.5 attn1: x@Wq, x@Wk, x@Wv (no bias) → multi-head SDPA → output projection (bias). [B, N, C] → [B, N, C]."""
 
-    def __init__(self, dim: int, heads: int = HEADS, device=None, dtype=None):
+    def __init__(self, dim: int, heads: int, device=None, dtype=None):
         super().__init__()
         self.heads = heads
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(3))
@@ -113,6 +118,18 @@ def bench(fn, device: str, repeats: int, warmup: int, budget_s: float) -> tuple[
     return [run_once(fn, device) for _ in range(n)], n
 
 
+def peak_bytes(fn, device: str) -> int | None:
+    """Memory one fn() call allocates at its peak beyond what was already allocated (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def fmt_ms(times) -> str:
     return f"{statistics.median(times) * 1e3:.2f} ({min(times) * 1e3:.2f})"
 
@@ -136,7 +153,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--cell-budget", type=float, default=20.0, help="max seconds of timed runs per cell (repeats adapt)")
-    p.add_argument("--grids", default=",".join(map(str, GRIDS)), help="comma-separated grid sizes (default: %(default)s)")
+    p.add_argument("--families", default="sd15,sdxl,pixart", help="comma-separated: " + ", ".join(FAMILIES))
+    p.add_argument("--images", default=",".join(map(str, IMAGES)),
+                   help="comma-separated image sizes; each site's token grid follows from it (default: %(default)s)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
 
@@ -148,20 +167,23 @@ def main():
               "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
     print(f"# {name} | torch {torch.__version__} | {device} {common['dtype']} | threads {common['threads']}", flush=True)
 
-    grids = [int(g) for g in args.grids.split(",")]
+    images = [int(i) for i in args.images.split(",")]
+    families = args.families.split(",")
     busy_before = busy_cpu_s()
-    records, attn_cache, copy_cache, t_start = [], {}, {}, time.perf_counter()
+    records, attn_cache, attn_peak, copy_cache, t_start = [], {}, {}, {}, time.perf_counter()
     torch.manual_seed(0)
     with torch.inference_mode():
-        for label, c, k in SHAPES:
+        for family, label, c, k, per_token, heads in ((f, *site) for f in families for site in FAMILIES[f]):
             block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
-            attn = SelfAttention(c, device=device, dtype=dtype).eval()
-            for g in grids:
+            attn = SelfAttention(c, heads, device=device, dtype=dtype).eval()
+            for image in images:
+                g = image // per_token
                 n, cell_busy, cell_t0 = g * g, busy_cpu_s(), time.perf_counter()
                 x = torch.randn(args.batch, g, g, c, device=device, dtype=dtype)
                 fused = kernels.use_triton(x)  # x's dtype is the gate input's: the block takes the kernels
                 block(x)  # untimed: compiles the kernels for this shape, so the first timed run is a real one
                 d_times, d_rep = bench(lambda: block(x), device, args.repeats, args.warmup, args.cell_budget)
+                d_peak = peak_bytes(lambda: block(x), device)
                 path = "triton" if fused and kernels.failure() is None else "torch"
                 t_times = None
                 if path == "triton":  # the same block on PyTorch ops, for comparison
@@ -172,20 +194,23 @@ def main():
                     del y
                 c_times = copy_cache[(c, g)]
                 floor_bytes = 2 * x.numel() * x.element_size()
-                matrix_bytes = args.batch * HEADS * n * n * x.element_size()  # the materialised N×N scores
-                if (c, g) in attn_cache:  # attention does not depend on k: reuse the measurement
-                    a_times, a_rep = attn_cache[(c, g)]
+                matrix_bytes = args.batch * heads * n * n * x.element_size()  # the materialised N×N scores
+                if (c, g, heads) in attn_cache:  # attention does not depend on k: reuse the measurement
+                    a_times, a_rep = attn_cache[(c, g, heads)]
                 elif matrix_bytes > 0.9 * available_bytes(device):
                     a_times, a_rep = None, 0
                 else:
                     xa = x.view(args.batch, n, c)
                     a_times, a_rep = bench(lambda: attn(xa), device, args.repeats, args.warmup, args.cell_budget)
-                attn_cache[(c, g)] = (a_times, a_rep)
+                    attn_peak[(c, g, heads)] = peak_bytes(lambda: attn(xa), device)
+                attn_cache[(c, g, heads)] = (a_times, a_rep)
                 # /proc/stat counts in 10 ms ticks: clamp at 0, flag (⚠) only > 0.1 CPU-s and > 5 % of the cores
                 cell_other = None if cell_busy is None else max(0.0, busy_cpu_s() - cell_busy)
                 cell_pct = None if cell_other is None else 100 * cell_other / ((time.perf_counter() - cell_t0) * os.cpu_count())
                 d_macs, a_macs = args.batch * deltaconv_macs(n, c, k), args.batch * attention_macs(n, c)
-                rec = {**common, "site": label, "channels": c, "kernel_size": k, "grid": g, "tokens": n,
+                rec = {**common, "family": family, "image": image, "site": label, "channels": c, "kernel_size": k,
+                       "heads": heads, "grid": g, "tokens": n,
+                       "deltaconv_peak_bytes": d_peak, "attention_peak_bytes": attn_peak.get((c, g, heads)),
                        "deltaconv_path": path, "kernel_failure": kernels.failure(),
                        "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
                        "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
@@ -203,7 +228,7 @@ def main():
                        "other_processes_cpu_s": cell_other, "other_processes_cpu_pct": cell_pct,
                        "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)}
                 records.append(rec)
-                print(f"{label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
+                print(f"{family} {image}² {label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
                       f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}, "
                       f"{rec['deltaconv_floor_gbps']:.3g} GB/s floor ({100 * rec['floor_fraction_of_copy']:.0f}% of "
                       f"copy), attention {'skipped' if a_times is None else fmt_ms(a_times) + f' ms x{a_rep}'}",
@@ -216,18 +241,20 @@ def main():
     for r in records:
         r["run_other_processes_cpu_s"] = other
 
-    head = ("| site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | attention ms median (min) | "
-            "speed-up | ΔConv floor GB/s (of copy) | ΔConv GMAC | attention GMAC | MAC ratio | runs Δ/attn |\n"
-            + "|---" * 14 + "|")
+    head = ("| family | image | site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | attention ms median (min) | "
+            "speed-up | ΔConv floor GB/s (of copy) | peak MiB Δ/attn | ΔConv GMAC | attention GMAC | MAC ratio | "
+            "runs Δ/attn |\n" + "|---" * 17 + "|")
     rows = []
     for r in records:
         attn_cell = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})"
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         speed += " ⚠" if r["contaminated"] else ""
         torch_cell = "—" if r["deltaconv_torch_ops_median_ms"] is None else f"{r['deltaconv_torch_ops_median_ms']:.2f}"
-        rows.append(f"| {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
+        mib = lambda b: "—" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
+        rows.append(f"| {r['family']} | {r['image']}² | {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
                     f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {attn_cell} | {speed} | "
                     f"{r['deltaconv_floor_gbps']:.3g} ({100 * r['floor_fraction_of_copy']:.0f}%) | "
+                    f"{mib(r['deltaconv_peak_bytes'])}/{mib(r['attention_peak_bytes'])} | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "
                     f"{r['deltaconv_repeats']}/{r['attention_repeats']} |")
     table = "\n".join([head, *rows])
@@ -239,14 +266,16 @@ def main():
              "PyTorch ops" + (f" (the Triton kernels failed: {failure})" if failure else
                               " (no Triton kernels for this device/dtype, or DELTACONV_TRITON=0)"))
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = (f"# ΔConvBlock vs SD1.5 self-attention (block level)\n\n"
+    header = (f"# ΔConvBlock vs the self-attention it replaces (block level: {', '.join(families)})\n\n"
               f"- device: {name} ({device}, {common['dtype']}, batch {args.batch})\n- torch: {torch.__version__}\n"
               f"- ΔConv path: {paths}\n"
               f"- threads: {common['threads']}; system load: {load}\n- repeats: up to {args.repeats} timed runs after up to {args.warmup} "
               f"warm-up runs; per cell the timed runs are cut to fit ~{args.cell_budget:g} s (min 1), and warm-up to 1 "
               f"run for slow cells — actual counts in the last column\n- date: {date}; total bench time {elapsed:.0f} s\n"
-              f"- attention = q/k/v projections (no bias) + SDPA ({HEADS} heads, head dim C/{HEADS}) + output "
-              f"projection (bias); measured once per (C, grid) and shared by the two C=320 rows\n"
+              f"- attention = q/k/v projections (no bias) + SDPA (the family's heads) + output projection (bias); "
+              f"measured once per (C, grid, heads) and shared by rows of the same shape\n- grid = image / pixels per token "
+              f"(SD: latent = image/8, halved per level; PixArt: 2×2 patches of the latent)\n- peak memory: CUDA "
+              f"max_memory_allocated above what was allocated before the call (inputs excluded); — on CPU\n"
               f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (spec §1.2); "
               f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
               f"would exceed 90% of available memory\n"

@@ -25,7 +25,7 @@ from quality_proxy.data import CACHE  # noqa: E402
 from quality_proxy.experiment import ProxyConfig, run  # noqa: E402
 
 PRESETS = {
-    "cpu": ProxyConfig(),
+    "cpu": ProxyConfig(),  # ~20 min on 1 core for the teacher (cached after), ~4 min per student
     # What the test suite runs (tests/test_quality_proxy.py): about a minute, checks invariants, not quality.
     "smoke": ProxyConfig(width=16, teacher_steps=120, teacher_batch=8, train_crops=64, stage_a_steps=40,
                          stage_b_steps=8, distill_batch=4, eval_crops=16, samples=4, sample_steps=6,
@@ -42,7 +42,7 @@ def device_name(threads: int) -> str:
                 break
     except OSError:
         pass
-    return f"CPU {cpu}, {threads} threads, torch {torch.__version__}"
+    return f"CPU {cpu}, {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
 
 
 def main():
@@ -55,7 +55,7 @@ def main():
     torch.set_num_threads(args.threads)
     result = run(PRESETS[args.preset], cache=None if args.no_cache else CACHE)
     device = device_name(args.threads)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{args.preset} {device.split(',')[0]} {args.threads}t".lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{args.preset} {device.split(',')[0][4:]} {args.threads}t".lower()).strip("-")
     command = f"python bench/bench_quality_proxy.py --preset {args.preset} --threads {args.threads}"
     for path in report.save(result, args.out, slug, device, command):
         print(path)

@@ -2,15 +2,9 @@
 backward, plus the kernel routing. Pooling inside the kernel, the fused output projection and the whole block on
 the kernels: test_kernels_fused.py.
 
-Without a GPU the kernels run in Triton's CPU interpreter. Triton decides interpreted vs compiled when a
-`@triton.jit` decorator runs (its own helpers at `import triton`, ours when `kernels/dwconv_gate.py` is imported)
-and also reads TRITON_INTERPRET while running kernels, so the variable is set here at import, before this module
-imports triton, and again for the duration of this module's tests (fixture below); in between and afterwards it is
-restored, so other test modules and the block's routing (`kernels.use_triton` reads it per call) never see it.
-With CUDA the same tests run compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
+Without a GPU the kernels run in Triton's CPU interpreter (see triton_interpreter.py); with CUDA the same tests run
+compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
 """
-import contextlib
-import importlib
 import itertools
 import os
 import subprocess
@@ -20,49 +14,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import deltaconv_core
+from triton_interpreter import DEVICE, import_kernels, interpreter, kernels
 
-# The package under its real name: under the pack loader `deltaconv_core` aliases `<pack>.deltaconv_core`, and the
-# block uses that copy; importing `deltaconv_core.kernels` would make a second one.
-kernels = importlib.import_module(deltaconv_core.__name__ + ".kernels")
 if not kernels.triton_available():
     pytest.skip("triton is not installed", allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available() and not kernels.interpreter_mode()
-
-
-@contextlib.contextmanager
-def _interpreter():
-    """TRITON_INTERPRET=1 inside, the previous value (or none) restored after; a no-op when testing on the GPU."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not ON_GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-_KERNEL_MODULE = kernels.__name__ + ".dwconv_gate"
-with _interpreter():
-    import triton  # noqa: F401  (first import of triton in the process, normally: its helpers get interpreted too)
-
-    if _KERNEL_MODULE in sys.modules and not ON_GPU:  # decorated compiled by someone else: redo it interpreted
-        dwconv_gate = importlib.reload(sys.modules[_KERNEL_MODULE])
-    else:
-        dwconv_gate = importlib.import_module(_KERNEL_MODULE)
+(dwconv_gate,) = import_kernels("dwconv_gate")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_while_this_module_runs():
-    with _interpreter():
+    with interpreter():
         yield
 
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to the largest |reference|
 
 

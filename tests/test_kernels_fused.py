@@ -2,15 +2,12 @@
 projection (bilinear upsampling + concatenation + conv_out + per-image bias), and the whole block routed through
 them, forward and backward, against float64 references (deltaconv_core/reference.py and plain torch).
 
-Interpreter handling as in test_kernels.py: TRITON_INTERPRET=1 is set before this module imports triton and the
-kernel modules (their @triton.jit decorators pick interpreted or compiled then; modules already imported compiled
-are reloaded) and again while this module's tests run; in between and afterwards the previous value is restored.
-With CUDA the same tests run compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
+Without a GPU the kernels run in Triton's CPU interpreter (see triton_interpreter.py); with CUDA the same tests run
+compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
 One test compiles the kernels for GPU targets (to cubin, no GPU needed) to check what the interpreter cannot:
 tl.dot shapes and dtypes, constexpr plumbing.
 """
 import contextlib
-import importlib
 import os
 import subprocess
 import sys
@@ -19,53 +16,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import deltaconv_core
 from deltaconv_core.block import BlockConfig, build_block
 from deltaconv_core.reference import reference_adaptive_avg_pool, reference_bilinear_resize, reference_block_forward
+from triton_interpreter import DEVICE, import_kernels, interpreter, kernels
 
-# The package under its real name (see test_kernels.py): the block uses that copy.
-kernels = importlib.import_module(deltaconv_core.__name__ + ".kernels")
 if not kernels.triton_available():
     pytest.skip("triton is not installed", allow_module_level=True)
-
-ON_GPU = torch.cuda.is_available() and not kernels.interpreter_mode()
-
-
-@contextlib.contextmanager
-def _interpreter():
-    """TRITON_INTERPRET=1 inside, the previous value (or none) restored after; a no-op when testing on the GPU."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not ON_GPU:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-def _import_interpreted(name):
-    if name in sys.modules and not ON_GPU:  # decorated compiled by someone else: redo it interpreted
-        return importlib.reload(sys.modules[name])
-    return importlib.import_module(name)
-
-
-with _interpreter():
-    import triton  # noqa: F401  (first import of triton in the process, normally: its helpers get interpreted too)
-
-    dwconv_gate = _import_interpreted(kernels.__name__ + ".dwconv_gate")
-    projection = _import_interpreted(kernels.__name__ + ".output_projection")
+dwconv_gate, projection = import_kernels("dwconv_gate", "output_projection")
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret_while_this_module_runs():
-    with _interpreter():
+    with interpreter():
         yield
 
 
-DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # relative to the largest |reference|
 
 

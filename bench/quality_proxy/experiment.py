@@ -44,8 +44,8 @@ class ProxyConfig:
     ema: float = 0.999
     train_crops: int = 4096  # fixed crops the distiller draws from (fresh noise and σ every step)
     kernel_size: int = 0  # 0: per site, the suggested kernel of the teacher's measured locality (at least 3)
-    stage_a_steps: int = 300
-    stage_b_steps: int = 300
+    stage_a_steps: int = 400
+    stage_b_steps: int = 1000
     distill_batch: int = 16
     distill_lr: float = 1e-3
     eval_crops: int = 256

@@ -13,6 +13,13 @@ from deltaconv_core.metrics import colormap
 COLOURS = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
+def _ascii(label: str) -> str:
+    """Pillow's built-in font has no Δ, ½, ¼ or ×."""
+    for a, b in (("ΔConv", "dConv"), ("|Δ|", "|diff|"), ("½", "1/2"), ("¼", "1/4"), ("×", "x")):
+        label = label.replace(a, b)
+    return label
+
+
 def _png(t: torch.Tensor) -> Image.Image:
     """[H, W, 3] in [0, 1] → RGB image."""
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().cpu().numpy())
@@ -31,7 +38,7 @@ def samples_figure(images: dict[str, torch.Tensor], n: int = 8, zoom: int = 3) -
     draw = ImageDraw.Draw(canvas)
     for r, (label, batch) in enumerate(rows):
         y = r * (size + 2)
-        draw.text((4, y + size // 2 - 6), label, fill="black")
+        draw.text((4, y + size // 2 - 6), _ascii(label), fill="black")
         for c in range(min(n, batch.shape[0])):
             canvas.paste(_png(batch[c]).resize((size, size), Image.NEAREST), (label_w + c * (size + 2), y))
     return canvas
@@ -65,7 +72,7 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, x_
     for i, (name, (xs, ys)) in enumerate(series.items()):
         colour = COLOURS[i % len(COLOURS)]
         d.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=colour, width=2)
-        d.text((w - right + 10, top + 16 * i), name, fill=colour)
+        d.text((w - right + 10, top + 16 * i), _ascii(name), fill=colour)
     return canvas
 
 
