@@ -130,6 +130,10 @@ def peak_bytes(fn, device: str) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+def fmt_mib(nbytes: int | None) -> str:
+    return "—" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
 def fmt_ms(times) -> str:
     return f"{statistics.median(times) * 1e3:.2f} ({min(times) * 1e3:.2f})"
 
@@ -250,11 +254,10 @@ def main():
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         speed += " ⚠" if r["contaminated"] else ""
         torch_cell = "—" if r["deltaconv_torch_ops_median_ms"] is None else f"{r['deltaconv_torch_ops_median_ms']:.2f}"
-        mib = lambda b: "—" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
         rows.append(f"| {r['family']} | {r['image']}² | {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
                     f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {attn_cell} | {speed} | "
                     f"{r['deltaconv_floor_gbps']:.3g} ({100 * r['floor_fraction_of_copy']:.0f}%) | "
-                    f"{mib(r['deltaconv_peak_bytes'])}/{mib(r['attention_peak_bytes'])} | "
+                    f"{fmt_mib(r['deltaconv_peak_bytes'])}/{fmt_mib(r['attention_peak_bytes'])} | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "
                     f"{r['deltaconv_repeats']}/{r['attention_repeats']} |")
     table = "\n".join([head, *rows])

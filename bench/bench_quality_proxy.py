@@ -11,7 +11,6 @@ re-runs only redo the students. Results: bench/results/quality_proxy_<device>.{j
 from __future__ import annotations
 
 import argparse
-import platform
 import re
 import sys
 from pathlib import Path
@@ -20,29 +19,10 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # repository root (deltaconv_core) and bench/ (quality_proxy)
+from bench_block import device_name  # noqa: E402
 from quality_proxy import report  # noqa: E402
 from quality_proxy.data import CACHE  # noqa: E402
-from quality_proxy.experiment import ProxyConfig, run  # noqa: E402
-
-PRESETS = {
-    "cpu": ProxyConfig(),  # ~20 min on 1 core for the teacher (cached after), ~4 min per student
-    # What the test suite runs (tests/test_quality_proxy.py): about a minute, checks invariants, not quality.
-    "smoke": ProxyConfig(width=16, teacher_steps=120, teacher_batch=8, train_crops=64, stage_a_steps=40,
-                         stage_b_steps=8, distill_batch=4, eval_crops=16, samples=4, sample_steps=6,
-                         eval_sigmas=(0.2, 1.0), variants=("ΔConv (scales 1, ½ + pool)",)),
-}
-
-
-def device_name(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}"
+from quality_proxy.experiment import PRESETS, run  # noqa: E402
 
 
 def main():
@@ -54,8 +34,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = run(PRESETS[args.preset], cache=None if args.no_cache else CACHE)
-    device = device_name(args.threads)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{args.preset} {device.split(',')[0][4:]} {args.threads}t".lower()).strip("-")
+    cpu = device_name("cpu")
+    device = f"CPU {cpu}, {args.threads} thread{'s' if args.threads > 1 else ''}, torch {torch.__version__}"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{args.preset} {cpu.split(' (')[0]} {args.threads}t".lower()).strip("-")
     command = f"python bench/bench_quality_proxy.py --preset {args.preset} --threads {args.threads}"
     for path in report.save(result, args.out, slug, device, command):
         print(path)

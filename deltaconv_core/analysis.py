@@ -33,6 +33,14 @@ def _offsets(query_yx: torch.Tensor, grid: tuple[int, int]):
     return ys[None] - query_yx[:, :1], xs[None] - query_yx[:, 1:]
 
 
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Head-averaged softmax(q·kᵀ/√d) of one image: q [Q, C] (the chosen queries), k [N, C] → [Q, N], fp32."""
+    d = q.shape[-1] // heads
+    q = q.float().view(-1, heads, d).transpose(0, 1)
+    k = k.float().view(-1, heads, d).transpose(0, 1)
+    return torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1).mean(dim=0)
+
+
 def nearest_odd(x: float) -> int:
     """The odd kernel size closest to x (at least 1)."""
     return max(1, 2 * int(round((x - 1) / 2)) + 1)

@@ -5,7 +5,7 @@ import comfy.model_management
 import torch
 import torch.nn.functional as F
 
-from ..deltaconv_core.analysis import locality_stats
+from ..deltaconv_core.analysis import attention_probabilities, locality_stats
 from ..deltaconv_core.attention import PatchRuntime
 from ..deltaconv_core.families import find_attention_sites
 from . import distill_adapter as adapter
@@ -13,18 +13,11 @@ from .patching import PREFIX, install_runtime_hooks, install_wrapper, original_a
 
 
 def _attention_maps(module, x, queries, family):
-    """Head-averaged attention probabilities of the chosen query tokens over all tokens: [Q, N]."""
-    x = x[:1]
+    """Head-averaged attention probabilities of the chosen query tokens of image 0 over all its tokens: [Q, N]."""
     if family == "pixart":
-        heads = module.num_heads
-        q, k, _ = module.qkv(x).chunk(3, dim=-1)
-    else:
-        heads = module.heads
-        q, k = module.to_q(x), module.to_k(x)
-    b, n, c = k.shape
-    q = q[:, queries].view(1, len(queries), heads, c // heads).transpose(1, 2).float()
-    k = k.view(1, n, heads, c // heads).transpose(1, 2).float()
-    return torch.softmax(q @ k.transpose(-1, -2) / (c // heads) ** 0.5, dim=-1).mean(dim=1)[0]
+        q, k, _ = module.qkv(x[0]).chunk(3, dim=-1)
+        return attention_probabilities(q[queries], k, module.num_heads)
+    return attention_probabilities(module.to_q(x[0, queries]), module.to_k(x[0]), module.heads)
 
 
 def measure(model, positive, latent_hw, sigma, seed, max_queries):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from deltaconv_core.analysis import locality_stats, nearest_odd
+from deltaconv_core.analysis import attention_probabilities, locality_stats, nearest_odd
 
 GRID = (31, 27)
 
@@ -63,3 +63,15 @@ def test_mix_of_local_and_uniform(alpha):
 @pytest.mark.parametrize("x, k", [(0.2, 1), (3.0, 3), (5.4, 5), (6.6, 7), (7.8, 7), (8.2, 9)])
 def test_nearest_odd(x, k):
     assert nearest_odd(x) == k
+
+
+def test_attention_probabilities_match_per_head_softmax():
+    g = torch.Generator().manual_seed(3)
+    q, k, heads = torch.randn(5, 12, generator=g), torch.randn(9, 12, generator=g), 3
+    expected = torch.zeros(5, 9, dtype=torch.float64)
+    for h in range(heads):  # plain per-head softmax(q·kᵀ/√d), float64
+        qh, kh = q[:, 4 * h:4 * h + 4].double(), k[:, 4 * h:4 * h + 4].double()
+        expected += torch.softmax(qh @ kh.T / 2.0, dim=-1) / heads
+    got = attention_probabilities(q, k, heads)
+    assert got.shape == (5, 9) and torch.allclose(got.double(), expected, atol=1e-6)
+    assert torch.allclose(got.sum(dim=1), torch.ones(5))

@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import bench_quality_proxy  # noqa: E402
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from quality_proxy import report  # noqa: E402
-from quality_proxy.experiment import run  # noqa: E402
+from quality_proxy.experiment import PRESETS, run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,7 @@ def result():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops: one thread is as fast, and immune to a busy machine's oversubscription
     try:
-        return run(bench_quality_proxy.PRESETS["smoke"], cache=None)
+        return run(PRESETS["smoke"], cache=None)
     finally:
         torch.set_num_threads(threads)
 

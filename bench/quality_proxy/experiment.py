@@ -61,6 +61,15 @@ class ProxyConfig:
         return hashlib.sha1(json.dumps({k: getattr(self, k) for k in keys}).encode()).hexdigest()[:12]
 
 
+PRESETS = {
+    "cpu": ProxyConfig(),  # ~20 min on 1 core for the teacher (cached after), ~4 min per student
+    # What the test suite runs (tests/test_quality_proxy.py): about a minute, checks invariants, not quality.
+    "smoke": ProxyConfig(width=16, teacher_steps=120, teacher_batch=8, train_crops=64, stage_a_steps=40,
+                         stage_b_steps=8, distill_batch=4, eval_crops=16, samples=4, sample_steps=6,
+                         eval_sigmas=(0.2, 1.0), variants=("ΔConv (scales 1, ½ + pool)",)),
+}
+
+
 @dataclass
 class Log:
     lines: list = field(default_factory=list)
@@ -180,7 +189,7 @@ def distil(teacher, cfg: ProxyConfig, kernels, scales, pool, crops, log: Log, la
         finally:
             distiller.close()
         log(f"{label} stage {stage}: loss {mean(losses[stage][:10]):.4g} → {mean(losses[stage][-10:]):.4g}")
-    return unet.eval(), runtime, losses
+    return unet.eval(), runtime, blocks, losses
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -230,7 +239,10 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
             f"{s['kernel']}×{s['kernel']}, uniform {s['uniform_fraction']:.2f}, ERF {s['erf']}")
 
     noise = torch.randn(cfg.samples, 3, cfg.crop, cfg.crop, generator=torch.Generator().manual_seed(cfg.seed + 2))
-    sample = lambda unet: to_image(sample_euler(lambda x, s: denoise(unet, x, s), noise, cfg.sample_steps))  # noqa: E731
+
+    def sample(unet):
+        return to_image(sample_euler(lambda x, s: denoise(unet, x, s), noise, cfg.sample_steps))
+
     teacher_samples = sample(teacher)
     models = {"teacher": {"mse": denoising_mse(teacher, eval_crops, cfg.eval_sigmas, cfg.seed)}}
     zero, _, _, _ = make_student(teacher, kernels, (1.0, 0.5), True, zero=True)
@@ -239,7 +251,7 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
     for label in cfg.variants:
         scales, pool = VARIANTS[label]
         t0 = time.perf_counter()
-        student, runtime, losses = distil(teacher, cfg, kernels, scales, pool, train_crops, log, label)
+        student, runtime, blocks, losses = distil(teacher, cfg, kernels, scales, pool, train_crops, log, label)
         distil_s = time.perf_counter() - t0
         runtime.counts.clear()
         student_samples = sample(student)
@@ -250,7 +262,7 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
                          "psnr": float(psnr(student_samples, teacher_samples).clamp(max=100).mean()),
                          "ssim": float(ssim(student_samples, teacher_samples).mean()),
                          "losses": losses, "distill_s": distil_s,
-                         "block_params": sum(p.numel() for b in runtime_blocks(student) for p in b.parameters())}
+                         "block_params": sum(p.numel() for b in blocks.values() for p in b.parameters())}
     zero_samples = sample(zero)
     models["zero block (attention removed)"].update(psnr=float(psnr(zero_samples, teacher_samples).clamp(max=100).mean()),
                                                      ssim=float(ssim(zero_samples, teacher_samples).mean()))
@@ -264,7 +276,3 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
             "teacher_loss_start": mean(teacher_losses[:20]), "teacher_loss_end": mean(teacher_losses[-50:]),
             "teacher_s": teacher_s, "total_s": time.perf_counter() - t_start, "log": log.lines,
             "_images": images, "_locality": locality}
-
-
-def runtime_blocks(unet: TinyUNet):
-    return [tb.attn1.delta for tb in attention_blocks(unet).values()]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltaconv_core.analysis import attention_probabilities
+
 SIGMA_DATA = 0.5
 
 
@@ -34,8 +36,7 @@ class SelfAttention(nn.Module):
 
     def probabilities(self, x, queries: torch.Tensor) -> torch.Tensor:
         """Head-averaged attention of the query tokens `queries` of image 0 over all its tokens: [Q, N]."""
-        q, k = self._split(self.to_q(x[:1]))[:, :, queries], self._split(self.to_k(x[:1]))
-        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dim_head), dim=-1).mean(dim=1)[0]
+        return attention_probabilities(self.to_q(x[0, queries]), self.to_k(x[0]), self.heads)
 
 
 class TransformerBlock(nn.Module):
