@@ -1,6 +1,7 @@
-"""Plain reference of the ΔConvBlock maths, written independently of `block.py` (NCHW, explicit loops).
+"""Plain references of the ΔConvBlock and MediatorAttention maths, written independently of `block.py` and
+`mediators.py` (explicit loops, einsum, written-out softmax).
 
-Every fast path is tested against this in float64. It reads the same state dict as DeltaConvBlock.
+Every fast path is tested against these in float64. They read the same state dicts as the modules.
 """
 from __future__ import annotations
 
@@ -76,3 +77,33 @@ def reference_block_forward(state: dict, config: BlockConfig, x: torch.Tensor) -
     z = pointwise(torch.cat(outs, dim=1), "conv_out")
     pooled = pointwise(xc.sum(dim=(2, 3), keepdim=True) / (H * W), "conv_pool")
     return (z + pooled).permute(0, 2, 3, 1)
+
+
+def reference_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, written out (max-shifted exponentials over their sum)."""
+    e = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def reference_mediator_forward(state: dict, heads: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """MediatorAttention on x: [B, H, W, C] with an explicit (p_h, p_w) mediator grid, in x's dtype: einsum
+    projections, explicit pooling windows, per-head written-out softmaxes, the 3×3 DWC as nine shifted sums."""
+    p = {k: v.to(x.dtype) for k, v in state.items()}
+    B, H, W, C = x.shape
+    d = C // heads
+    qkv = torch.einsum("byxc,oc->byxo", x, p["qkv.weight"]) + p["qkv.bias"]
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    t = reference_adaptive_avg_pool(q.permute(0, 3, 1, 2), grid).reshape(B, C, grid[0] * grid[1])  # raster order
+    q, k, v_tokens = (z.reshape(B, H * W, C) for z in (q, k, v))
+    out = torch.zeros_like(q)
+    for head in range(heads):
+        c = slice(head * d, (head + 1) * d)
+        mediator_to_keys = reference_softmax(torch.einsum("bdm,bjd->bmj", t[:, c], k[..., c]) / math.sqrt(d))
+        v_mediated = torch.einsum("bmj,bjd->bmd", mediator_to_keys, v_tokens[..., c])
+        query_to_mediators = reference_softmax(torch.einsum("bid,bdm->bim", q[..., c], t[:, c]) / math.sqrt(d))
+        out[..., c] = torch.einsum("bim,bmd->bid", query_to_mediators, v_mediated)
+    padded = x.new_zeros(B, H + 2, W + 2, C)
+    padded[:, 1:-1, 1:-1] = v
+    dwc = p["dwc.bias"] + sum(padded[:, i:i + H, j:j + W] * p["dwc.weight"][i, j] for i in range(3) for j in range(3))
+    out = out.reshape(B, H, W, C) + dwc
+    return torch.einsum("byxc,oc->byxo", out, p["proj.weight"]) + p["proj.bias"]
