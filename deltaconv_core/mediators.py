@@ -100,10 +100,11 @@ class MediatorConfig:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SDPA, in fp32 for fp16 inputs: logits are as large as in full attention, and SDPA's math path (CPU,
-    unsupported shapes) materialises them in the input dtype, where fp16 overflows past 65504. The fused kernels
-    would accumulate in fp32, but which kernel runs is not ours to choose. bf16 has fp32's range and stays. Both
-    attentions are small (N×n), so the upcast costs little; autocast is off so it cannot cast back to fp16."""
+    """SDPA, in fp32 for fp16 inputs. Logits are as large as in full attention and overflow fp16 past 65504 when
+    materialised in it, which SDPA's math fallback does on older torch, or on newer torch once anything enables
+    fp16 reductions (torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp); the fused kernels accumulate in fp32,
+    but which kernel runs is not ours to choose. bf16 has fp32's range and stays. Both attentions are small (N×n),
+    so the upcast costs little; autocast is off inside so it cannot cast the inputs back to fp16."""
     if q.dtype != torch.float16:
         return F.scaled_dot_product_attention(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
