@@ -7,17 +7,18 @@ Its images are noise; it shows the pipeline and the timing. Give a real checkpoi
     .venv/bin/python scripts/demo.py [--checkpoint sd15.safetensors --deltaconv ConvFusion-sd15-mjv5.safetensors]
 """
 import argparse
+import glob
 import os
 import shutil
 import sys
+import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(os.path.join(REPO, "tests"))  # the harness and tiny-model builders are shared with the tests
-from comfy_env import load_pack, setup_comfy  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
+from devkit.comfy_env import REPO, load_pack, setup_comfy
 
 DEFAULT_UNET = "deltaconv_demo_sd15.safetensors"
 DEFAULT_BLOCKS = "deltaconv_demo_sd15_untrained.safetensors"
+DEFAULT_CLIP = "deltaconv_demo_clip_l.safetensors"
 
 
 def parse_args():
@@ -44,34 +45,54 @@ def link(src, folder, name=None):
     return os.path.basename(dst)
 
 
-def embedded_models(models_dir):
-    """Generate (once) the default model set; returns (unet, clip, blocks) file names."""
+EMBEDDED_COMPLETE = ".complete-v2"  # written last, inside the folder that is then renamed into place
+
+
+def write_embedded_models(folder):
+    """The default model set, in ComfyUI's folder layout under `folder`."""
+    import torch
     from safetensors.torch import save_file
 
     import comfy.sd1_clip
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights, save_weights
-    from tiny_models import SD15_TINY, build_taesd, build_unet, init_random
+    from devkit.tiny_models import SD15_TINY, build_taesd, build_unet, init_random
 
-    unet_path = os.path.join(models_dir, "unet", DEFAULT_UNET)
-    if not os.path.exists(unet_path):
-        print("Generating the embedded default model (random weights, SD1.5 architecture)…")
+    def save(state, *path):
+        os.makedirs(os.path.join(folder, *path[:-1]), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, *path))
+
+    with torch.no_grad():  # older ComfyUI fills CLIP's projection in place while building it
         unet = build_unet(SD15_TINY, seed=1)
-        os.makedirs(os.path.dirname(unet_path), exist_ok=True)
-        save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, unet_path)
+        save({k: v.half() for k, v in unet.state_dict().items()}, "unet", DEFAULT_UNET)
+        os.makedirs(os.path.join(folder, "deltaconv"))
         save_weights(DeltaConvWeights.fresh(find_attention_sites(unet), seed=1),
-                     os.path.join(models_dir, "deltaconv", DEFAULT_BLOCKS), overwrite=True)
+                     os.path.join(folder, "deltaconv", DEFAULT_BLOCKS))
         clip = init_random(comfy.sd1_clip.SDClipModel().transformer, seed=2)
-        os.makedirs(os.path.join(models_dir, "clip"), exist_ok=True)
-        save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()},
-                  os.path.join(models_dir, "clip", "deltaconv_demo_clip_l.safetensors"))
+        save({k: v.half() for k, v in clip.state_dict().items()}, "clip", DEFAULT_CLIP)
         taesd = build_taesd(seed=3)
         for part in ("encoder", "decoder"):
-            module = getattr(taesd, f"taesd_{part}")
-            os.makedirs(os.path.join(models_dir, "vae_approx"), exist_ok=True)
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()},
-                      os.path.join(models_dir, "vae_approx", f"taesd_{part}.safetensors"))
-    return DEFAULT_UNET, "deltaconv_demo_clip_l.safetensors", DEFAULT_BLOCKS
+            save(getattr(taesd, f"taesd_{part}").state_dict(), "vae_approx", f"taesd_{part}.safetensors")
+    open(os.path.join(folder, EMBEDDED_COMPLETE), "w").close()
+
+
+def embedded_models(models_dir):
+    """Generate the default model set once; returns (unet, clip, blocks) file names.
+
+    It is built in a temporary folder that is renamed into place when complete, so a crash or Ctrl-C at any point
+    leaves either no set or a whole one; an incomplete folder from an older version is rebuilt.
+    """
+    parent = os.path.dirname(models_dir)
+    for stale in glob.glob(os.path.join(parent, "models.partial-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    if not os.path.exists(os.path.join(models_dir, EMBEDDED_COMPLETE)):
+        print("Generating the embedded default model (random weights, SD1.5 architecture)…", flush=True)
+        os.makedirs(parent, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix="models.partial-", dir=parent)
+        write_embedded_models(partial)
+        shutil.rmtree(models_dir, ignore_errors=True)
+        os.replace(partial, models_dir)
+    return DEFAULT_UNET, DEFAULT_CLIP, DEFAULT_BLOCKS
 
 
 def graph(args, loaders, refs, blocks, prefix):
@@ -100,10 +121,9 @@ def graph(args, loaders, refs, blocks, prefix):
 
 def timed_run(server, g):
     """Seconds for one run after a one-step warm-up run (model loading excluded); returns (seconds, image path)."""
-    steps = g["sampler"]["inputs"]["steps"]
-    g["sampler"]["inputs"]["steps"] = 1
-    server.run(g, timeout=3600)
-    g["sampler"]["inputs"]["steps"] = steps  # a changed input makes the sampler run again rather than hit the cache
+    sampler = g["sampler"]["inputs"]
+    server.run({**g, "sampler": {**g["sampler"], "inputs": {**sampler, "steps": 1, "seed": sampler["seed"] + 1}}},
+               timeout=3600)  # another seed: the timed run then executes instead of coming from ComfyUI's cache
     start = time.perf_counter()
     entry = server.run(g, timeout=3600)
     seconds = time.perf_counter() - start
@@ -138,11 +158,9 @@ def main():
 
     setup_comfy(comfy_path, cpu=not torch.cuda.is_available())
     load_pack()
-    from comfy_server import ComfyServer
+    from devkit.comfy_server import ComfyServer
 
     models_dir = os.path.join(args.workdir, "models")
-    for d in ("checkpoints", "unet", "clip", "vae_approx", "deltaconv"):
-        os.makedirs(os.path.join(models_dir, d), exist_ok=True)
     loaders, refs, blocks = model_setup(args, models_dir)
     server = ComfyServer(comfy_path, {"base": args.workdir}, pack_dir=REPO, cpu=not torch.cuda.is_available())
     server.start()

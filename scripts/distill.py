@@ -17,8 +17,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfy_env import load_pack, setup_comfy  # noqa: E402
+from devkit.comfy_env import load_pack, setup_comfy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -585,8 +585,7 @@ def build_all(object_info, comfyui_version=None):
 
 
 def fetch_object_info(comfy_path):
-    sys.path.append(TESTS)
-    from comfy_server import ComfyServer
+    from devkit.comfy_server import ComfyServer
 
     base = tempfile.mkdtemp(prefix="deltaconv_wf_")
     server = ComfyServer(comfy_path, {"base": base}, pack_dir=REPO)

@@ -4,6 +4,7 @@ import sys
 import sysconfig
 
 import pytest
+from devkit.comfy_env import load_pack, setup_comfy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -19,10 +20,6 @@ def _comfy_path() -> str:
 
 
 COMFYUI_PATH = _comfy_path()
-sys.path.append(os.path.join(REPO, "scripts"))
-sys.path.append(TESTS)
-from comfy_env import load_pack, setup_comfy  # noqa: E402
-
 setup_comfy(COMFYUI_PATH, cpu=True)  # these tests never need a GPU
 load_pack()  # `import deltaconv_core` in tests is then the very module the pack's nodes use
 
@@ -40,7 +37,7 @@ def pack():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny random models that ComfyUI's own detection accepts, written once per session."""
-    from tiny_models import write_tiny_models
+    from devkit.tiny_models import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("comfy_base"))
 
@@ -48,7 +45,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def comfy_server(tiny_models):
     """A headless ComfyUI server on loopback with this pack and the test-only nodes loaded."""
-    from comfy_server import ComfyServer
+    from devkit.comfy_server import ComfyServer
 
     server = ComfyServer(COMFYUI_PATH, tiny_models, pack_dir=REPO, test_nodes_dir=os.path.join(TESTS, "test_nodes"))
     server.start()

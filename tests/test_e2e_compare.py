@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_server import ComfyError
+from devkit.comfy_server import ComfyError
 from deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
 
 STEPS, SITES = 3, 7

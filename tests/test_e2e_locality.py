@@ -2,7 +2,7 @@
 import json
 
 from deltaconv_core.families import AttentionSite
-from tiny_models import SITE_COUNTS
+from devkit.tiny_models import SITE_COUNTS
 
 
 def test_locality_report_and_preset(server, unet_inputs, pack):

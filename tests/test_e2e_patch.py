@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from comfy_server import ComfyError
+from devkit.comfy_server import ComfyError
 from graphs import digest, txt2img, with_model_node
-from tiny_models import SITE_COUNTS, has_pixart
+from devkit.tiny_models import SITE_COUNTS, has_pixart
 
 STEPS = 3
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from deltaconv_core.families import UnsupportedModelError, find_attention_sites, select_levels
-from tiny_models import has_pixart
+from devkit.tiny_models import has_pixart
 
 _COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,

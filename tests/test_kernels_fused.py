@@ -2,7 +2,7 @@
 projection (bilinear upsampling + concatenation + conv_out + per-image bias), and the whole block routed through
 them, forward and backward, against float64 references (deltaconv_core/reference.py and plain torch).
 
-Without a GPU the kernels run in Triton's CPU interpreter (see triton_interpreter.py); with CUDA the same tests run
+Without a GPU the kernels run in Triton's CPU interpreter (see scripts/devkit/triton_interpreter.py); with CUDA the same tests run
 compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
 One test compiles the kernels for GPU targets (to cubin, no GPU needed) to check what the interpreter cannot:
 tl.dot shapes and dtypes, constexpr plumbing.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from deltaconv_core.block import BlockConfig, build_block
 from deltaconv_core.reference import reference_adaptive_avg_pool, reference_bilinear_resize, reference_block_forward
-from triton_interpreter import DEVICE, import_kernels, interpreter, kernels
+from devkit.triton_interpreter import DEVICE, import_kernels, interpreter, kernels
 
 if not kernels.triton_available():
     pytest.skip("triton is not installed", allow_module_level=True)

@@ -224,7 +224,7 @@ def patched(g, ref):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_on_tiny_models(name, comfy_server, object_info, tiny_inputs):
-    from tiny_models import SITE_COUNTS, has_pixart
+    from devkit.tiny_models import SITE_COUNTS, has_pixart
 
     if name in NOT_RUN or (family(name) == "pixart" and not has_pixart()):
         pytest.skip(NOT_RUN.get(name, "this ComfyUI has no PixArt"))

@@ -1,7 +1,8 @@
 """Tiny, seeded, randomly initialised models built with ComfyUI's own classes, which its detection accepts.
 
-Shapes follow the recipe in shared/reference/comfy_e2e_recipe.md: detection pins model_channels/context_dim (SD1.5),
-the transformer depth lists (SDXL family) and hidden size 1152 (PixArt); everything else is made small.
+ComfyUI's model detection (`comfy.model_detection`) matches a state dict's shapes against its catalogue: it pins
+model_channels 320 and context_dim 768 (SD1.5), the transformer depth lists (SDXL family: here KOALA-700M's) and the
+hidden size 1152 (PixArt). Everything else (levels, depth, image size) is made small so a step takes milliseconds.
 """
 import os
 

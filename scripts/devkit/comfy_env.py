@@ -1,9 +1,10 @@
-"""Use ComfyUI as a library next to this pack: sys.path order, CPU flag, and the pack imported as a package."""
+"""ComfyUI as a library next to this pack: the one place that edits sys.path (ComfyUI first, the repo root off it),
+the CPU flag, and the pack imported as ComfyUI imports it."""
 import importlib.util
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACK = "deltaconv_pack"
 
 
@@ -30,3 +31,16 @@ def load_pack():
         for name in [n for n in sys.modules if n.startswith(f"{PACK}.deltaconv_core")]:
             sys.modules[name.replace(f"{PACK}.", "", 1)] = sys.modules[name]
     return sys.modules[PACK]
+
+
+def import_core():
+    """`deltaconv_core` alone (pure PyTorch, no ComfyUI), for benchmarks: imported from its folder, so the repo
+    root (whose `nodes/` would shadow ComfyUI's) never goes on sys.path."""
+    if "deltaconv_core" not in sys.modules:
+        folder = os.path.join(REPO, "deltaconv_core")
+        spec = importlib.util.spec_from_file_location("deltaconv_core", os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["deltaconv_core"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["deltaconv_core"]
