@@ -2,7 +2,9 @@
 
 Both store block tensors under the official keys `<block name>.conv1.<param>` (diffusers naming, see spec §3.1).
 Official files carry no metadata, so each block's configuration is inferred from tensor shapes and the family;
-ours add a JSON description in the safetensors metadata. Pickle formats are refused: never unpickle.
+ours add a JSON description in the safetensors metadata. Ours may also hold mediator-attention students, under
+`<block name>.mediators.<param>`, their metadata entry saying `"student": "mediators"` with heads and schedule;
+entries without a student type are ΔConv blocks. Pickle formats are refused: never unpickle.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from safetensors.torch import save_file
 
 from .block import BlockConfig, build_block
 from .families import FAMILY_LABELS, ModelSites
+from .mediator_schedule import MediatorSchedule
+from .mediators import DEFAULT_SCHEDULE, DWC_KERNEL, MediatorAttention, MediatorConfig
+from .students import DELTACONV, MEDIATORS, config_from_dict, student_type
 
 FORMAT_VERSION = "1"
 TRAIN_PREFIX = "_train."
@@ -28,6 +33,9 @@ OFFICIAL_SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
 # ΔConv tensors only: resnets in the official SD files also have `*.conv1.weight` keys.
 _KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.conv1\."
                   r"(?P<param>(?:conv_up|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias))$")
+_MEDIATOR_KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.mediators\."
+                           r"(?P<param>(?:qkv|proj|dwc)\.(?:weight|bias))$")
+TENSOR_GROUP = {DELTACONV: "conv1", MEDIATORS: "mediators"}  # `<name>.<group>.<param>` per student type
 
 
 class WeightFileError(ValueError):
@@ -36,10 +44,11 @@ class WeightFileError(ValueError):
 
 @dataclass
 class DeltaConvWeights:
-    """A set of ΔConvBlocks keyed by official block name: what the DELTACONV socket carries."""
+    """Students keyed by official block name: what the DELTACONV socket carries. Each entry is (config, state
+    dict); the config's type says the student (BlockConfig: ΔConvBlock, MediatorConfig: MediatorAttention)."""
 
     family: str
-    blocks: dict[str, tuple[BlockConfig, dict[str, torch.Tensor]]]
+    blocks: dict[str, tuple[BlockConfig | MediatorConfig, dict[str, torch.Tensor]]]
     source: str = "memory"
     format: str = "deltaconv"
     ignored_tensors: int = 0
@@ -65,12 +74,31 @@ class DeltaConvWeights:
             blocks[site.name] = (config, sd)
         return cls(model_sites.family, blocks, source=f"fresh (seed {seed})", format="fresh")
 
+    @classmethod
+    def fresh_mediators(cls, model_sites: ModelSites, diffusion_model: torch.nn.Module,
+                        schedule: MediatorSchedule = DEFAULT_SCHEDULE, sites=None) -> "DeltaConvWeights":
+        """Mediator students for `sites` (default: all), initialised from the model's own attention projections
+        (a site already wrapped by a patch works too: the wrapper keeps the original projections)."""
+        blocks = {}
+        for site in model_sites.sites if sites is None else sites:
+            student = MediatorAttention.from_teacher(diffusion_model.get_submodule(site.path), schedule)
+            blocks[site.name] = (student.config, student.state_dict())
+        return cls(model_sites.family, blocks, source="fresh (from the model's attention)", format="fresh")
+
     def summary(self) -> str:
-        kernels = sorted({cfg.kernel_size for cfg, _ in self.blocks.values()})
-        scales = sorted({len(cfg.scales) for cfg, _ in self.blocks.values()})
-        text = (f"{os.path.basename(self.source)}: {len(self.blocks)} ΔConv blocks for "
-                f"{FAMILY_LABELS.get(self.family, self.family)} ({self.format} format), kernels {kernels}, "
-                f"{'/'.join(map(str, scales))} scales")
+        delta = [cfg for cfg, _ in self.blocks.values() if student_type(cfg) == DELTACONV]
+        mediators = [cfg for cfg, _ in self.blocks.values() if student_type(cfg) == MEDIATORS]
+        kernels = sorted({cfg.kernel_size for cfg in delta})
+        scales = sorted({len(cfg.scales) for cfg in delta})
+        family = FAMILY_LABELS.get(self.family, self.family)
+        text = f"{os.path.basename(self.source)}: "
+        if delta:
+            text += (f"{len(delta)} ΔConv blocks for {family} ({self.format} format), kernels {kernels}, "
+                     f"{'/'.join(map(str, scales))} scales")
+        if mediators:
+            schedules = sorted({cfg.schedule.format() for cfg in mediators})
+            text += "; " if delta else f"{family} ({self.format} format): "
+            text += f"{len(mediators)} mediator-attention sites, schedule {' / '.join(schedules)}"
         if self.ignored_tensors:
             text += f"; ignored {self.ignored_tensors} non-ΔConv tensors in the file"
         return text
@@ -110,7 +138,11 @@ def _infer_config(name: str, t: dict[str, torch.Tensor], gate: str) -> BlockConf
     return config
 
 
-def _expected_shapes(config: BlockConfig) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(config: BlockConfig | MediatorConfig) -> dict[str, tuple[int, ...]]:
+    if isinstance(config, MediatorConfig):
+        c = config.dim
+        return {"qkv.weight": (3 * c, c), "qkv.bias": (3 * c,), "proj.weight": (c, c), "proj.bias": (c,),
+                "dwc.weight": (DWC_KERNEL, DWC_KERNEL, c), "dwc.bias": (c,)}
     c, ci, k = config.dim, config.inner_dim, config.kernel_size
     shapes = {"conv_up.weight": (ci, c), "conv_up.bias": (ci,), "conv_out.weight": (c, len(config.scales) * (ci // 2)),
               "conv_out.bias": (c,), "conv_pool.weight": (c, c), "conv_pool.bias": (c,)}
@@ -121,13 +153,14 @@ def _expected_shapes(config: BlockConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_shapes(name: str, t: dict[str, torch.Tensor], config: BlockConfig):
+def _check_shapes(name: str, t: dict[str, torch.Tensor], config: BlockConfig | MediatorConfig):
     expected = _expected_shapes(config)
+    group = TENSOR_GROUP[student_type(config)]
     for key, shape in expected.items():
         if key not in t:
-            raise WeightFileError(f"block {name}: missing tensor {name}.conv1.{key} (expected shape {list(shape)})")
+            raise WeightFileError(f"block {name}: missing tensor {name}.{group}.{key} (expected shape {list(shape)})")
         if tuple(t[key].shape) != shape:
-            raise WeightFileError(f"block {name}: {name}.conv1.{key} has shape {list(t[key].shape)}, "
+            raise WeightFileError(f"block {name}: {name}.{group}.{key} has shape {list(t[key].shape)}, "
                                   f"expected {list(shape)} for {config}")
     extra = sorted(set(t) - set(expected))
     if extra:
@@ -135,7 +168,8 @@ def _check_shapes(name: str, t: dict[str, torch.Tensor], config: BlockConfig):
 
 
 def load_weights(path: str) -> DeltaConvWeights:
-    """Read an official ConvFusion release or one of our files. Only `*.conv1.*` tensors are loaded."""
+    """Read an official ConvFusion release or one of our files. Only `*.conv1.*` (and, in ours,
+    `*.mediators.*`) tensors are loaded."""
     if path.lower().endswith(PICKLE_SUFFIXES):
         raise WeightFileError(f"{os.path.basename(path)} is a pickle-based file; ΔConv only reads .safetensors "
                               "because unpickling can run arbitrary code. Convert it to .safetensors first "
@@ -149,31 +183,40 @@ def load_weights(path: str) -> DeltaConvWeights:
     with handle as f:
         meta = f.metadata() or {}
         grouped: dict[str, dict[str, torch.Tensor]] = {}
+        kinds: dict[str, str] = {}  # student type per block, from its tensor keys
         ignored = 0
         for key in f.keys():
-            m = _KEY.match(key)
+            m = _KEY.match(key) or _MEDIATOR_KEY.match(key)
             if m is None:
                 ignored += not key.startswith(TRAIN_PREFIX)
                 continue
+            kind = DELTACONV if m.re is _KEY else MEDIATORS
+            if kinds.setdefault(m["name"], kind) != kind:
+                raise WeightFileError(f"{os.path.basename(path)}: block {m['name']} has both ΔConv (.conv1.) and "
+                                      "mediator (.mediators.) tensors; a site has one student")
             grouped.setdefault(m["name"], {})[m["param"]] = f.get_tensor(key)
     if not grouped:
-        raise WeightFileError(f"{os.path.basename(path)} holds no ΔConv blocks (no '*.conv1.*' tensors among its "
-                              f"{ignored} tensors); is it a model checkpoint rather than a ΔConv weights file?")
+        raise WeightFileError(f"{os.path.basename(path)} holds no ΔConv blocks (no '*.conv1.*' or '*.mediators.*' "
+                              f"tensors among its {ignored} tensors); is it a model checkpoint rather than a ΔConv "
+                              "weights file?")
     names = list(grouped)
     if meta.get("deltaconv_format"):
-        try:
-            family = meta["family"]
-            configs = {n: BlockConfig.from_dict(d) for n, d in json.loads(meta["blocks"]).items()}
-            training = json.loads(meta.get("training") or "{}")
-        except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
-            raise WeightFileError(f"{os.path.basename(path)}: damaged ΔConv metadata ({e!r})") from e
+        configs, family, training = _read_metadata(os.path.basename(path), meta)
         missing = sorted(set(names) ^ set(configs))
         if missing:
             raise WeightFileError(f"{os.path.basename(path)}: metadata and tensors disagree on blocks {missing[:4]}")
         for n in names:
+            if student_type(configs[n]) != kinds[n]:
+                raise WeightFileError(f"{os.path.basename(path)}: block {n} is a {student_type(configs[n])} student "
+                                      f"in the metadata, but its tensors are {kinds[n]} tensors "
+                                      f"({n}.{TENSOR_GROUP[kinds[n]]}.*)")
             _check_shapes(n, grouped[n], configs[n])
         fmt, fingerprint = f"deltaconv v{meta['deltaconv_format']}", meta.get("base_fingerprint") or None
     else:
+        mediators = sorted(n for n in names if kinds[n] == MEDIATORS)
+        if mediators:
+            raise WeightFileError(f"{os.path.basename(path)}: mediator tensors ({mediators[0]}.mediators.*) without "
+                                  "this pack's metadata; heads and schedule cannot be read from shapes")
         family = _infer_family(names)
         gate = "sigmoid" if family == "pixart" else "scaled"
         configs = {n: _infer_config(n, grouped[n], gate) for n in names}
@@ -181,6 +224,25 @@ def load_weights(path: str) -> DeltaConvWeights:
     blocks = {n: (configs[n], grouped[n]) for n in names}
     return DeltaConvWeights(family, blocks, source=path, format=fmt, ignored_tensors=ignored,
                             base_fingerprint=fingerprint, training=training)
+
+
+def _read_metadata(filename: str, meta: dict) -> tuple[dict, str, dict]:
+    """(configs by block name, family, training info) from our metadata, each site's entry validated."""
+    try:
+        family = meta["family"]
+        entries = json.loads(meta["blocks"])
+        training = json.loads(meta.get("training") or "{}")
+        if not isinstance(entries, dict):
+            raise TypeError(f"blocks is {type(entries).__name__}, not a mapping of block names")
+    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise WeightFileError(f"{filename}: damaged ΔConv metadata ({e!r})") from e
+    configs = {}
+    for name, entry in entries.items():
+        try:
+            configs[name] = config_from_dict(entry)
+        except (TypeError, ValueError) as e:  # ScheduleError is a ValueError
+            raise WeightFileError(f"{filename}: damaged ΔConv metadata for block {name}: {e}") from e
+    return configs, family, training
 
 
 def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
@@ -193,8 +255,8 @@ def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
         path += ".safetensors"
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
-    tensors = {f"{name}.conv1.{k}": v.detach().to("cpu").contiguous()
-               for name, (_, sd) in weights.blocks.items() for k, v in sd.items()}
+    tensors = {f"{name}.{TENSOR_GROUP[student_type(cfg)]}.{k}": v.detach().to("cpu").contiguous()
+               for name, (cfg, sd) in weights.blocks.items() for k, v in sd.items()}
     tensors.update({TRAIN_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in (training_tensors or {}).items()})
     meta = {"deltaconv_format": FORMAT_VERSION, "family": weights.family,
             "blocks": json.dumps({n: cfg.to_dict() for n, (cfg, _) in weights.blocks.items()}),

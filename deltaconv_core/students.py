@@ -1,0 +1,35 @@
+"""The students that can replace a self-attention site, by the type name our weight files record per site.
+
+deltaconv: ΔConvBlock (BlockConfig); mediators: MediatorAttention (MediatorConfig). A site's config says which.
+"""
+from __future__ import annotations
+
+from .block import TORCH_OPS, BlockConfig, build_block
+from .mediators import MediatorConfig, build_mediator_attention
+
+DELTACONV, MEDIATORS = "deltaconv", MediatorConfig.student
+STUDENT_TYPES = (DELTACONV, MEDIATORS)
+
+
+def student_type(config: BlockConfig | MediatorConfig) -> str:
+    return MEDIATORS if isinstance(config, MediatorConfig) else DELTACONV
+
+
+def config_from_dict(d: dict) -> BlockConfig | MediatorConfig:
+    """A site's config from our metadata. Entries without a student type are ΔConv: files written before
+    mediators existed, and ΔConv entries still, so that ΔConv-only files stay readable by older versions."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {d!r}")
+    kind = d.get("student", DELTACONV)
+    if kind == MEDIATORS:
+        return MediatorConfig.from_dict(d)
+    if kind == DELTACONV:
+        return BlockConfig.from_dict({k: v for k, v in d.items() if k != "student"})
+    raise ValueError(f"unknown student type {kind!r}; known: {', '.join(STUDENT_TYPES)}")
+
+
+def build_student(config: BlockConfig | MediatorConfig, state_dict: dict | None = None, ops=TORCH_OPS, device=None,
+                  dtype=None):
+    """The module for a site's config: loaded from `state_dict` (strict) when given, freshly initialised otherwise."""
+    build = build_mediator_attention if isinstance(config, MediatorConfig) else build_block
+    return build(config, state_dict, ops=ops, device=device, dtype=dtype)
