@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,15 +28,36 @@ def infer_grid(latent_hw, n_tokens: int):
     return (h, w) if h * w == n_tokens else None
 
 
+class Route(NamedTuple):
+    """Where one call goes: ΔConv on the (h, w) token grid, or the original attention for `reason`."""
+    grid: tuple[int, int] | None = None
+    reason: str | None = None
+
+
+class TeacherSwitch:
+    """Training-time state of one patched model: while `on`, every wrapper runs its original attention (the
+    teacher); while `recording` is a dict, each such call stores site → (input, grid, attention output)."""
+
+    def __init__(self):
+        self.on = False
+        self.recording: dict | None = None
+
+    def run(self, site: str, original, x, grid, **kwargs):
+        out = original(x, **kwargs)
+        if self.recording is not None and grid is not None:  # calls that are not a plain grid train nothing
+            self.recording[site] = (x.detach(), grid, out.detach())
+        return out
+
+
 class PatchRuntime:
-    """State shared by all replaced sites of one patched model: the active sigma range and call counters."""
+    """Sampling-time state shared by all wrappers of one patched model: the active sigma range, what the model
+    hooks captured for them, and call counters; plus the teacher switch that distillation flips."""
 
     def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0):
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
         self.counts: Counter = Counter()  # "delta" and "attention:<reason>" per call
         self.site_counts: Counter = Counter()  # ΔConv calls per site name
-        self.teacher = False  # distillation: every site runs its original attention
-        self.recording: dict | None = None  # distillation: site → (input, grid, attention output) of teacher calls
+        self.teacher = TeacherSwitch()
         self.stashed_options = None  # older ComfyUI: extra_options captured by an attn1_patch just before attn1
         self.current_sigmas = None  # DiTs: sigmas captured by a model wrapper around each step
         self._sigma_key, self._sigma_ok = None, True
@@ -57,14 +79,6 @@ class PatchRuntime:
         self.counts["delta"] += 1
         self.site_counts[site] += 1
 
-    def run_teacher(self, site: str, original, x, hw, **kwargs):
-        """Original attention for distillation; records what stage A trains each block on."""
-        self.counts["teacher"] += 1
-        out = original(x, **kwargs)
-        if self.recording is not None and not isinstance(hw, str):
-            self.recording[site] = (x.detach(), hw, out.detach())
-        return out
-
     def fallback(self, site: str, reason: str):
         self.counts[f"attention:{reason}"] += 1
         if reason != "sigma" and (site, reason) not in self._warned:
@@ -72,14 +86,20 @@ class PatchRuntime:
             log.warning("ΔConv: %s runs the original attention (%s); logged once per site", site, reason)
 
 
-class DeltaConvSelfAttention(nn.Module):
-    """Replaces a UNet `attn1` (CrossAttention): forward(x, context, value, mask, transformer_options)."""
+class _Wrapper(nn.Module):
+    """What both wrappers share: the original module (unregistered), the block, the runtime and the routing.
 
-    def __init__(self, original: nn.Module, block: DeltaConvBlock, runtime: PatchRuntime, site: str):
+    A wrapper made by `teacher_only` has no block: it always runs the original attention through the teacher
+    switch (to record what the model's attention sees, as the locality analysis does).
+    """
+    PROJECTIONS: tuple[str, ...] = ()  # the original's modules and attributes, registered under their own names
+    OPTIONAL: tuple[str, ...] = ()  # ... and those only some versions of the original have
+
+    def __init__(self, original: nn.Module, block: DeltaConvBlock | None, runtime: PatchRuntime, site: str):
         super().__init__()
-        for name in ("to_q", "to_k", "to_v", "to_out"):
+        for name in self.PROJECTIONS:
             setattr(self, name, getattr(original, name))
-        for name in ("heads", "dim_head", "attn_precision"):
+        for name in self.OPTIONAL:
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
         self.delta = block
@@ -87,16 +107,39 @@ class DeltaConvSelfAttention(nn.Module):
         self.runtime = runtime
         self.site = site
 
+    @classmethod
+    def teacher_only(cls, original: nn.Module, runtime: PatchRuntime, site: str, **kwargs):
+        return cls(original, None, runtime, site, **kwargs)
+
+    @property
+    def is_teacher_only(self) -> bool:
+        return self.delta is None
+
     @property
     def original(self) -> nn.Module:
         return self._original[0]
 
-    def _plan(self, x, context, value, mask, options):
-        """(h, w) when ΔConv can run on this call, else the reason it cannot."""
+    def _run(self, x, route: Route, kwargs: dict):
+        if self.is_teacher_only or self.runtime.teacher.on:
+            return self.runtime.teacher.run(self.site, self.original, x, route.grid, **kwargs)
+        if route.grid is None:
+            self.runtime.fallback(self.site, route.reason)
+            return self.original(x, **kwargs)
+        self.runtime.ran_delta(self.site)
+        b, n, c = x.shape
+        return self.delta(x.reshape(b, *route.grid, c)).reshape(b, n, c)
+
+
+class DeltaConvSelfAttention(_Wrapper):
+    """Replaces a UNet `attn1` (CrossAttention): forward(x, context, value, mask, transformer_options)."""
+    PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+    OPTIONAL = ("heads", "dim_head", "attn_precision")
+
+    def _route(self, x, context, value, mask, options) -> Route:
         if options is None:
             options = self.runtime.stashed_options or {}
         if not self.runtime.sigma_active(options.get("sigmas")):
-            return "sigma"
+            return Route(reason="sigma")
         shape = options.get("activations_shape")
         if shape is not None:
             hw = (int(shape[2]), int(shape[3])) if shape[0] == x.shape[0] else None
@@ -104,65 +147,37 @@ class DeltaConvSelfAttention(nn.Module):
             latent = options["original_shape"]
             hw = infer_grid(latent[2:], x.shape[1]) if latent[0] == x.shape[0] else None
         else:
-            return "grid unknown"
+            return Route(reason="grid unknown")
         if hw is None or hw[0] * hw[1] != x.shape[1]:
-            return "tokens rearranged"  # ToMe, HyperTile, window attention
+            return Route(reason="tokens rearranged")  # ToMe, HyperTile, window attention
         if mask is not None or (context is not None and context is not x) or (value is not None and value is not x):
-            return "context"  # keys/values from elsewhere (reference-only, hypernetworks)
-        return hw
+            return Route(reason="context")  # keys/values from elsewhere (reference-only, hypernetworks)
+        return Route(grid=hw)
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
-        plan = self._plan(x, context, value, mask, transformer_options)
+        route = self._route(x, context, value, mask, transformer_options)
         kwargs = {"context": context, "value": value, "mask": mask}
         if transformer_options is not None:
             kwargs["transformer_options"] = transformer_options
-        if self.runtime.teacher:
-            return self.runtime.run_teacher(self.site, self.original, x, plan, **kwargs)
-        if isinstance(plan, str):
-            self.runtime.fallback(self.site, plan)
-            return self.original(x, **kwargs)
-        self.runtime.ran_delta(self.site)
-        b, n, c = x.shape
-        return self.delta(x.reshape(b, plan[0], plan[1], c)).reshape(b, n, c)
+        return self._run(x, route, kwargs)
 
 
-class DeltaConvDiTAttention(nn.Module):
+class DeltaConvDiTAttention(_Wrapper):
     """Replaces a PixArt `blocks.i.attn`: forward(x, mask=None, HW=None, block_id=None); HW is the latent size."""
+    OPTIONAL = ("qkv", "proj", "q_norm", "k_norm", "num_heads", "dim", "sr_ratio")
 
-    def __init__(self, original: nn.Module, block: DeltaConvBlock, runtime: PatchRuntime, site: str, patch_size: int):
-        super().__init__()
-        for name in ("qkv", "proj", "q_norm", "k_norm"):
-            if hasattr(original, name):
-                setattr(self, name, getattr(original, name))
-        for name in ("num_heads", "dim", "sr_ratio"):
-            if hasattr(original, name):
-                setattr(self, name, getattr(original, name))
-        self.delta = block
-        self._original = (original,)
-        self.runtime = runtime
-        self.site = site
+    def __init__(self, original: nn.Module, block: DeltaConvBlock | None, runtime: PatchRuntime, site: str,
+                 patch_size: int):
+        super().__init__(original, block, runtime, site)
         self.patch_size = patch_size
 
-    @property
-    def original(self) -> nn.Module:
-        return self._original[0]
+    def _route(self, x, HW) -> Route:
+        if HW is None:
+            return Route(reason="grid unknown")
+        if not self.runtime.sigma_active(self.runtime.current_sigmas):
+            return Route(reason="sigma")
+        h, w = math.ceil(HW[0] / self.patch_size), math.ceil(HW[1] / self.patch_size)
+        return Route(grid=(h, w)) if h * w == x.shape[1] else Route(reason="tokens rearranged")
 
     def forward(self, x, mask=None, HW=None, block_id=None):
-        b, n, c = x.shape
-        reason = None
-        if HW is None:
-            reason = "grid unknown"
-        elif not self.runtime.sigma_active(self.runtime.current_sigmas):
-            reason = "sigma"
-        else:
-            h, w = math.ceil(HW[0] / self.patch_size), math.ceil(HW[1] / self.patch_size)
-            if h * w != n:
-                reason = "tokens rearranged"
-        kwargs = {"mask": mask, "HW": HW, "block_id": block_id}
-        if self.runtime.teacher:
-            return self.runtime.run_teacher(self.site, self.original, x, reason or (h, w), **kwargs)
-        if reason is not None:
-            self.runtime.fallback(self.site, reason)
-            return self.original(x, **kwargs)
-        self.runtime.ran_delta(self.site)
-        return self.delta(x.reshape(b, h, w, c)).reshape(b, n, c)
+        return self._run(x, self._route(x, HW), {"mask": mask, "HW": HW, "block_id": block_id})

@@ -1,7 +1,7 @@
 """Distil ΔConvBlocks from a frozen diffusion model (teacher and student share one model in memory).
 
-The engine works on any denoiser callable whose self-attention sites are ΔConv wrappers sharing one PatchRuntime:
-`runtime.teacher = True` makes every site run its original attention (the teacher), False runs the blocks.
+The engine works on any denoiser callable whose self-attention sites are ΔConv wrappers sharing one TeacherSwitch
+(attention.py): `teacher.on = True` makes every site run its original attention (the teacher), False the blocks.
 
 - Stage A (block-local): record each site's input and attention output from teacher forwards; train each block
   to reproduce that output (MSE). No backprop through the model: cheap, fits small GPUs.
@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import TeacherSwitch
 
 STAGES = ("A", "B")
 
@@ -100,21 +102,24 @@ def warmup_factor(step: int, warmup: int) -> float:
 
 
 class Distiller:
-    """One training run. `denoise(x_t, sigma, negative_mask, latent_index) -> x̂_0` runs the shared model.
+    """One training run. `denoise(x_t, sigma, negative_mask, latent_index) -> x̂_0` runs the shared model, with
+    `teacher` (a TeacherSwitch) choosing between its original attention and the blocks.
 
     blocks: site name → ΔConvBlock inside the wrappers; taps: site name → module whose forward input is the
     residual stream right after that site's self-attention (stage B's feature loss).
     """
 
-    def __init__(self, denoise, runtime, blocks: dict[str, nn.Module], latents: torch.Tensor,
+    def __init__(self, denoise, teacher, blocks: dict[str, nn.Module], latents: torch.Tensor,
                  sigma_table: torch.Tensor, config: DistillConfig, taps: dict[str, nn.Module] | None = None,
                  device=None, rank: int = 0, world: int = 1, ddp=None):
+        if not isinstance(teacher, TeacherSwitch):  # a PatchRuntime here would silently train against the student
+            raise TypeError(f"teacher must be the wrappers' TeacherSwitch (runtime.teacher), not {type(teacher).__name__}")
         if config.batch_size > latents.shape[0]:
             raise DistillError(f"batch_size {config.batch_size} is larger than the {latents.shape[0]} training "
                                "latents; lower batch_size or give more latents")
         if config.batch_size % world:
             raise DistillError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
-        self.denoise, self.runtime, self.config = denoise, runtime, config
+        self.denoise, self.teacher, self.config = denoise, teacher, config
         self.latents = latents
         self.sigma_table = sigma_table.detach().float().cpu()
         self.device = device or latents.device
@@ -152,24 +157,24 @@ class Distiller:
 
     def _forward(self, batch: Batch, teacher: bool):
         x_t = batch.x0 + batch.sigma.view(-1, 1, 1, 1) * batch.noise
-        self.runtime.teacher = teacher
+        self.teacher.on = teacher
         try:
             with self._autocast():
                 x0_pred = self.denoise(x_t, batch.sigma, batch.negative, batch.index)
         finally:
-            self.runtime.teacher = False
+            self.teacher.on = False
         if x0_pred.shape[1] == 2 * x_t.shape[1]:  # learned-variance outputs (PixArt): keep the mean channels
             x0_pred = x0_pred[:, : x_t.shape[1]]
         return (x_t - x0_pred.float()) / batch.sigma.view(-1, 1, 1, 1)
 
     def _stage_a_loss(self, batch: Batch) -> torch.Tensor:
-        self.runtime.recording = {}
+        self.teacher.recording = {}
         try:
             with torch.no_grad():
                 self._forward(batch, teacher=True)
-            recorded = self.runtime.recording
+            recorded = self.teacher.recording
         finally:
-            self.runtime.recording = None
+            self.teacher.recording = None
         missing = [n for n in self.bank.names if n not in recorded]
         if missing:
             raise DistillError(f"no teacher activations were recorded for {missing[:3]}: another patch rearranges "
@@ -250,7 +255,7 @@ class Distiller:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.runtime.teacher, self.runtime.recording = False, None
+        self.teacher.on, self.teacher.recording = False, None
 
     # ---------------------------------------------------------------------------------------------- resume
     def training_state(self) -> tuple[dict, dict]:

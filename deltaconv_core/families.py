@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-# Official kernel sizes (spec §1.4), keyed by (direction, resolution level); level 0 is the finest grid.
-# "≈0.6 × measured effective receptive field, odd"; SD2.x and unknown UNets reuse the SD1.x table.
+# Kernel sizes of the released blocks (the authors' model classes), keyed by (direction, resolution level); level 0
+# is the finest grid. Chosen there as ≈0.6 × the measured effective receptive field, rounded to odd; SD2.x and
+# unknown UNets reuse the SD1.x table.
 SD1_KERNELS = {("down", 0): 7, ("down", 1): 9, ("down", 2): 5, ("mid", None): 3,
                ("up", 2): 5, ("up", 1): 9, ("up", 0): 11}
 SDXL_KERNELS = {("down", 1): 9, ("down", 2): 7, ("mid", None): 9, ("up", 2): 9, ("up", 1): 13}
@@ -54,9 +55,6 @@ class ModelSites:
 
     def levels(self) -> list[int]:
         return sorted({s.level for s in self.sites})
-
-    def by_name(self) -> dict[str, AttentionSite]:
-        return {s.name: s for s in self.sites}
 
 
 def _kind(module: nn.Module) -> str:

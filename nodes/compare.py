@@ -7,7 +7,7 @@ import comfy.model_management
 import comfy.samplers
 
 from ..deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
-from .patching import delta_runtimes
+from .wrappers import delta_runtimes
 
 log = logging.getLogger("deltaconv")
 NOT_PATCHED = ("patched_model carries no ΔConv patch, so both images would come from the same model: connect the "

@@ -11,6 +11,7 @@ import torch
 from ..deltaconv_core.distill import DistillConfig, DistillError
 from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.weights import DeltaConvWeights
+from . import compat
 from .distill_run import Interrupted, check_latents, train_blocks
 from .folders import FOLDER
 
@@ -41,16 +42,6 @@ def parse_kernel_preset(text: str, sites) -> dict:
 
 def output_dir() -> str:
     return os.path.join(folder_paths.get_output_directory(), FOLDER)
-
-
-def _progress_text(node_id, text):
-    try:
-        from server import PromptServer
-
-        if node_id is not None and hasattr(PromptServer.instance, "send_progress_text"):
-            PromptServer.instance.send_progress_text(text, node_id)
-    except Exception:  # a UI nicety; never fail training for it
-        pass
 
 
 class DeltaConvDistill:
@@ -121,7 +112,7 @@ class DeltaConvDistill:
             return comfy.model_management.processing_interrupted()
 
         def on_step(step, loss):
-            _progress_text(unique_id, f"step {step}/{steps}  loss {loss:.5g}")
+            compat.send_progress_text(unique_id, f"step {step}/{steps}  loss {loss:.5g}")
             if step % 50 == 0 or step == steps:
                 log.info("ΔConv Distill: step %d/%d loss %.5g", step, steps, loss)
             try:

@@ -8,11 +8,13 @@ import torch
 
 from ..deltaconv_core.distill import DistillConfig, DistillError, Distiller
 from ..deltaconv_core.weights import DeltaConvWeights, attention_fingerprint, read_training_state, save_weights
-from . import distill_adapter as adapter
-from .patching import original_attention, patch_model
+from . import compat
+from .comfy_denoiser import ComfyDenoiser, sigma_table
+from .patching import patch_model, projection_weight
+from .training_model import feature_taps, gradient_checkpointing, make_backprop_safe, trainable_blocks
+from .wrappers import original_attention
 
 log = logging.getLogger("deltaconv")
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5 has only the latter
 
 
 @dataclass
@@ -20,7 +22,6 @@ class RunResult:
     weights: DeltaConvWeights
     losses: list
     checkpoint: str | None
-    interrupted: bool
 
 
 class Interrupted(Exception):
@@ -28,15 +29,14 @@ class Interrupted(Exception):
 
 
 def check_latents(model, x0: torch.Tensor):
-    want = adapter.latent_channels(model)
+    want = compat.latent_channels(model)
     if x0.ndim != 4 or x0.shape[1] != want:
         raise DistillError(f"latents have shape {list(x0.shape)}, but this model takes {want}-channel latents: "
                            "encode the images with this model's VAE (or sample them with this model)")
 
 
 def model_fingerprint(model, sites) -> str:
-    reference = original_attention(model, sites.sites[0])
-    return attention_fingerprint(reference.qkv.weight if sites.family == "pixart" else reference.to_q.weight)
+    return attention_fingerprint(projection_weight(original_attention(model, sites.sites[0]), sites.family))
 
 
 def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, config: DistillConfig, steps: int,
@@ -49,17 +49,17 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
     check_latents(model, x0)
     fingerprint = model_fingerprint(model, sites)
     patched, _, runtime = patch_model(model, start, block_dtype=torch.float32)
-    adapter.load_for_training(patched)
+    compat.load_for_training(patched)
     device = comfy.model_management.get_torch_device()
     if config.stage == "B":
-        adapter.make_backprop_safe(patched.model.diffusion_model)
-    blocks = adapter.trainable_blocks(patched, sites.sites)
+        make_backprop_safe(patched.model.diffusion_model)
+    blocks = trainable_blocks(patched, sites.sites)
     for block in blocks.values():
         block.requires_grad_(True)
     latents = patched.model.process_latent_in(x0.to(device))  # LATENTs hold raw VAE output
-    denoiser = adapter.ComfyDenoiser(patched, positive, negative, latents)
-    distiller = Distiller(denoiser, runtime, blocks, latents, adapter.sigma_table(patched), config,
-                          taps=adapter.feature_taps(patched, sites.sites) if config.stage == "B" else None,
+    denoiser = ComfyDenoiser(patched, positive, negative, latents)
+    distiller = Distiller(denoiser, runtime.teacher, blocks, latents, sigma_table(patched), config,
+                          taps=feature_taps(patched, sites.sites) if config.stage == "B" else None,
                           device=device, rank=rank, world=world, ddp=ddp)
     resumed = read_training_state(start.source) if os.path.isfile(start.source) else None
     if resumed and resumed[1].get("config", {}).get("stage") == config.stage:
@@ -80,9 +80,9 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
         path = os.path.join(save_dir, f"{prefix}_{config.stage}_{distiller.state.step:07d}.safetensors")
         return save_weights(weights, path, overwrite=True, training_tensors=tensors)
 
-    last_saved, interrupted = None, False
+    last_saved = None
     try:
-        with _checkpointing(patched, checkpointing and config.stage == "B"):
+        with gradient_checkpointing(patched, checkpointing and config.stage == "B"):
             while distiller.state.step < steps:
                 if should_stop is not None and should_stop():
                     raise Interrupted
@@ -92,17 +92,16 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
                 if save_every and distiller.state.step % save_every == 0 and distiller.state.step < steps:
                     last_saved = save_checkpoint()
     except Interrupted:
-        interrupted = True
         log.info("ΔConv Distill: stopped at step %d; saving", distiller.state.step)
     except DistillError as e:
         path = save_checkpoint() if distiller.state.step else None
         raise DistillError(f"{e}. {'Last good blocks saved to ' + path if path else 'Nothing was saved.'}") from e
-    except OUT_OF_MEMORY as e:
+    except compat.OUT_OF_MEMORY as e:
         raise DistillError("out of memory while distilling: lower batch_size (and raise grad_accumulation), turn "
                            "on gradient_checkpointing, or use stage A, which needs far less memory. Last "
                            f"checkpoint: {last_saved or 'none yet'} (intact).") from e
     except RuntimeError as e:
-        if "modified by an inplace operation" not in str(e):
+        if not compat.is_inplace_residual_error(e):
             raise
         raise DistillError("stage B cannot backpropagate through this ComfyUI's transformer blocks (they add "
                            "residuals in place, as ComfyUI did before mid-2024): update ComfyUI, or use stage A, "
@@ -114,33 +113,5 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
     weights = snapshot()
     weights.source = path or prefix
     weights.training = {"step": distiller.state.step, "stage": config.stage}
-    return RunResult(weights, list(distiller.state.losses), path, interrupted)
+    return RunResult(weights, list(distiller.state.losses), path)
 
-
-class _checkpointing:
-    """Gradient checkpointing of the diffusion model's top-level blocks (recomputed in backward), undone after."""
-
-    def __init__(self, patcher, enabled: bool):
-        self.enabled = enabled
-        dm = patcher.model.diffusion_model
-        groups = [getattr(dm, n, None) for n in ("input_blocks", "output_blocks", "blocks")]
-        self.modules = [m for g in groups if g is not None for m in g] + [
-            m for m in [getattr(dm, "middle_block", None)] if m is not None]
-
-    def __enter__(self):
-        if self.enabled:
-            for m in self.modules:
-                m.forward = _checkpointed(m.forward)
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            for m in self.modules:
-                del m.forward  # the instance attribute goes; the class's forward is back
-        return False
-
-
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return run

@@ -17,6 +17,3 @@ def register_folder() -> None:
     # Pickle formats are listed on purpose: loading them gives a clear refusal instead of a silent omission.
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
 
-
-def default_save_dir() -> str:
-    return folder_paths.get_folder_paths(FOLDER)[0]

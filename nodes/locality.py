@@ -8,8 +8,10 @@ import torch.nn.functional as F
 from ..deltaconv_core.analysis import attention_probabilities, locality_stats
 from ..deltaconv_core.attention import PatchRuntime
 from ..deltaconv_core.families import find_attention_sites
-from . import distill_adapter as adapter
-from .patching import PREFIX, install_runtime_hooks, install_wrapper, original_attention
+from ..deltaconv_core.metrics import colormap
+from . import compat
+from .comfy_denoiser import ComfyDenoiser
+from .wrappers import PREFIX, install_runtime_hooks, install_teacher_wrapper, original_attention
 
 
 def _attention_maps(module, x, queries, family):
@@ -24,23 +26,23 @@ def measure(model, positive, latent_hw, sigma, seed, max_queries):
     """Record every site's attention input at one sigma, then compute its locality statistics."""
     sites = find_attention_sites(model.model.diffusion_model)
     runtime = PatchRuntime()
-    runtime.teacher, runtime.recording = True, {}
+    runtime.teacher.recording = {}
     clone = model.clone()
     for s in sites.sites:  # teacher-only wrappers: they run the original attention and record its input
-        install_wrapper(clone, sites, s, original_attention(model, s), None, runtime)
+        install_teacher_wrapper(clone, sites, s, original_attention(model, s), runtime)
     install_runtime_hooks(clone, sites, runtime)
     comfy.model_management.load_models_gpu([clone])
     device = comfy.model_management.get_torch_device()
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(1, adapter.latent_channels(model), *latent_hw, generator=g).to(device)
+    noise = torch.randn(1, compat.latent_channels(model), *latent_hw, generator=g).to(device)
     sigma_t = torch.full((1,), float(sigma), device=device)
-    denoise = adapter.ComfyDenoiser(clone, positive, None, noise)
+    denoise = ComfyDenoiser(clone, positive, None, noise)
     denoise(noise * sigma_t.view(-1, 1, 1, 1), sigma_t, torch.zeros(1, dtype=torch.bool))
     results = []
     for s in sites.sites:
-        if s.name not in runtime.recording:
+        if s.name not in runtime.teacher.recording:
             continue
-        x, (h, w), _ = runtime.recording[s.name]
+        x, (h, w), _ = runtime.teacher.recording[s.name]
         n = h * w
         pick = torch.randperm(n, generator=g)[:max_queries]
         maps = _attention_maps(clone.object_patches[PREFIX + s.path].original, x, pick.to(x.device), sites.family)
@@ -50,11 +52,10 @@ def measure(model, positive, latent_hw, sigma, seed, max_queries):
 
 
 def _heat(m: torch.Tensor, size=96) -> torch.Tensor:
-    """A [size, size, 3] heat map (black → red → yellow → white) of one aligned attention map (log scale)."""
+    """A [size, size, 3] heat map (metrics.colormap: black → pale yellow) of one aligned attention map (log scale)."""
     v = torch.log10(m.clamp(min=1e-6))
     v = (v - v.min()) / (v.max() - v.min()).clamp(min=1e-6)
-    v = F.interpolate(v[None, None], size=(size, size), mode="nearest")[0, 0]
-    return torch.stack([(v * 3).clamp(0, 1), (v * 3 - 1).clamp(0, 1), (v * 3 - 2).clamp(0, 1)], dim=-1)
+    return colormap(F.interpolate(v[None, None], size=(size, size), mode="nearest")[0, 0])
 
 
 class DeltaConvAttentionLocality:

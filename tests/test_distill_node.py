@@ -47,7 +47,7 @@ def _mean(xs):
 
 
 def _stage_b_supported(pack):
-    return not pack.nodes.patching.LEGACY_ATTN1_CALL  # ComfyUI before mid-2024 adds residuals in place
+    return not pack.nodes.compat.LEGACY_ATTN1_CALL  # ComfyUI before mid-2024 adds residuals in place
 
 
 def test_stage_b_on_older_comfyui_explains(pack, sd15, data, out_dir):

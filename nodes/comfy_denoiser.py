@@ -1,17 +1,11 @@
-"""ComfyUI side of distillation: the shared model as a denoiser callable, its sigmas, taps and conditioning."""
+"""A ComfyUI model as a denoiser callable (x_t, σ → x̂_0) with its conditioning prepared per model type, and its
+training sigmas: what distillation and the locality analysis run the model through."""
 import math
 
-import comfy.model_management
-import comfy.utils
 import torch
 
 from ..deltaconv_core.distill import DistillError
-from ..deltaconv_core.families import feature_tap_path
-from .patching import PREFIX, _model_sampling
-
-
-def latent_channels(model) -> int:
-    return getattr(model.model.latent_format, "latent_channels", 4)
+from . import compat
 
 
 def _model_conds(base, entry, like: torch.Tensor) -> dict:
@@ -57,31 +51,5 @@ class ComfyDenoiser:
 
 
 def sigma_table(patcher) -> torch.Tensor:
-    return _model_sampling(patcher).sigmas
-
-
-def feature_taps(patcher, sites) -> dict:
-    return {s.name: comfy.utils.get_attr(patcher.model, PREFIX + feature_tap_path(s.path)) for s in sites}
-
-
-def trainable_blocks(patcher, sites) -> dict:
-    blocks = {}
-    for s in sites:
-        wrapper = patcher.object_patches.get(PREFIX + s.path)
-        if wrapper is not None:
-            blocks[s.name] = wrapper.delta
-    return blocks
-
-
-def make_backprop_safe(module: torch.nn.Module):
-    """Frozen weights loaded under inference mode cannot be saved for backward: give them normal storage."""
-    for sub in module.modules():
-        for name, p in list(sub.named_parameters(recurse=False)):
-            if p.is_inference():
-                setattr(sub, name, torch.nn.Parameter(p.clone(), requires_grad=False))
-
-
-def load_for_training(patcher):
-    kwargs = {"force_full_load": True} if "force_full_load" in \
-        comfy.model_management.load_models_gpu.__code__.co_varnames else {}
-    comfy.model_management.load_models_gpu([patcher], memory_required=1e20 if kwargs else 0, **kwargs)
+    """The model's discrete sigmas: the noise levels distillation trains at."""
+    return compat.model_sampling(patcher).sigmas
