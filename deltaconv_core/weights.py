@@ -1,6 +1,7 @@
 """ΔConv weight files: the official ConvFusion releases and our own safetensors format.
 
-Both store block tensors under the official keys `<block name>.conv1.<param>` (diffusers naming, see spec §3.1).
+Both store block tensors under the official keys `<block name>.conv1.<param>`: the student model's own state-dict
+keys in diffusers naming, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.conv1.gates.1.conv_spatial.weight`.
 Official files carry no metadata, so each block's configuration is inferred from tensor shapes and the family;
 ours add a JSON description in the safetensors metadata. Ours may also hold mediator-attention students, under
 `<block name>.mediators.<param>`, their metadata entry saying `"student": "mediators"` with heads and schedule;

@@ -1,4 +1,4 @@
-"""ΔConvBlock (deltaconv_core/block.py) against the spec (§1) and the independent float64 reference."""
+"""ΔConvBlock (deltaconv_core/block.py) against the official maths (docs/design.md) and the float64 reference."""
 import itertools
 import math
 from fractions import Fraction
@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from deltaconv_core.block import BlockConfig, build_block
-from deltaconv_core.reference import (reference_adaptive_avg_pool, reference_bilinear_resize,
-                                      reference_block_forward)
+from deltaconv_core.reference import reference_adaptive_avg_pool, reference_bilinear_resize, reference_block_forward
 
 SCALES = {"1": (1.0,), "2": (1.0, 0.5), "3": (1.0, 0.5, 1 / 3)}
 SIZES = [(7, 5), (1, 3), (9, 13), (16, 16), (3, 1)]
@@ -75,7 +74,8 @@ def test_reference_bilinear_matches_torch(in_hw, out_hw):
 # ---------------------------------------------------------------------------------------------- gate maths
 @pytest.mark.parametrize("dim,constant", [(320, 8.944), (640, 12.649), (1280, 17.889)])
 def test_scaled_gate_constant_is_sqrt_of_half_inner_dim(dim, constant):
-    # spec §1.1: the code multiplies by sqrt(C_i/2) = sqrt(C/4), NOT the paper's 1/sqrt(C').
+    # The authors' code (which trained the released weights) multiplies by sqrt(C_i/2) = sqrt(C/4), NOT the
+    # paper's 1/sqrt(C').
     block = build_block(BlockConfig(dim, 7), device="meta")
     for gate in block.gates:
         assert gate.gate_constant == pytest.approx(math.sqrt(dim / 4), rel=1e-12)
@@ -193,8 +193,8 @@ def test_config_normalises_and_round_trips():
     assert BlockConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def spec_param_count(c, k, n, dw_bias):
-    """spec §1.2: P = (C·C/2 + C/2) + n·k²·C/2 [+ n·C/2] + ((C/4)·n·C + C) + (C² + C), exact arithmetic."""
+def official_param_count(c, k, n, dw_bias):
+    """Per layer: P = (C·C/2 + C/2) + n·k²·C/2 [+ n·C/2] + ((C/4)·n·C + C) + (C² + C), exact arithmetic."""
     c = Fraction(c)
     p = (c * c / 2 + c / 2) + n * k * k * c / 2 + (c / 4 * n * c + c) + (c * c + c) + (n * c / 2 if dw_bias else 0)
     assert p.denominator == 1
@@ -204,7 +204,7 @@ def spec_param_count(c, k, n, dw_bias):
 @pytest.mark.parametrize("c,k,expected", [(320, 7, 221_280), (1152, 13, 2_851_776)])
 def test_param_count_two_scales(c, k, expected):
     # closed form for n=2: 2C² + k²C + 2.5C, and +C with the old depthwise bias
-    assert 2 * c * c + k * k * c + 5 * c // 2 == expected == spec_param_count(c, k, 2, False)
+    assert 2 * c * c + k * k * c + 5 * c // 2 == expected == official_param_count(c, k, 2, False)
     for dw_bias, extra in ((False, 0), (True, c)):
         block = build_block(BlockConfig(c, k, (1.0, 0.5), dw_bias=dw_bias), device="meta")
         assert sum(p.numel() for p in block.parameters()) == expected + extra
@@ -216,7 +216,7 @@ def test_param_count_three_scales(c, k, dw_bias):
     # n=3: 2.25C² + 1.5k²C + 2.5C (+1.5C with depthwise bias)
     closed = Fraction(9, 4) * c * c + Fraction(3, 2) * k * k * c + Fraction(5, 2) * c
     closed += Fraction(3, 2) * c if dw_bias else 0
-    assert closed == spec_param_count(c, k, 3, dw_bias)
+    assert closed == official_param_count(c, k, 3, dw_bias)
     block = build_block(BlockConfig(c, k, (1.0, 0.5, 1 / 3), dw_bias=dw_bias), device="meta")
     assert sum(p.numel() for p in block.parameters()) == closed
 
@@ -228,7 +228,7 @@ def test_fresh_init(c, k, dw_bias):
     block = build_block(BlockConfig(c, k, (1.0, 0.5), dw_bias=dw_bias))
     for name, p in block.named_parameters():
         assert torch.isfinite(p).all(), name
-    # spec §1.1: kaiming_uniform_ on the [k, k, C_i] tensor ⇒ fan_in = k·C_i ⇒ U(±sqrt(6/(k·C_i)))
+    # The official init: kaiming_uniform_ on the [k, k, C_i] tensor ⇒ fan_in = k·C_i ⇒ U(±sqrt(6/(k·C_i)))
     bound = math.sqrt(6 / (k * c // 2))
     for gate in block.gates:
         w = gate.conv_spatial.weight.detach()
@@ -240,7 +240,7 @@ def test_fresh_init(c, k, dw_bias):
             assert torch.equal(gate.conv_spatial.bias.detach(), torch.zeros(c // 2))
         else:
             assert gate.conv_spatial.bias is None
-    # Linear layers: PyTorch default, |w| ≤ 1/sqrt(fan_in) and not zero-initialised (spec: no zero-init)
+    # Linear layers: PyTorch default, |w| ≤ 1/sqrt(fan_in) and not zero-initialised (the official init has no zero-init)
     for lin in (block.conv_up, block.conv_out, block.conv_pool):
         assert lin.weight.abs().max() <= 1 / math.sqrt(lin.in_features)
         assert lin.weight.abs().max() > 0.9 / math.sqrt(lin.in_features)

@@ -28,7 +28,7 @@ CONFIGS = {
     "KOALA_700M": ({**_XL, "num_res_blocks": [1, 1, 1], "transformer_depth": [0, 2, 5],
                     "transformer_depth_middle": -2, "transformer_depth_output": [0, 0, 2, 2, 5, 5]}, "sdxl", 21),
 }
-# Spec §1.4: official kernel size per diffusers attention block.
+# The released blocks' kernel size per diffusers attention block.
 SD1_KERNELS = {"down_blocks.0": 7, "down_blocks.1": 9, "down_blocks.2": 5, "mid_block": 3, "up_blocks.1": 5,
                "up_blocks.2": 9, "up_blocks.3": 11}
 SDXL_KERNELS = {"down_blocks.1": 9, "down_blocks.2": 7, "mid_block": 9, "up_blocks.0": 9, "up_blocks.1": 13}

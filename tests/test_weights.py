@@ -1,4 +1,4 @@
-"""Weight files (deltaconv_core/weights.py): official ConvFusion layouts (spec §1.4, §3.1) and our own format."""
+"""Weight files (deltaconv_core/weights.py): official ConvFusion layouts (docs/design.md) and our own format."""
 import builtins
 import os
 import pickle
@@ -12,11 +12,17 @@ from safetensors.torch import save_file
 import deltaconv_core.weights as weights_mod
 from deltaconv_core.block import BlockConfig, build_block
 from deltaconv_core.families import AttentionSite, ModelSites
-from deltaconv_core.weights import (DeltaConvWeights, WeightFileError, attention_fingerprint, load_weights,
-                                    match_sites, save_weights)
+from deltaconv_core.weights import (
+    DeltaConvWeights,
+    WeightFileError,
+    attention_fingerprint,
+    load_weights,
+    match_sites,
+    save_weights,
+)
 
-# ----------------------------------------------------------------------- official layouts, from the spec
-# (block name, C, k). SD1.5: spec §1.4 table; 16 blocks, one transformer block per attention.
+# ------------------------------------------------------- official layouts, written out here (not from weights.py)
+# (block name, C, k). SD1.5: 16 blocks, one transformer block per attention.
 SD1_LAYOUT = (
     [(f"down_blocks.{b}.attentions.{a}.transformer_blocks.0", c, k)
      for b, c, k in ((0, 320, 7), (1, 640, 9), (2, 1280, 5)) for a in range(2)]
@@ -42,7 +48,7 @@ SD_EXTRAS = ["conv_in.weight", "time_embedding.linear_1.weight", "down_blocks.0.
              "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q.weight",
              "up_blocks.1.attentions.0.transformer_blocks.1.ff.net.0.proj.weight"]
 
-# family key → (layout, n scales, inferred family, gate, extra keys, spec §1.2 totals without / with dw bias)
+# family key → (layout, n scales, inferred family, gate, extra keys, parameter totals without / with dw bias)
 FAMILIES = {
     "sd1": (SD1_LAYOUT, 2, "sd1", "scaled", SD_EXTRAS, (25_390_240, 25_402_720)),
     "sdxl": (SDXL_LAYOUT, 2, "sdxl", "scaled", SD_EXTRAS + ["add_embedding.linear_1.weight"],
@@ -54,7 +60,7 @@ SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
 
 
 def official_block(prefix, c, k, n, dw_bias, make):
-    """Tensors of one block under the official keys of spec §3.1 (written from the spec, not from weights.py)."""
+    """Tensors of one block under the official keys (written out here, not from weights.py)."""
     shapes = {"conv_up.weight": (c // 2, c), "conv_up.bias": (c // 2,),
               "conv_out.weight": (c, n * c // 4), "conv_out.bias": (c,),
               "conv_pool.weight": (c, c), "conv_pool.bias": (c,)}
@@ -127,7 +133,7 @@ def test_official_file_loads(tmp_path, tensor_cache, family, dw_bias):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op"
             build_block(cfg, sd, device="meta")
-    assert total == totals[dw_bias]  # spec §1.2 per-model parameter totals
+    assert total == totals[dw_bias]  # per-model parameter totals of the block formula (test_block.py)
 
     # values survive: real (not meta) loads of the first and last block, compared bit for bit
     for name, _, _ in (layout[0], layout[-1]):
