@@ -16,7 +16,9 @@ Usage from the block (u: conv_up's output [B, H, W, C_i], channel-last):
 
 Switch: set DELTACONV_TRITON=0 in the environment, or call `set_enabled(False)`, to always use the torch path.
 The first failure of the kernel path (say triton installed without a working C compiler for its launcher) turns it
-off for the rest of the process with one warning; `failure()` then says why.
+off for the rest of the process with one warning; `failure()` then says why. Backward kernels are compiled and
+launched once, on a one-image copy, the first time a configuration runs with gradients: a backward that cannot
+run then falls back like a forward does, instead of failing later inside `loss.backward()`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import os
 
 _enabled: bool | None = None  # None: follow the DELTACONV_TRITON environment variable
 _failure: str | None = None  # why the kernel path switched itself off, if it did
+_backward_checked: set = set()  # configurations whose backward kernels have run once in this process
 MAX_BRANCHES = 4  # pyramid scales the fused output projection takes (its pointer arguments); more go to torch
 
 
@@ -112,16 +115,37 @@ def failure() -> str | None:
     return _failure
 
 
+def _check_backward(u, gates, gate: str, gate_constant: float, weight, image_bias):
+    """Forward and backward of the kernels once per configuration, on detached one-image copies (the kernels'
+    code depends on dtypes, bias, gate, pooling and sizes, not on the batch)."""
+    key = (u.device, u.dtype, tuple(u.shape[1:]), gate, weight.dtype,
+           tuple((tuple(w.shape), b is None, pool_to) for w, b, pool_to in gates))
+    if key in _backward_checked:
+        return
+
+    def leaf(t, one_image=False):
+        return None if t is None else (t[:1] if one_image else t).detach().clone().requires_grad_(True)
+
+    probe = delta_conv_triton(leaf(u, True), [(leaf(w), leaf(b), pool_to) for w, b, pool_to in gates], gate,
+                              gate_constant, leaf(weight), leaf(image_bias, True))
+    probe.float().sum().backward()
+    _backward_checked.add(key)
+
+
 def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_bias):
     """`delta_conv_triton` for the block: None (use the torch path) when the kernels are off or unusable for u or
     for this many scales, or when this call failed; a failure switches the kernel path off for the process, with
-    one warning, rather than failing a whole generation. Out-of-memory errors are raised as they are."""
+    one warning, rather than failing a whole generation or training run. Out-of-memory errors are raised as they
+    are."""
     global _failure
     if _failure is not None or not use_triton(u) or len(gates) > MAX_BRANCHES:
         return None
     import torch
 
+    tensors = [u, weight, image_bias, *(t for w, b, _ in gates for t in (w, b) if t is not None)]
     try:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            _check_backward(u, gates, gate, gate_constant, weight, image_bias)
         return delta_conv_triton(u, gates, gate, gate_constant, weight, image_bias)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch is the same class
         raise
