@@ -6,12 +6,11 @@ Trains a small pixel-space diffusion UNet with self-attention on crops of scikit
 downloaded once into .cache/proxy, not installed), measures its attention locality, distils the official ΔConvBlock
 and the paper's ablations (no pool branch; 1 and 3 scales) with stage A then stage B, and compares each with the
 teacher: held-out denoising MSE across σ and same-seed sample PSNR/SSIM. The teacher is cached by its config, so
-re-runs only redo the students. Results: bench/results/quality_proxy_<device>.{json,md,*.png}.
+re-runs only redo the students. Results: bench/results/quality_proxy_<preset>_<device>.{json,md,*.png}.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # repository root (deltaconv_core) and bench/ (quality_proxy)
-from bench_block import device_name  # noqa: E402
+from device_info import device_name, device_slug  # noqa: E402
 from quality_proxy import report  # noqa: E402
 from quality_proxy.data import CACHE  # noqa: E402
 from quality_proxy.experiment import PRESETS, run  # noqa: E402
@@ -36,7 +35,7 @@ def main():
     result = run(PRESETS[args.preset], cache=None if args.no_cache else CACHE)
     cpu = device_name("cpu")
     device = f"CPU {cpu}, {args.threads} thread{'s' if args.threads > 1 else ''}, torch {torch.__version__}"
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{args.preset} {cpu.split(' (')[0]} {args.threads}t".lower()).strip("-")
+    slug = f"{args.preset}_{device_slug('cpu')}"
     command = f"python bench/bench_quality_proxy.py --preset {args.preset} --threads {args.threads}"
     for path in report.save(result, args.out, slug, device, command):
         print(path)
