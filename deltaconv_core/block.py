@@ -21,6 +21,8 @@ from torch import nn
 from . import kernels
 
 GATES = ("scaled", "sigmoid")
+# Largest kernel size accepted: the fused kernels are compiled per k and tested up to this (official files use ≤ 13).
+MAX_KERNEL_SIZE = 17
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,19 @@ class BlockConfig:
     dw_bias: bool = False  # depthwise bias, present in checkpoints of the initial official code
 
     def __post_init__(self):
-        if self.dim % 4:
+        # Types first: configs also come from weight-file metadata, where 320.0 or "7" must not get through.
+        for name in ("dim", "kernel_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if not isinstance(self.dw_bias, bool):
+            raise ValueError(f"dw_bias must be true or false, got {self.dw_bias!r}")
+        if not isinstance(self.scales, (tuple, list)) or any(
+                isinstance(s, bool) or not isinstance(s, (int, float)) for s in self.scales):
+            raise ValueError(f"scales must be a list of numbers, got {self.scales!r}")
+        if self.dim < 4 or self.dim % 4:
             raise ValueError(f"ΔConvBlock needs a channel count divisible by 4, got {self.dim}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if not 1 <= self.kernel_size <= MAX_KERNEL_SIZE or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd number from 1 to {MAX_KERNEL_SIZE}, got {self.kernel_size}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if not self.scales or self.scales[0] != 1.0 or any(not 0 < s <= 1 for s in self.scales):

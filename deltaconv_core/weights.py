@@ -29,6 +29,7 @@ from .students import DELTACONV, MEDIATORS, config_from_dict, student_type
 FORMAT_VERSION = "1"
 TRAIN_PREFIX = "_train."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: the short form ComfyUI lists too
 # Scales implied by the number of pyramid gates in an official file (3 gates: the released PixArt-1024-laion).
 OFFICIAL_SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
 # ΔConv tensors only: resnets in the official SD files also have `*.conv1.weight` keys.
@@ -175,8 +176,8 @@ def load_weights(path: str) -> DeltaConvWeights:
         raise WeightFileError(f"{os.path.basename(path)} is a pickle-based file; ΔConv only reads .safetensors "
                               "because unpickling can run arbitrary code. Convert it to .safetensors first "
                               "(load it in a trusted Python session and save with safetensors.torch.save_file).")
-    if not path.lower().endswith(".safetensors"):
-        raise WeightFileError(f"{os.path.basename(path)}: expected a .safetensors file")
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
+        raise WeightFileError(f"{os.path.basename(path)}: expected a .safetensors (or .sft) file")
     try:
         handle = safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises several types for truncated or foreign files
@@ -235,6 +236,10 @@ def _read_metadata(filename: str, meta: dict) -> tuple[dict, str, dict]:
         training = json.loads(meta.get("training") or "{}")
         if not isinstance(entries, dict):
             raise TypeError(f"blocks is {type(entries).__name__}, not a mapping of block names")
+        if family not in FAMILY_LABELS:
+            raise ValueError(f"family {family!r} is not one of {', '.join(FAMILY_LABELS)}")
+        if not isinstance(training, dict):
+            raise TypeError(f"training is {type(training).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise WeightFileError(f"{filename}: damaged ΔConv metadata ({e!r})") from e
     configs = {}
@@ -252,7 +257,7 @@ def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
 
     training_tensors (optimiser moments, RNG state) are stored under `_train.*` so a run can resume exactly.
     """
-    if not path.lower().endswith(".safetensors"):
+    if not path.lower().endswith(SAFETENSORS_SUFFIXES):
         path += ".safetensors"
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")

