@@ -1,8 +1,10 @@
-"""Drop-in replacements for a model's self-attention modules that run a ΔConvBlock instead.
+"""Drop-in replacements for a model's self-attention modules that run a student instead: a ΔConvBlock, or a
+MediatorAttention at the mediator count its schedule gives for the step's sigma.
 
 Each wrapper keeps the original projections registered under their original names (so state-dict keys, LoRA,
 SAG and PAG keep working) and an unregistered reference to the original attention, which it falls back to per
-call whenever the input is not a plain image-token grid or ΔConv is switched off for the current sigma.
+call whenever the input is not a plain image-token grid or the student is switched off for the current sigma.
+Both student types share the routing and the fallbacks; only the call differs (mediators take a count).
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import torch
 from torch import nn
 
 from .block import DeltaConvBlock
+from .mediator_schedule import SigmaCounts
+from .mediators import MediatorAttention
+from .students import student_type
 
 log = logging.getLogger("deltaconv")
 
@@ -29,9 +34,11 @@ def infer_grid(latent_hw, n_tokens: int):
 
 
 class Route(NamedTuple):
-    """Where one call goes: ΔConv on the (h, w) token grid, or the original attention for `reason`."""
+    """Where one call goes: the student on the (h, w) token grid, or the original attention for `reason`;
+    with the step's sigmas, which set a mediator student's count."""
     grid: tuple[int, int] | None = None
     reason: str | None = None
+    sigmas: object = None
 
 
 class TeacherSwitch:
@@ -55,28 +62,41 @@ class PatchRuntime:
 
     def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0):
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
-        self.counts: Counter = Counter()  # "delta" and "attention:<reason>" per call
-        self.site_counts: Counter = Counter()  # ΔConv calls per site name
+        self.counts: Counter = Counter()  # "delta", "mediators:<count>" and "attention:<reason>" per call
+        self.site_counts: Counter = Counter()  # student calls per site name
         self.teacher = TeacherSwitch()
+        self.forced_mediators: int | None = None  # distillation: the count every mediator site runs this step
         self.stashed_options = None  # older ComfyUI: extra_options captured by an attn1_patch just before attn1
         self.current_sigmas = None  # DiTs: sigmas captured by a model wrapper around each step
-        self._sigma_key, self._sigma_ok = None, True
+        self._sigma_key, self._sigma = None, None
         self._warned: set = set()
 
     @property
     def full_range(self) -> bool:
         return self.sigma_start == math.inf and self.sigma_end <= 0.0
 
+    def step_sigma(self, sigmas) -> float:
+        """The step's sigma (the batch's largest). Every site of one step gets the same tensor object: read it
+        once, not once per site (each read syncs with the GPU)."""
+        if sigmas is not self._sigma_key:
+            self._sigma_key = sigmas
+            self._sigma = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
+        return self._sigma
+
     def sigma_active(self, sigmas) -> bool:
         if self.full_range or sigmas is None:
             return True
-        if sigmas is not self._sigma_key:  # same tensor object for every site of one step: read it once
-            s = float(sigmas.max()) if torch.is_tensor(sigmas) else float(sigmas)
-            self._sigma_key, self._sigma_ok = sigmas, self.sigma_end <= s <= self.sigma_start
-        return self._sigma_ok
+        return self.sigma_end <= self.step_sigma(sigmas) <= self.sigma_start
 
-    def ran_delta(self, site: str):
-        self.counts["delta"] += 1
+    def mediator_count(self, counts: SigmaCounts, sigmas) -> int:
+        """A mediator site's count: distillation's forced count, else its schedule's count at the step's sigma;
+        without a sigma (a model called outside sampling) the schedule's last count, that of the final steps."""
+        if self.forced_mediators is not None:
+            return self.forced_mediators
+        return counts.counts[-1] if sigmas is None else counts(self.step_sigma(sigmas))
+
+    def ran_student(self, site: str, key: str):
+        self.counts[key] += 1
         self.site_counts[site] += 1
 
     def fallback(self, site: str, reason: str):
@@ -87,22 +107,28 @@ class PatchRuntime:
 
 
 class _Wrapper(nn.Module):
-    """What both wrappers share: the original module (unregistered), the block, the runtime and the routing.
+    """What both wrappers share: the original module (unregistered), the student, the runtime and the routing.
 
-    A wrapper made by `teacher_only` has no block: it always runs the original attention through the teacher
-    switch (to record what the model's attention sees, as the locality analysis does).
+    The student is a ΔConvBlock (sigma_counts None) or a MediatorAttention, which runs at the count
+    `sigma_counts` gives for the step's sigma. A wrapper made by `teacher_only` has no student: it always runs the
+    original attention through the teacher switch (to record what the model's attention sees, as the locality
+    analysis does).
     """
     PROJECTIONS: tuple[str, ...] = ()  # the original's modules and attributes, registered under their own names
     OPTIONAL: tuple[str, ...] = ()  # ... and those only some versions of the original have
 
-    def __init__(self, original: nn.Module, block: DeltaConvBlock | None, runtime: PatchRuntime, site: str):
+    def __init__(self, original: nn.Module, student: DeltaConvBlock | MediatorAttention | None,
+                 runtime: PatchRuntime, site: str, sigma_counts: SigmaCounts | None = None):
         super().__init__()
+        if isinstance(student, MediatorAttention) != (sigma_counts is not None):
+            raise ValueError(f"{site}: a mediator student needs its sigma → count schedule, a ΔConv block none")
         for name in self.PROJECTIONS:
             setattr(self, name, getattr(original, name))
         for name in self.OPTIONAL:
             if hasattr(original, name):
                 setattr(self, name, getattr(original, name))
-        self.delta = block
+        self.student = student
+        self.sigma_counts = sigma_counts
         self._original = (original,)  # a tuple keeps it out of the module tree (no duplicate parameters)
         self.runtime = runtime
         self.site = site
@@ -113,7 +139,12 @@ class _Wrapper(nn.Module):
 
     @property
     def is_teacher_only(self) -> bool:
-        return self.delta is None
+        return self.student is None
+
+    @property
+    def student_type(self) -> str | None:
+        """"deltaconv" or "mediators" (the type names of our weight files); None when teacher-only."""
+        return None if self.student is None else student_type(self.student.config)
 
     @property
     def original(self) -> nn.Module:
@@ -125,9 +156,14 @@ class _Wrapper(nn.Module):
         if route.grid is None:
             self.runtime.fallback(self.site, route.reason)
             return self.original(x, **kwargs)
-        self.runtime.ran_delta(self.site)
         b, n, c = x.shape
-        return self.delta(x.reshape(b, *route.grid, c)).reshape(b, n, c)
+        tokens = x.reshape(b, *route.grid, c)
+        if self.sigma_counts is None:
+            self.runtime.ran_student(self.site, "delta")
+            return self.student(tokens).reshape(b, n, c)
+        count = self.runtime.mediator_count(self.sigma_counts, route.sigmas)
+        self.runtime.ran_student(self.site, f"mediators:{count}")
+        return self.student(tokens, count).reshape(b, n, c)
 
 
 class DeltaConvSelfAttention(_Wrapper):
@@ -138,7 +174,8 @@ class DeltaConvSelfAttention(_Wrapper):
     def _route(self, x, context, value, mask, options) -> Route:
         if options is None:
             options = self.runtime.stashed_options or {}
-        if not self.runtime.sigma_active(options.get("sigmas")):
+        sigmas = options.get("sigmas")
+        if not self.runtime.sigma_active(sigmas):
             return Route(reason="sigma")
         shape = options.get("activations_shape")
         if shape is not None:
@@ -152,7 +189,7 @@ class DeltaConvSelfAttention(_Wrapper):
             return Route(reason="tokens rearranged")  # ToMe, HyperTile, window attention
         if mask is not None or (context is not None and context is not x) or (value is not None and value is not x):
             return Route(reason="context")  # keys/values from elsewhere (reference-only, hypernetworks)
-        return Route(grid=hw)
+        return Route(grid=hw, sigmas=sigmas)
 
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         route = self._route(x, context, value, mask, transformer_options)
@@ -166,18 +203,19 @@ class DeltaConvDiTAttention(_Wrapper):
     """Replaces a PixArt `blocks.i.attn`: forward(x, mask=None, HW=None, block_id=None); HW is the latent size."""
     OPTIONAL = ("qkv", "proj", "q_norm", "k_norm", "num_heads", "dim", "sr_ratio")
 
-    def __init__(self, original: nn.Module, block: DeltaConvBlock | None, runtime: PatchRuntime, site: str,
-                 patch_size: int):
-        super().__init__(original, block, runtime, site)
+    def __init__(self, original: nn.Module, student: DeltaConvBlock | MediatorAttention | None,
+                 runtime: PatchRuntime, site: str, sigma_counts: SigmaCounts | None = None, *, patch_size: int):
+        super().__init__(original, student, runtime, site, sigma_counts)
         self.patch_size = patch_size
 
     def _route(self, x, HW) -> Route:
         if HW is None:
             return Route(reason="grid unknown")
-        if not self.runtime.sigma_active(self.runtime.current_sigmas):
+        sigmas = self.runtime.current_sigmas
+        if not self.runtime.sigma_active(sigmas):
             return Route(reason="sigma")
         h, w = math.ceil(HW[0] / self.patch_size), math.ceil(HW[1] / self.patch_size)
-        return Route(grid=(h, w)) if h * w == x.shape[1] else Route(reason="tokens rearranged")
+        return Route(grid=(h, w), sigmas=sigmas) if h * w == x.shape[1] else Route(reason="tokens rearranged")
 
     def forward(self, x, mask=None, HW=None, block_id=None):
         return self._run(x, self._route(x, HW), {"mask": mask, "HW": HW, "block_id": block_id})

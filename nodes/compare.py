@@ -7,7 +7,8 @@ import comfy.model_management
 import comfy.samplers
 
 from ..deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
-from .wrappers import delta_runtimes
+from ..deltaconv_core.students import DELTACONV, MEDIATORS
+from .wrappers import delta_runtimes, student_wrappers
 
 log = logging.getLogger("deltaconv")
 NOT_PATCHED = ("patched_model carries no ΔConv patch, so both images would come from the same model: connect the "
@@ -37,7 +38,18 @@ def call_counts(runtimes) -> Counter:
     return total
 
 
-def report(settings, original, patched, times, calls, notes):
+def student_calls(calls, student_types) -> str:
+    """How often each student of the patched model ran; mediator calls by their count."""
+    parts = [f"{calls['delta']} ran ΔConv"] if DELTACONV in student_types else []
+    if MEDIATORS in student_types:
+        per_count = sorted((int(k.split(":", 1)[1]), v) for k, v in calls.items() if k.startswith("mediators:"))
+        detail = ", ".join(f"{v} with {n}" for n, v in per_count)
+        parts.append(f"{sum(v for _, v in per_count)} ran mediator attention"
+                     + (f" ({detail} mediators)" if detail else ""))
+    return ", ".join(parts)
+
+
+def report(settings, original, patched, times, calls, student_types, notes):
     p, s = psnr(original, patched), ssim(original, patched)
     diff = abs_difference(original, patched)
     lines = [f"ΔConv Compare: {settings}"]
@@ -55,7 +67,7 @@ def report(settings, original, patched, times, calls, notes):
     lines.append(f"  sampling time (weight loading excluded): original {times[0]:.2f} s, patched {times[1]:.2f} s "
                  f"(speed-up {times[0] / max(times[1], 1e-9):.2f}x)")
     fallbacks = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(calls.items()) if k.startswith("attention:"))
-    lines.append(f"  self-attention calls of the patched model: {calls['delta']} ran ΔConv"
+    lines.append(f"  self-attention calls of the patched model: {student_calls(calls, student_types)}"
                  + (f"; original attention: {fallbacks}" if fallbacks else ""))
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines), p, s
@@ -64,7 +76,8 @@ def report(settings, original, patched, times, calls, notes):
 class DeltaConvCompare:
     DESCRIPTION = ("Samples the original and the ΔConv-patched model from the same seed and settings (as KSampler "
                    "does), decodes both and measures the difference: PSNR and SSIM per image, a heat map of the "
-                   "per-pixel difference, both sampling times and how often ΔConv ran. Times exclude weight "
+                   "per-pixel difference, both sampling times and how often each student (ΔConv, mediator "
+                   "attention by count) ran. Times exclude weight "
                    "loading; the first run after starting ComfyUI also includes one-off warm-up (kernel "
                    "compilation): run again with another seed for steady-state times.")
     CATEGORY = "ΔConv"
@@ -112,7 +125,8 @@ class DeltaConvCompare:
         calls = call_counts(runtimes) - before
         images = decode(vae, original), decode(vae, patched)
         settings = f"seed {seed}, {steps} steps, {sampler_name}/{scheduler}, cfg {cfg}, denoise {denoise}"
-        text, p, s = report(settings, *images, (t_original, t_patched), calls, notes)
+        student_types = {w.student_type for w in student_wrappers(patched_model)}
+        text, p, s = report(settings, *images, (t_original, t_patched), calls, student_types, notes)
         for line in text.splitlines():
             log.info("%s", line.strip())
         result = (*images, difference_heatmap(*images), float(p.mean()), float(s.mean()), text)

@@ -1,4 +1,5 @@
-"""What else on a model touches the self-attention sites ΔConv replaces, as notes for the patch report."""
+"""What else on a model touches the self-attention sites ΔConv replaces, as notes for the patch report. The notes
+hold for both students: ΔConv blocks and mediator attention alike replace the whole site with their own weights."""
 from ..deltaconv_core.weights import attention_fingerprint
 from .wrappers import PREFIX
 
@@ -10,7 +11,7 @@ def conflicts(model, sites) -> list[str]:
     if replaces:
         keys = ", ".join(map(str, list(replaces)[:6]))
         notes.append(f"attn1 replace patches at {keys} (SAG/PAG or another pack) take precedence there: those "
-                     "blocks run their replacement with the original projections, not ΔConv")
+                     "blocks run their replacement with the original projections, not the ΔConv/mediator student")
     if to.get("patches", {}).get("attn1_patch"):
         notes.append("attn1_patch present (ToMe, HyperTile, hypernetwork, ...): calls whose tokens it rearranges "
                      "fall back to the original attention")
@@ -18,7 +19,8 @@ def conflicts(model, sites) -> list[str]:
     lora = [k for k in getattr(model, "patches", {}) if isinstance(k, str) and k.startswith(paths)]
     if lora:
         notes.append(f"{len(lora)} weight patches (LoRA/merges) touch replaced self-attention layers and have no "
-                     "effect while ΔConv runs; distill blocks from the LoRA-merged model to keep them")
+                     "effect while the student runs (ΔConv blocks and mediator attention use their own weights, "
+                     "not the model's projections); distill students from the LoRA-merged model to keep them")
     return notes
 
 

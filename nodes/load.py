@@ -7,7 +7,8 @@ from .folders import FOLDER
 
 class DeltaConvLoad:
     DESCRIPTION = ("Loads ΔConv blocks (an official ConvFusion release or a file made by ΔConv Distill/Save) from "
-                   "models/deltaconv. Only .safetensors files are read.")
+                   "models/deltaconv; files made by ΔConv Distill may hold mediator-attention students too, or "
+                   "instead, with their mediator schedule. Only .safetensors files are read.")
     CATEGORY = "ΔConv"
     RETURN_TYPES = ("DELTACONV",)
     RETURN_NAMES = ("deltaconv",)

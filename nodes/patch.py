@@ -1,12 +1,29 @@
-"""ΔConv Patch: MODEL + DELTACONV → MODEL whose self-attention runs ΔConv blocks."""
+"""ΔConv Patch: MODEL + DELTACONV → MODEL whose self-attention runs ΔConv blocks or mediator attention."""
 from ..deltaconv_core.families import LEVEL_CHOICES
+from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
 from .patching import patch_model
+
+SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, overriding the schedule stored with "
+                    f"the weights. start:count pairs over sampling progress (0 = first step, 1 = last), e.g. "
+                    f"'{EXAMPLE}', or one count such as '16'. Empty: the weights' schedule. ΔConv blocks ignore it.")
+
+
+def parse_schedule_override(text: str) -> MediatorSchedule | None:
+    """ΔConv Patch's mediator_schedule input: None when empty (the weights' schedule), else the parsed schedule."""
+    if not text or not text.strip():
+        return None
+    try:
+        return MediatorSchedule.parse(text)
+    except ScheduleError as e:
+        raise ValueError(f"mediator_schedule {text!r}: {e}. Write start:count pairs such as '{EXAMPLE}', one "
+                         "count such as '16', or leave it empty for the schedule stored with the weights") from e
 
 
 class DeltaConvPatch:
-    DESCRIPTION = ("Replaces the model's self-attention layers with ΔConv blocks (a clone; the input model is "
-                   "untouched). Calls that other patches rearrange, and steps outside the chosen range, use the "
-                   "original attention.")
+    DESCRIPTION = ("Replaces the model's self-attention layers with the students in the weights: ΔConv blocks or "
+                   "mediator attention, per site (a clone; the input model is untouched). Mediator attention runs "
+                   "the number of mediators its schedule gives for each step. Calls that other patches rearrange, "
+                   "and steps outside the chosen range, use the original attention.")
     CATEGORY = "ΔConv"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
@@ -24,8 +41,12 @@ class DeltaConvPatch:
                                                          "resolution levels (where attention costs most)."}),
             "strict": ("BOOLEAN", {"default": False, "tooltip": "Refuse when the file lacks blocks for some "
                                                                 "selected sites instead of leaving them on attention."}),
+        }, "optional": {
+            "mediator_schedule": ("STRING", {"default": "", "tooltip": SCHEDULE_TOOLTIP}),
         }}
 
-    def patch(self, model, deltaconv, start_percent, end_percent, levels, strict):
-        patched, report, _ = patch_model(model, deltaconv, start_percent, end_percent, levels, strict)
+    def patch(self, model, deltaconv, start_percent, end_percent, levels, strict, mediator_schedule=""):
+        schedule = parse_schedule_override(mediator_schedule)
+        patched, report, _ = patch_model(model, deltaconv, start_percent, end_percent, levels, strict,
+                                         mediator_schedule=schedule)
         return (patched, report)

@@ -1,11 +1,39 @@
-"""The text ΔConv Patch reports: what was replaced, with which weights, and what else is going on."""
+"""The text ΔConv Patch reports: what was replaced, by which student, with which weights, and what else is going on."""
 
 
-def patch_report(model_sites, weights, sites, match, start, end, levels, notes) -> str:
+def student_line(match, schedules) -> str:
+    """Which student runs where: ΔConv blocks and mediator attention (by site count)."""
+    delta, mediators = len(match.present) - len(schedules), len(schedules)
+    parts = ([f"ΔConv block at {delta} sites"] if delta else []) + (
+        [f"mediator attention at {mediators} sites"] if mediators else [])
+    return "  students: " + ", ".join(parts)
+
+
+def schedule_lines(schedules, percent_to_sigma, overridden) -> list[str]:
+    """Each mediator schedule in use, with the sigma at which each count starts on this model."""
+    groups = {}
+    for schedule in schedules.values():
+        groups.setdefault(schedule.format(), [schedule, 0])[1] += 1
+    source = "set in ΔConv Patch" if overridden else "from the weights"
+    lines = []
+    for text, (schedule, n) in groups.items():
+        steps = ", ".join(f"{count} from σ {float(percent_to_sigma(start)):.3g}"
+                          for start, _, count in schedule.segments())
+        lines.append(f"  mediator schedule ({source}, {n} sites): {text}: {steps}")
+    return lines
+
+
+def patch_report(model_sites, weights, sites, match, start, end, levels, notes, schedules=None,
+                 percent_to_sigma=None, overridden=False) -> str:
+    """`schedules`: mediator site name → the schedule it runs; percent_to_sigma: the model's sampling method."""
+    schedules = schedules or {}
     lines = [f"ΔConv patch: {len(match.present)} of {len(model_sites.sites)} self-attention sites replaced "
              f"({model_sites.variant})",
+             student_line(match, schedules),
              f"  weights: {weights.summary()}",
              f"  active from {start:.0%} to {end:.0%} of sampling; levels: {levels}"]
+    if schedules:
+        lines += schedule_lines(schedules, percent_to_sigma, overridden)
     skipped = len(model_sites.sites) - len(sites)
     if skipped:
         lines.append(f"  {skipped} sites left on attention by the level choice")

@@ -1,11 +1,13 @@
-"""Apply ΔConv blocks to a ComfyUI ModelPatcher: a clone whose selected self-attention sites run ΔConv wrappers."""
+"""Apply students to a ComfyUI ModelPatcher: a clone whose selected self-attention sites run wrappers around ΔConv
+blocks or mediator attention, as the weights say per site."""
 import logging
 
 import torch
 
 from ..deltaconv_core.attention import PatchRuntime
-from ..deltaconv_core.block import build_block
 from ..deltaconv_core.families import find_attention_sites, select_levels
+from ..deltaconv_core.mediators import MediatorConfig
+from ..deltaconv_core.students import build_student
 from ..deltaconv_core.weights import DeltaConvWeights, match_sites
 from . import compat
 from .comfy_ops import COMFY_OPS
@@ -27,10 +29,11 @@ def projection_weight(original, family: str) -> torch.Tensor:
 
 
 def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent=1.0, levels="all",
-                strict=False, block_dtype=None):
-    """A clone of `model` whose selected self-attention sites run ΔConv blocks; returns (clone, report, runtime).
+                strict=False, block_dtype=None, mediator_schedule=None):
+    """A clone of `model` whose selected self-attention sites run their students; returns (clone, report, runtime).
 
-    Blocks are stored like the model's weights unless `block_dtype` says otherwise (fp32 masters for training).
+    Students are stored like the model's weights unless `block_dtype` says otherwise (fp32 masters for training).
+    Mediator sites follow `mediator_schedule` (a MediatorSchedule) when given, else the schedule in the weights.
     """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"need 0 ≤ start_percent ≤ end_percent ≤ 1, got {start_percent} and {end_percent}")
@@ -50,16 +53,24 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
     clone = model.clone()
     notes = conflicts(model, sites)
     first_original = None
+    schedules = {}  # mediator sites: site name → the schedule they run
     for site, config, state in match.present:
         original = original_attention(model, site)
         reference = projection_weight(original, model_sites.family)
         first_original = first_original if first_original is not None else reference
-        block = build_block(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))
-        install_wrapper(clone, model_sites, site, original, block, runtime)
-    install_runtime_hooks(clone, model_sites, runtime)
+        student = build_student(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))
+        sigma_counts = None
+        if isinstance(config, MediatorConfig):
+            schedules[site.name] = mediator_schedule or config.schedule
+            sigma_counts = schedules[site.name].resolve(sampling.percent_to_sigma)
+        install_wrapper(clone, model_sites, site, original, student, runtime, sigma_counts)
+    install_runtime_hooks(clone, model_sites, runtime, follows_sigma=bool(schedules))
 
     notes += base_mismatch(weights, first_original)
-    report = patch_report(model_sites, weights, sites, match, start_percent, end_percent, levels, notes)
+    if mediator_schedule is not None and not schedules:
+        notes.append("mediator_schedule is ignored: no patched site runs mediator attention")
+    report = patch_report(model_sites, weights, sites, match, start_percent, end_percent, levels, notes,
+                          schedules, sampling.percent_to_sigma, overridden=mediator_schedule is not None)
     for line in report.splitlines():
         log.info("ΔConv: %s", line.strip())
     return clone, report, runtime

@@ -8,12 +8,12 @@ from .wrappers import PREFIX
 
 
 def trainable_blocks(patcher, sites) -> dict:
-    """site name → the ΔConvBlock inside that site's wrapper."""
+    """site name → the student (ΔConvBlock or MediatorAttention) inside that site's wrapper."""
     blocks = {}
     for s in sites:
         wrapper = patcher.object_patches.get(PREFIX + s.path)
         if wrapper is not None:
-            blocks[s.name] = wrapper.delta
+            blocks[s.name] = wrapper.student
     return blocks
 
 

@@ -1,5 +1,5 @@
-"""Installing ΔConv wrappers on a ModelPatcher clone: object patches on its self-attention modules, plus the model
-hooks that tell the wrappers what they cannot see for themselves."""
+"""Installing ΔConv wrappers on a ModelPatcher clone: object patches on its self-attention modules (each running a
+student, ΔConv or mediator attention), plus the model hooks that tell the wrappers what they cannot see."""
 from ..deltaconv_core.attention import DeltaConvDiTAttention, DeltaConvSelfAttention, PatchRuntime
 from . import compat
 
@@ -19,10 +19,14 @@ def original_attention(model, site):
     return original
 
 
+def student_wrappers(model) -> list:
+    """The wrappers with a student that `model` installs (empty: not patched)."""
+    return [p for p in model.object_patches.values() if isinstance(p, WRAPPER_TYPES) and not p.is_teacher_only]
+
+
 def delta_runtimes(model) -> list[PatchRuntime]:
-    """The runtimes of the ΔConv blocks `model` installs, one per ΔConv Patch behind it (empty: not patched)."""
-    wrappers = [p for p in model.object_patches.values() if isinstance(p, WRAPPER_TYPES) and not p.is_teacher_only]
-    return list({id(w.runtime): w.runtime for w in wrappers}.values())
+    """The runtimes of the students `model` installs, one per ΔConv Patch behind it (empty: not patched)."""
+    return list({id(w.runtime): w.runtime for w in student_wrappers(model)}.values())
 
 
 def _wrapper_type(model_sites):
@@ -31,10 +35,11 @@ def _wrapper_type(model_sites):
     return DeltaConvSelfAttention, {}
 
 
-def install_wrapper(clone, model_sites, site, original, block, runtime: PatchRuntime):
-    """Object-patch `site` of `clone` with a ΔConv wrapper running `block`, falling back to `original`."""
+def install_wrapper(clone, model_sites, site, original, student, runtime: PatchRuntime, sigma_counts=None):
+    """Object-patch `site` of `clone` with a wrapper running `student`, falling back to `original`; a mediator
+    student with its schedule on this model's sigmas (`sigma_counts`)."""
     cls, extra = _wrapper_type(model_sites)
-    clone.add_object_patch(PREFIX + site.path, cls(original, block, runtime, site.name, **extra))
+    clone.add_object_patch(PREFIX + site.path, cls(original, student, runtime, site.name, sigma_counts, **extra))
 
 
 def install_teacher_wrapper(clone, model_sites, site, original, runtime: PatchRuntime):
@@ -59,9 +64,10 @@ def _stash_options(runtime: PatchRuntime):
     return stash_options
 
 
-def install_runtime_hooks(clone, model_sites, runtime: PatchRuntime):
-    """What the wrappers cannot see for themselves: PixArt's sigma, older ComfyUI's shapes and sigmas."""
-    if model_sites.family == "pixart" and not runtime.full_range:
+def install_runtime_hooks(clone, model_sites, runtime: PatchRuntime, follows_sigma: bool = False):
+    """What the wrappers cannot see for themselves: PixArt's sigma (needed for a sigma range, or when mediator
+    students follow a schedule: `follows_sigma`), older ComfyUI's shapes and sigmas."""
+    if model_sites.family == "pixart" and (follows_sigma or not runtime.full_range):
         compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _capture_sigmas(runtime))
     elif compat.LEGACY_ATTN1_CALL and model_sites.family != "pixart":
         clone.set_model_attn1_patch(_stash_options(runtime))

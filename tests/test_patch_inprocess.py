@@ -56,7 +56,7 @@ def test_wrapper_keeps_projections_and_repatching_replaces(patching, sd15):
     assert wrapper.original is original  # not a wrapper around a wrapper
     assert wrapper.to_q is original.to_q and wrapper.to_out is original.to_out
     names = dict(wrapper.named_parameters())
-    assert "to_q.weight" in names and "delta.conv_up.weight" in names
+    assert "to_q.weight" in names and "student.conv_up.weight" in names
     assert not any(n.startswith("_original") for n in names)
 
 
@@ -75,7 +75,7 @@ def test_delta_path_and_exact_fallback(patching, sd15):
     x = torch.randn(2, 7 * 5, 320)
     out = _run(wrapper, x, activations_shape=[2, 320, 7, 5])
     with torch.no_grad():
-        assert torch.equal(out, wrapper.delta(x.reshape(2, 7, 5, 320)).reshape(2, 35, 320))
+        assert torch.equal(out, wrapper.student(x.reshape(2, 7, 5, 320)).reshape(2, 35, 320))
         # Tokens not on the grid (ToMe/HyperTile): the original attention, exactly.
         merged = x[:, :20]
         assert torch.equal(_run(wrapper, merged, activations_shape=[2, 320, 7, 5]), wrapper.original(merged))
@@ -92,7 +92,7 @@ def test_older_comfyui_grid_from_latent_shape(patching, sd15):
     runtime.stashed_options = {"original_shape": [1, 4, 13, 9]}  # what an attn1_patch sees on old ComfyUI
     x = torch.randn(1, 7 * 5, 320)  # level 1 of a 13×9 latent: ceil halves → 7×5
     with torch.no_grad():
-        assert torch.equal(wrapper(x), wrapper.delta(x.reshape(1, 7, 5, 320)).reshape(1, 35, 320))
+        assert torch.equal(wrapper(x), wrapper.student(x.reshape(1, 7, 5, 320)).reshape(1, 35, 320))
     assert runtime.counts == {"delta": 1}
 
 
@@ -110,7 +110,7 @@ def test_blocks_follow_model_dtype_and_cast_per_call(patching, comfy_sd, tiny_mo
     dtype = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight.dtype
     clone, _, _ = patching.patch_model(model, DeltaConvWeights.fresh(_sites(patching, model), seed=5))
     wrapper = clone.object_patches["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1"]
-    assert {p.dtype for p in wrapper.delta.parameters()} == {dtype}
+    assert {p.dtype for p in wrapper.student.parameters()} == {dtype}
     x = torch.randn(1, 16, 320, dtype=torch.float32)  # activations in another dtype than the stored weights
     out = _run(wrapper, x, activations_shape=[1, 320, 4, 4])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
