@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from .attention import TeacherSwitch
 
 STAGES = ("A", "B")
+TRAINING_DTYPES = ("bf16", "fp16", "fp32")  # the forward passes' autocast dtype; fp32: no autocast
 
 
 class DistillError(RuntimeError):
@@ -33,8 +35,11 @@ class DistillError(RuntimeError):
 
 @dataclass
 class DistillConfig:
+    """Every setting of one distillation run: what the engine reads, and how the run around it saves and trains.
+
+    The ΔConv Distill node and scripts/distill.py each fill one from their options (same names and values)."""
     stage: str = "A"
-    steps: int = 1000
+    steps: int = 1000  # total optimiser steps; a resumed run continues up to this
     learning_rate: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01  # linear weights only; biases and depthwise kernels get none
@@ -46,11 +51,15 @@ class DistillConfig:
     caption_drop: float = 0.15  # fraction of samples trained with the negative/empty conditioning
     feature_weight: float = 1e-3
     min_snr_gamma: float = 0.0  # 0: off
-    autocast_dtype: str = "none"  # "none" | "fp16" | "bf16"
+    training_dtype: str = "fp32"  # one of TRAINING_DTYPES
+    gradient_checkpointing: bool = False  # stage B: recompute the model's activations in backward (less memory)
+    save_every: int = 0  # checkpoint interval in steps; 0: only at the end
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise DistillError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.training_dtype not in TRAINING_DTYPES:
+            raise DistillError(f"training_dtype must be one of {TRAINING_DTYPES}, got {self.training_dtype!r}")
         for name in ("steps", "batch_size", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise DistillError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -67,6 +76,17 @@ class Batch:
     sigma: torch.Tensor  # [B]
     negative: torch.Tensor  # [B] bool: sample uses the negative conditioning (caption drop)
     index: torch.Tensor  # [B] which latent
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Data parallelism: this process's rank among `world`, and `ddp` wrapping a module for gradient all-reduce."""
+    rank: int = 0
+    world: int = 1
+    ddp: Callable[[nn.Module], nn.Module] | None = None
+
+
+ONE_PROCESS = Processes()
 
 
 @dataclass
@@ -111,12 +131,13 @@ class Distiller:
 
     def __init__(self, denoise, teacher, blocks: dict[str, nn.Module], latents: torch.Tensor,
                  sigma_table: torch.Tensor, config: DistillConfig, taps: dict[str, nn.Module] | None = None,
-                 device=None, rank: int = 0, world: int = 1, ddp=None):
+                 device=None, processes: Processes = ONE_PROCESS):
         if not isinstance(teacher, TeacherSwitch):  # a PatchRuntime here would silently train against the student
-            raise TypeError(f"teacher must be the wrappers' TeacherSwitch (runtime.teacher), not {type(teacher).__name__}")
+            raise TypeError(f"teacher must be the wrappers' TeacherSwitch (runtime.teacher), not {type(teacher)}")
         if config.batch_size > latents.shape[0]:
             raise DistillError(f"batch_size {config.batch_size} is larger than the {latents.shape[0]} training "
                                "latents; lower batch_size or give more latents")
+        rank, world = processes.rank, processes.world
         if config.batch_size % world:
             raise DistillError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
         self.denoise, self.teacher, self.config = denoise, teacher, config
@@ -125,14 +146,14 @@ class Distiller:
         self.device = device or latents.device
         self.rank, self.world = rank, world
         self.bank = BlockBank(blocks)
-        self.model = ddp(self.bank) if ddp is not None else self.bank
+        self.model = processes.ddp(self.bank) if processes.ddp is not None else self.bank
         self.optimizer = build_optimizer(self.bank, config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.state = TrainState()
         self.taps = taps or {}
         self._tap_values: dict[str, torch.Tensor] = {}
         self._hooks = []
-        self.scaler = torch.amp.GradScaler("cuda") if (config.autocast_dtype == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if (config.training_dtype == "fp16"
                                                         and torch.device(self.device).type == "cuda") else None
 
     # ------------------------------------------------------------------------------------------------ data
@@ -150,7 +171,7 @@ class Distiller:
 
     # ---------------------------------------------------------------------------------------------- losses
     def _autocast(self):
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.autocast_dtype)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.config.training_dtype)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.device).type, dtype=dtype)
@@ -217,6 +238,10 @@ class Distiller:
         return self.model(compute)
 
     # ------------------------------------------------------------------------------------------------ step
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.config.steps
+
     def step(self) -> float:
         """One optimiser step (over grad_accumulation micro-batches); returns the mean loss."""
         cfg = self.config

@@ -8,7 +8,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..deltaconv_core.distill import DistillConfig, DistillError
+from ..deltaconv_core.distill import TRAINING_DTYPES, DistillConfig, DistillError
 from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.weights import DeltaConvWeights
 from . import compat
@@ -17,7 +17,6 @@ from .folders import FOLDER
 
 log = logging.getLogger("deltaconv")
 STAGE_CHOICES = ("A: block-local", "B: end-to-end")
-DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "none"}
 
 
 def parse_kernel_preset(text: str, sites) -> dict:
@@ -78,7 +77,7 @@ class DeltaConvDistill:
                 "deltaconv": ("DELTACONV", {"tooltip": "Blocks to start from: resume (same stage) or fine-tune."}),
                 "warmup_steps": ("INT", {"default": 500, "min": 0, "max": 100_000}),
                 "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 1024}),
-                "training_dtype": (list(DTYPES), {"default": "bf16"}),
+                "training_dtype": (list(TRAINING_DTYPES), {"default": "bf16"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False,
                                                        "tooltip": "Stage B: recompute the UNet's activations in "
                                                                   "backward to save memory."}),
@@ -103,8 +102,8 @@ class DeltaConvDistill:
         sites = find_attention_sites(model.model.diffusion_model)
         config = DistillConfig(stage=stage[0], steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                                seed=seed, warmup_steps=warmup_steps, grad_accumulation=grad_accumulation,
-                               caption_drop=0.15 if negative else 0.0, min_snr_gamma=min_snr_gamma,
-                               autocast_dtype=DTYPES[training_dtype])
+                               min_snr_gamma=min_snr_gamma, training_dtype=training_dtype,
+                               gradient_checkpointing=gradient_checkpointing, save_every=save_every)
         start = deltaconv or DeltaConvWeights.fresh(sites, seed, parse_kernel_preset(kernel_preset, sites.sites))
         pbar = comfy.utils.ProgressBar(steps)
 
@@ -121,7 +120,6 @@ class DeltaConvDistill:
                 raise Interrupted from e
 
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
-            result = train_blocks(model, latents["samples"], positive, negative, start, sites, config, steps,
-                                  save_every, output_dir(), filename_prefix, gradient_checkpointing,
-                                  should_stop=should_stop, on_step=on_step)
+            result = train_blocks(model, latents["samples"], positive, negative, start, config, output_dir(),
+                                  filename_prefix, should_stop=should_stop, on_step=on_step)
         return (result.weights, {"loss": result.losses}, result.checkpoint)

@@ -1,12 +1,13 @@
 """One distillation run on a ComfyUI model, shared by the ΔConv Distill node and the headless CLI."""
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import comfy.model_management
 import torch
 
-from ..deltaconv_core.distill import DistillConfig, DistillError, Distiller
+from ..deltaconv_core.distill import ONE_PROCESS, DistillConfig, Distiller, DistillError, Processes
+from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.weights import DeltaConvWeights, attention_fingerprint, read_training_state, save_weights
 from . import compat
 from .comfy_denoiser import ComfyDenoiser, sigma_table
@@ -39,14 +40,18 @@ def model_fingerprint(model, sites) -> str:
     return attention_fingerprint(projection_weight(original_attention(model, sites.sites[0]), sites.family))
 
 
-def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, config: DistillConfig, steps: int,
-                 save_every: int, save_dir: str, prefix: str, checkpointing=False, should_stop=None, on_step=None,
-                 rank=0, world=1, ddp=None) -> RunResult:
-    """Train `start`'s blocks on `model` (raw VAE latents x0) up to `steps`; checkpoints go to save_dir (rank 0).
+def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config: DistillConfig, save_dir: str,
+                 prefix: str, *, should_stop=None, on_step=None, processes: Processes = ONE_PROCESS) -> RunResult:
+    """Train `start`'s blocks on `model` (raw VAE latents x0, CONDITIONING) up to `config.steps`.
 
-    Must run with inference mode off and grad on. Resumes when `start` is a checkpoint of the same stage.
+    Checkpoints are written by rank 0 as `<save_dir>/<prefix>_<stage>_<step>.safetensors`. Must run with
+    inference mode off and grad on. Resumes when `start` is a checkpoint of the same stage. Without a negative
+    conditioning there is nothing to drop captions to, so caption_drop is 0.
     """
     check_latents(model, x0)
+    if not negative:
+        config = replace(config, caption_drop=0.0)
+    sites = find_attention_sites(model.model.diffusion_model)
     fingerprint = model_fingerprint(model, sites)
     patched, _, runtime = patch_model(model, start, block_dtype=torch.float32)
     compat.load_for_training(patched)
@@ -60,7 +65,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
     denoiser = ComfyDenoiser(patched, positive, negative, latents)
     distiller = Distiller(denoiser, runtime.teacher, blocks, latents, sigma_table(patched), config,
                           taps=feature_taps(patched, sites.sites) if config.stage == "B" else None,
-                          device=device, rank=rank, world=world, ddp=ddp)
+                          device=device, processes=processes)
     resumed = read_training_state(start.source) if os.path.isfile(start.source) else None
     if resumed and resumed[1].get("config", {}).get("stage") == config.stage:
         distiller.load_training_state(*resumed)
@@ -72,7 +77,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
                                 source=prefix, base_fingerprint=fingerprint)
 
     def save_checkpoint() -> str | None:
-        if rank != 0:
+        if processes.rank != 0:
             return None
         tensors, info = distiller.training_state()
         weights = snapshot()
@@ -82,14 +87,14 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, sites, 
 
     last_saved = None
     try:
-        with gradient_checkpointing(patched, checkpointing and config.stage == "B"):
-            while distiller.state.step < steps:
+        with gradient_checkpointing(patched, config.gradient_checkpointing and config.stage == "B"):
+            while not distiller.finished:
                 if should_stop is not None and should_stop():
                     raise Interrupted
                 loss = distiller.step()
                 if on_step is not None:
                     on_step(distiller.state.step, loss)
-                if save_every and distiller.state.step % save_every == 0 and distiller.state.step < steps:
+                if config.save_every and distiller.state.step % config.save_every == 0 and not distiller.finished:
                     last_saved = save_checkpoint()
     except Interrupted:
         log.info("ΔConv Distill: stopped at step %d; saving", distiller.state.step)

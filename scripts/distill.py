@@ -14,7 +14,6 @@ import argparse
 import glob
 import logging
 import os
-import sys
 import time
 
 from devkit.comfy_env import load_pack, setup_comfy
@@ -39,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--seed", type=int, default=114514)
     p.add_argument("--save-every", type=int, default=2000)
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")  # DistillConfig's TRAINING_DTYPES
     p.add_argument("--min-snr-gamma", type=float, default=0.0)
     p.add_argument("--caption-drop", type=float, default=0.15)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -50,12 +49,14 @@ def parse_args(argv=None):
 
 
 def distributed(cpu: bool):
-    """(rank, world, ddp factory); a process group when launched by torchrun."""
+    """This process's place in data-parallel training; a process group when launched by torchrun."""
     import torch
+
+    from deltaconv_core.distill import Processes  # after load_pack: the pack's own module
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, None
+        return Processes()
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -63,7 +64,7 @@ def distributed(cpu: bool):
     if not cpu:
         torch.cuda.set_device(local)
     dist.init_process_group("gloo" if cpu else "nccl")
-    return dist.get_rank(), world, lambda m: DistributedDataParallel(m, device_ids=None if cpu else [local])
+    return Processes(dist.get_rank(), world, lambda m: DistributedDataParallel(m, device_ids=None if cpu else [local]))
 
 
 def load_images(folder: str, resolution: int):
@@ -125,15 +126,15 @@ def main(argv=None):
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights, load_weights
 
-    rank, world, ddp = distributed(args.cpu)
+    processes = distributed(args.cpu)
+    rank, world = processes.rank, processes.world
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     log = logging.getLogger("deltaconv")
     if args.checkpoint:
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True,
                                                                  output_clip=True)[:3]
     else:
-        load = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
-        model, clip, vae = load(args.unet), None, None
+        model, clip, vae = pack.nodes.compat.load_diffusion_model(args.unet), None, None
     if args.images:
         latents, positive, negative = encode_folder(args, clip, vae)
     else:
@@ -142,8 +143,9 @@ def main(argv=None):
     start = load_weights(args.resume) if args.resume else DeltaConvWeights.fresh(sites, args.seed)
     config = DistillConfig(stage=args.stage, steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
                            batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, seed=args.seed,
-                           caption_drop=args.caption_drop if negative else 0.0, min_snr_gamma=args.min_snr_gamma,
-                           autocast_dtype={"fp32": "none"}.get(args.dtype, args.dtype))
+                           caption_drop=args.caption_drop, min_snr_gamma=args.min_snr_gamma,
+                           training_dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                           save_every=args.save_every)
     t0, samples_per_step = time.perf_counter(), args.batch_size * args.grad_accumulation
 
     def on_step(step, loss):
@@ -154,9 +156,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.enable_grad():
         result = pack.nodes.distill_run.train_blocks(
-            model, latents, positive, negative, start, sites, config, args.steps, args.save_every,
-            os.path.dirname(os.path.abspath(args.out)), os.path.basename(args.out),
-            checkpointing=args.gradient_checkpointing, on_step=on_step, rank=rank, world=world, ddp=ddp)
+            model, latents, positive, negative, start, config, os.path.dirname(os.path.abspath(args.out)),
+            os.path.basename(args.out), on_step=on_step, processes=processes)
     if rank == 0:
         log.info("saved %s", result.checkpoint)
     if world > 1:
