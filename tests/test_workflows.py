@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from workflowgen.schemas import THIRD_PARTY_NODES as THIRD_PARTY
+
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows")
 NAMES = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(WORKFLOWS, "*.json")))
 UI_ONLY = {"Note", "MarkdownNote"}  # frontend-only nodes: no schema, not in the API twin
@@ -16,23 +18,6 @@ FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "vae_name", "lora_name", "
                "image", "folder"}
 LOADERS = {"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader", "LoraLoader", "ControlNetLoader",
            "DeltaConvLoad", "IPAdapterUnifiedLoader"}
-_F = "FLOAT"
-# Not installed here: cubiq/ComfyUI_IPAdapter_plus (IPAdapterPlus.py at 9d076a3, 2025-02-26), as /object_info shows it.
-THIRD_PARTY = {
-    "IPAdapterUnifiedLoader": {"input": {"required": {"model": ["MODEL"], "preset": [[
-        "LIGHT - SD1.5 only (low strength)", "STANDARD (medium strength)", "VIT-G (medium strength)",
-        "PLUS (high strength)", "PLUS FACE (portraits)", "FULL FACE - SD1.5 only (portraits stronger)"]]},
-        "optional": {"ipadapter": ["IPADAPTER"]}}, "output": ["MODEL", "IPADAPTER"],
-        "output_name": ["model", "ipadapter"], "display_name": "IPAdapter Unified Loader", "category": "ipadapter"},
-    "IPAdapter": {"input": {"required": {
-        "model": ["MODEL"], "ipadapter": ["IPADAPTER"], "image": ["IMAGE"],
-        "weight": [_F, {"default": 1.0, "min": -1, "max": 3, "step": 0.05}],
-        "start_at": [_F, {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}],
-        "end_at": [_F, {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}],
-        "weight_type": [["standard", "prompt is more important", "style transfer"]]},
-        "optional": {"attn_mask": ["MASK"]}},
-        "output": ["MODEL"], "output_name": ["MODEL"], "display_name": "IPAdapter", "category": "ipadapter"},
-}
 # Workflows whose API twins run on tiny models, and why the others do not.
 NOT_RUN = {"deltaconv_sd15_ipadapter": "ComfyUI_IPAdapter_plus is not installed in the test server"}
 
@@ -51,7 +36,7 @@ def inputs_of(schema):
 def n_values(name, spec):
     """widgets_values entries of an input: 0 for a socket; a seed's control_after_generate, an upload button: +1."""
     opts = spec[1] if len(spec) > 1 else {}
-    if opts.get("forceInput") or not (isinstance(spec[0], list) or spec[0] in {"INT", _F, "STRING", "BOOLEAN",
+    if opts.get("forceInput") or not (isinstance(spec[0], list) or spec[0] in {"INT", "FLOAT", "STRING", "BOOLEAN",
                                                                                "COMBO"}):
         return 0
     seed = spec[0] == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed"))
@@ -127,7 +112,7 @@ def check_node(node, api_inputs, schema, exact):
 def test_nodes_match_server_schema(name, object_info):
     ui, api = load(name)
     nodes = [n for n in ui["nodes"] if n["type"] not in UI_ONLY]
-    for node in nodes:  # ours: always present, always exact; uninstalled third-party nodes: the schema kept here
+    for node in nodes:  # ours: always present, always exact; uninstalled third-party nodes: third_party_nodes.json
         kind = node["type"]
         if kind.startswith("DeltaConv") or (kind in THIRD_PARTY and kind not in object_info):
             check_node(node, api[str(node["id"])]["inputs"], object_info.get(kind) or THIRD_PARTY[kind], exact=True)
@@ -275,7 +260,7 @@ def test_template_route_lists_the_workflows(comfy_server):
 
 
 def test_files_are_what_the_generator_makes(comfy_server, object_info):
-    from make_workflows import build_all
+    from workflowgen import build_all
 
     version = comfy_server.get("/system_stats").get("system", {}).get("comfyui_version")
     made_with = {n["properties"].get("ver") for n in load(NAMES[0])[0]["nodes"] if n["type"] == "KSampler"}

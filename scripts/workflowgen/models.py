@@ -1,0 +1,26 @@
+"""The model files the example workflows use: name, download URL and ComfyUI folder (the missing-model dialog)."""
+
+
+def hf(repo, path, directory, name=None):
+    return {"name": name or path.rsplit("/", 1)[-1], "url": f"https://huggingface.co/{repo}/resolve/main/{path}",
+            "directory": directory}
+
+
+MODELS = {
+    "dreamshaper": hf("Lykon/DreamShaper", "DreamShaper_8_pruned.safetensors", "checkpoints"),
+    "dreamshaper_inpaint": hf("Lykon/DreamShaper", "DreamShaper_8_INPAINTING.inpainting.safetensors", "checkpoints"),
+    "sdxl": hf("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors", "checkpoints"),
+    "pixart": hf("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "transformer/diffusion_pytorch_model.safetensors",
+                 "diffusion_models", name="PixArt-Sigma-XL-2-1024-MS.safetensors"),
+    "t5xxl": hf("comfyanonymous/flux_text_encoders", "t5xxl_fp16.safetensors", "text_encoders"),
+    "sdxl_vae": hf("stabilityai/sdxl-vae", "sdxl_vae.safetensors", "vae"),
+    "canny": hf("comfyanonymous/ControlNet-v1-1_fp16_safetensors", "control_v11p_sd15_canny_fp16.safetensors",
+                "controlnet"),
+    "pixel_lora": hf("artificialguybr/pixelartredmond-1-5v-pixel-art-loras-for-sd-1-5",
+                     "PixelArtRedmond15V-PixelArt-PIXARFK.safetensors", "loras"),
+    "ipadapter_sd15": hf("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors", "ipadapter"),
+    "clip_vision_h": hf("h94/IP-Adapter", "models/image_encoder/model.safetensors", "clip_vision",
+                        name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+    **{f"dc_{k}": hf("7eu7d7/ConvFusion", f"ConvFusion-{k}-mjv5.safetensors", "deltaconv")
+       for k in ("sd15", "sdxl", "pixart1024")},
+}
