@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
-import re
 import resource
 import statistics
 import sys
@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from device_info import device_name, device_slug
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for deltaconv_core
+from devkit.comfy_env import import_core
+
+import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path
 from deltaconv_core import kernels  # noqa: E402
 from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
 
@@ -43,8 +46,16 @@ FAMILIES = {
 IMAGES = [512, 1024, 2048, 4096]
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head SDPA on [B, N, C] q/k/v → [B, N, C] (the call shape of ComfyUI's optimized_attention)."""
+    b, n, c = q.shape
+    q, k, v = (t.view(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+
 class SelfAttention(nn.Module):
-    """SD1.5 attn1: x@Wq, x@Wk, x@Wv (no bias) → multi-head SDPA → output projection (bias). [B, N, C] → [B, N, C]."""
+    """SD1.5 attn1: x@Wq, x@Wk, x@Wv (no bias) → multi-head attention → output projection (bias). [B, N, C] → [B, N, C].
+    `attention(q, k, v, heads)` is the attention kernel to time (SDPA by default)."""
 
     def __init__(self, dim: int, heads: int, device=None, dtype=None):
         super().__init__()
@@ -52,11 +63,8 @@ class SelfAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(3))
         self.to_out = nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, c // self.heads).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        y = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(y.transpose(1, 2).reshape(b, n, c))
+    def forward(self, x: torch.Tensor, attention=sdpa_attention) -> torch.Tensor:
+        return self.to_out(attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
 
 
 def attention_macs(n: int, c: int) -> int:
@@ -67,14 +75,6 @@ def deltaconv_macs(n: int, c: int, k: int, scales=(1.0, 0.5)) -> int:
     """Spec §1.2: per token C·C/2 (conv_up) + (n·C/4)·C (conv_out) + k²·(C/2)·Σs² (depthwise), × N; + C² (pool)."""
     per_token = c * c // 2 + len(scales) * (c // 4) * c + k * k * (c // 2) * sum(s * s for s in scales)
     return int(n * per_token + c * c)
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
 
 
 def available_bytes(device: str) -> int:
@@ -138,6 +138,12 @@ def fmt_ms(times) -> str:
     return f"{statistics.median(times) * 1e3:.2f} ({min(times) * 1e3:.2f})"
 
 
+def fmt_baseline(name: str, measured: dict) -> str:
+    if measured["times"] is None:
+        return f"{name} {measured['error'] or 'skipped'}"
+    return f"{name} {fmt_ms(measured['times'])} ms x{measured['repeats']}"
+
+
 def torch_ops(fn):
     """fn run with the Triton kernels switched off (the block's PyTorch path)."""
     def run():
@@ -147,6 +153,101 @@ def torch_ops(fn):
         finally:
             kernels.set_enabled(None)
     return run
+
+
+def time_attention(attn: SelfAttention, fn, x: torch.Tensor, device: str, repeats: int, warmup: int,
+                   budget_s: float) -> dict:
+    """One attention baseline on x [B, H, W, C] taken as tokens: its times and peak memory, or why it has none.
+    On CPU, SDPA materialises the B·heads·N² scores: skipped when they would not fit. On CUDA, out of memory (or a
+    kernel that refuses the shape, e.g. SageAttention's head sizes) is recorded instead."""
+    b, n, c = x.shape[0], x.shape[1] * x.shape[2], x.shape[3]
+    if device != "cuda" and b * attn.heads * n * n * x.element_size() > 0.9 * available_bytes(device):
+        return {"times": None, "repeats": 0, "peak": None, "error": None}
+    xa = x.view(b, n, c)
+    try:
+        times, rep = bench(lambda: attn(xa, fn), device, repeats, warmup, budget_s)
+        return {"times": times, "repeats": rep, "peak": peak_bytes(lambda: attn(xa, fn), device), "error": None}
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"times": None, "repeats": 0, "peak": None, "error": "out of memory"}
+    except Exception as e:  # a baseline that fails is a result, not the end of the benchmark
+        return {"times": None, "repeats": 0, "peak": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats: int = 7, warmup: int = 2,
+            cell_budget: float = 20.0, baselines=None):
+    """Yields one record per (family, site, image), families being {name: sites} as in FAMILIES: ΔConv as the
+    model runs it (the Triton kernels where they run, then also on PyTorch ops), a device copy of the floor bytes,
+    and each attention baseline (name → fn(q, k, v, heads); default {"attention": SDPA}), the first of which gives
+    the speed-up."""
+    baselines = baselines or {"attention": sdpa_attention}
+    common = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "batch": batch}
+    first = next(iter(baselines))
+    attn_cache, copy_cache = {}, {}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for family, label, c, k, per_token, heads in ((f, *site) for f, sites in families.items() for site in sites):
+            block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
+            attn = SelfAttention(c, heads, device=device, dtype=dtype).eval()
+            for image in images:
+                g = image // per_token
+                n, cell_busy, cell_t0 = g * g, busy_cpu_s(), time.perf_counter()
+                x = torch.randn(batch, g, g, c, device=device, dtype=dtype)
+                fused = kernels.use_triton(x)  # x's dtype is the gate input's: the block takes the kernels
+                block(x)  # untimed: compiles the kernels for this shape, so the first timed run is a real one
+                run = functools.partial(block, x)  # called within this iteration
+                d_times, d_rep = bench(run, device, repeats, warmup, cell_budget)
+                d_peak = peak_bytes(run, device)
+                path = "triton" if fused and kernels.failure() is None else "torch"
+                t_times = None
+                if path == "triton":  # the same block on PyTorch ops, for comparison
+                    t_times, _ = bench(torch_ops(run), device, repeats, warmup, cell_budget)
+                if (c, g) not in copy_cache:  # the floor traffic moved by a plain copy: x read, y written
+                    y = torch.empty_like(x)
+                    copy_cache[(c, g)] = bench(functools.partial(y.copy_, x), device, repeats, warmup, cell_budget)[0]
+                    del y
+                c_times = copy_cache[(c, g)]
+                floor_bytes = 2 * x.numel() * x.element_size()
+                for name, fn in baselines.items():  # attention does not depend on k: measured once per shape
+                    if (name, c, g, heads) not in attn_cache:
+                        attn_cache[(name, c, g, heads)] = time_attention(attn, fn, x, device, repeats, warmup,
+                                                                         cell_budget)
+                measured = {name: attn_cache[(name, c, g, heads)] for name in baselines}
+                # /proc/stat counts in 10 ms ticks: clamp at 0, flag (⚠) only > 0.1 CPU-s and > 5 % of the cores
+                cell_other = None if cell_busy is None else max(0.0, busy_cpu_s() - cell_busy)
+                cell_s = time.perf_counter() - cell_t0
+                cell_pct = None if cell_other is None else 100 * cell_other / (cell_s * os.cpu_count())
+                d_macs, a_macs = batch * deltaconv_macs(n, c, k), batch * attention_macs(n, c)
+                rec = {**common, "family": family, "image": image, "site": label, "channels": c, "kernel_size": k,
+                       "heads": heads, "grid": g, "tokens": n, "deltaconv_peak_bytes": d_peak,
+                       "deltaconv_path": path, "kernel_failure": kernels.failure(),
+                       "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
+                       "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
+                       "deltaconv_torch_ops_median_ms": None if t_times is None else statistics.median(t_times) * 1e3,
+                       "floor_bytes": floor_bytes, "copy_median_ms": statistics.median(c_times) * 1e3,
+                       "deltaconv_floor_gbps": floor_bytes / statistics.median(d_times) / 1e9,
+                       "copy_gbps": floor_bytes / statistics.median(c_times) / 1e9,
+                       "floor_fraction_of_copy": statistics.median(c_times) / statistics.median(d_times),
+                       "attention_matrix_bytes": batch * heads * n * n * x.element_size()}
+                for name, m in measured.items():
+                    a_times = m["times"]
+                    rec.update({f"{name}_skipped": a_times is None, f"{name}_error": m["error"],
+                                f"{name}_peak_bytes": m["peak"], f"{name}_repeats": m["repeats"],
+                                f"{name}_median_ms": None if a_times is None else statistics.median(a_times) * 1e3,
+                                f"{name}_min_ms": None if a_times is None else min(a_times) * 1e3,
+                                f"{name}_times_ms": None if a_times is None else [t * 1e3 for t in a_times]})
+                speedup = None if rec[f"{first}_skipped"] else rec[f"{first}_median_ms"] / rec["deltaconv_median_ms"]
+                rec.update({"speedup": speedup,
+                            "deltaconv_macs": d_macs, "attention_macs": a_macs, "mac_ratio": a_macs / d_macs,
+                            "other_processes_cpu_s": cell_other, "other_processes_cpu_pct": cell_pct,
+                            "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)})
+                baseline_text = ", ".join(fmt_baseline(name, m) for name, m in measured.items())
+                print(f"{family} {image}² {label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
+                      f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}, "
+                      f"{rec['deltaconv_floor_gbps']:.3g} GB/s floor ({100 * rec['floor_fraction_of_copy']:.0f}% of "
+                      f"copy), {baseline_text}", flush=True)
+                yield rec
 
 
 def main():
@@ -166,78 +267,15 @@ def main():
     torch.set_num_threads(args.threads)
     device, dtype = args.device, (torch.float16 if args.device == "cuda" else torch.float32)
     name = device_name(device)
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{device} {name}{f' {args.threads} threads' if device == 'cpu' else ''}".lower()).strip("-")
-    common = {"device": device, "device_name": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "dtype": str(dtype).replace("torch.", ""), "batch": args.batch}
+    common = {"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
     print(f"# {name} | torch {torch.__version__} | {device} {common['dtype']} | threads {common['threads']}", flush=True)
 
     images = [int(i) for i in args.images.split(",")]
     families = args.families.split(",")
     busy_before = busy_cpu_s()
-    records, attn_cache, attn_peak, copy_cache, t_start = [], {}, {}, {}, time.perf_counter()
-    torch.manual_seed(0)
-    with torch.inference_mode():
-        for family, label, c, k, per_token, heads in ((f, *site) for f in families for site in FAMILIES[f]):
-            block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
-            attn = SelfAttention(c, heads, device=device, dtype=dtype).eval()
-            for image in images:
-                g = image // per_token
-                n, cell_busy, cell_t0 = g * g, busy_cpu_s(), time.perf_counter()
-                x = torch.randn(args.batch, g, g, c, device=device, dtype=dtype)
-                fused = kernels.use_triton(x)  # x's dtype is the gate input's: the block takes the kernels
-                block(x)  # untimed: compiles the kernels for this shape, so the first timed run is a real one
-                d_times, d_rep = bench(lambda: block(x), device, args.repeats, args.warmup, args.cell_budget)
-                d_peak = peak_bytes(lambda: block(x), device)
-                path = "triton" if fused and kernels.failure() is None else "torch"
-                t_times = None
-                if path == "triton":  # the same block on PyTorch ops, for comparison
-                    t_times, _ = bench(torch_ops(lambda: block(x)), device, args.repeats, args.warmup, args.cell_budget)
-                if (c, g) not in copy_cache:  # the floor traffic moved by a plain copy: x read, y written
-                    y = torch.empty_like(x)
-                    copy_cache[(c, g)] = bench(lambda: y.copy_(x), device, args.repeats, args.warmup, args.cell_budget)[0]
-                    del y
-                c_times = copy_cache[(c, g)]
-                floor_bytes = 2 * x.numel() * x.element_size()
-                matrix_bytes = args.batch * heads * n * n * x.element_size()  # the materialised N×N scores
-                if (c, g, heads) in attn_cache:  # attention does not depend on k: reuse the measurement
-                    a_times, a_rep = attn_cache[(c, g, heads)]
-                elif matrix_bytes > 0.9 * available_bytes(device):
-                    a_times, a_rep = None, 0
-                else:
-                    xa = x.view(args.batch, n, c)
-                    a_times, a_rep = bench(lambda: attn(xa), device, args.repeats, args.warmup, args.cell_budget)
-                    attn_peak[(c, g, heads)] = peak_bytes(lambda: attn(xa), device)
-                attn_cache[(c, g, heads)] = (a_times, a_rep)
-                # /proc/stat counts in 10 ms ticks: clamp at 0, flag (⚠) only > 0.1 CPU-s and > 5 % of the cores
-                cell_other = None if cell_busy is None else max(0.0, busy_cpu_s() - cell_busy)
-                cell_pct = None if cell_other is None else 100 * cell_other / ((time.perf_counter() - cell_t0) * os.cpu_count())
-                d_macs, a_macs = args.batch * deltaconv_macs(n, c, k), args.batch * attention_macs(n, c)
-                rec = {**common, "family": family, "image": image, "site": label, "channels": c, "kernel_size": k,
-                       "heads": heads, "grid": g, "tokens": n,
-                       "deltaconv_peak_bytes": d_peak, "attention_peak_bytes": attn_peak.get((c, g, heads)),
-                       "deltaconv_path": path, "kernel_failure": kernels.failure(),
-                       "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
-                       "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
-                       "deltaconv_torch_ops_median_ms": None if t_times is None else statistics.median(t_times) * 1e3,
-                       "floor_bytes": floor_bytes, "copy_median_ms": statistics.median(c_times) * 1e3,
-                       "deltaconv_floor_gbps": floor_bytes / statistics.median(d_times) / 1e9,
-                       "copy_gbps": floor_bytes / statistics.median(c_times) / 1e9,
-                       "floor_fraction_of_copy": statistics.median(c_times) / statistics.median(d_times),
-                       "attention_skipped": a_times is None, "attention_matrix_bytes": matrix_bytes,
-                       "attention_median_ms": None if a_times is None else statistics.median(a_times) * 1e3,
-                       "attention_min_ms": None if a_times is None else min(a_times) * 1e3,
-                       "attention_repeats": a_rep, "attention_times_ms": None if a_times is None else [t * 1e3 for t in a_times],
-                       "speedup": None if a_times is None else statistics.median(a_times) / statistics.median(d_times),
-                       "deltaconv_macs": d_macs, "attention_macs": a_macs, "mac_ratio": a_macs / d_macs,
-                       "other_processes_cpu_s": cell_other, "other_processes_cpu_pct": cell_pct,
-                       "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)}
-                records.append(rec)
-                print(f"{family} {image}² {label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
-                      f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}, "
-                      f"{rec['deltaconv_floor_gbps']:.3g} GB/s floor ({100 * rec['floor_fraction_of_copy']:.0f}% of "
-                      f"copy), attention {'skipped' if a_times is None else fmt_ms(a_times) + f' ms x{a_rep}'}",
-                      flush=True)
-            del block, attn
+    t_start = time.perf_counter()
+    records = list(measure({f: FAMILIES[f] for f in families}, images, device, dtype, args.batch, args.repeats,
+                           args.warmup, args.cell_budget))
     elapsed = time.perf_counter() - t_start
     other = None if busy_before is None else busy_cpu_s() - busy_before
     load = "n/a" if other is None else f"{other:.1f} CPU-s used by other processes during the run " \
@@ -281,12 +319,13 @@ def main():
               f"max_memory_allocated above what was allocated before the call (inputs excluded); — on CPU\n"
               f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (spec §1.2); "
               f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
-              f"would exceed 90% of available memory\n"
+              f"would exceed 90% of available memory (CPU; on CUDA only when it runs out of memory)\n"
               f"- bandwidth: floor = one read of x + one write of the output (2·B·N·C·{torch.finfo(dtype).bits // 8} "
               f"bytes) / ΔConv median; 'of copy' = that rate / the rate of a device-to-device copy of x into a tensor "
               f"of its size (median of its own timed runs)\n- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    slug = device_slug(device)
     (out / f"block_{slug}.json").write_text(json.dumps(records, indent=1) + "\n")
     (out / f"block_{slug}.md").write_text(header + table + "\n")
     print(f"\nwrote {out / f'block_{slug}.json'} and .md ({elapsed:.0f} s)")

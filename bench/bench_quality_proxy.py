@@ -19,6 +19,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # repository root (deltaconv_core) and bench/ (quality_proxy)
 from device_info import device_name, device_slug  # noqa: E402
+
 from quality_proxy import report  # noqa: E402
 from quality_proxy.data import CACHE  # noqa: E402
 from quality_proxy.experiment import PRESETS, run  # noqa: E402

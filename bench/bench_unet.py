@@ -12,31 +12,52 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(REPO, "scripts"), os.path.join(REPO, "tests")]
-from comfy_env import load_pack, setup_comfy  # noqa: E402
+from device_info import device_name, device_slug
 
-SD15_FULL = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "transformer_depth_output": [1] * 9 + [0] * 3}
+from devkit.comfy_env import load_pack, setup_comfy
+from devkit.tiny_models import KOALA_TINY, SD15_TINY, init_random
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD15_FULL = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+             "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1] * 9 + [0] * 3}
 SDXL_FULL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
              "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
 
 
+def setup(cpu: bool):
+    """ComfyUI (COMFYUI_PATH) as a library with this pack loaded: (pack, the device ComfyUI runs on)."""
+    setup_comfy(os.environ.get("COMFYUI_PATH", ""), cpu=cpu)
+    pack = load_pack()
+    import comfy.model_management
+
+    return pack, comfy.model_management.get_torch_device()
+
+
 def build(name, device, dtype):
+    """A ModelPatcher around a random-weight "tiny", "sd15" or "sdxl" UNet on device, and its context width."""
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    from tiny_models import KOALA_TINY, SD15_TINY, init_random
-
     if name == "sdxl":
         config, cls, ctx = {**KOALA_TINY, **SDXL_FULL}, comfy.supported_models.SDXL, 2048
     else:
-        config, cls, ctx = ({**SD15_TINY, **SD15_FULL} if name == "sd15" else dict(SD15_TINY)), comfy.supported_models.SD15, 768
+        config = {**SD15_TINY, **SD15_FULL} if name == "sd15" else dict(SD15_TINY)
+        cls, ctx = comfy.supported_models.SD15, 768
     base = cls({**config, "dtype": dtype}).get_model({})
-    init_random(base.diffusion_model, seed=0)
     base.diffusion_model.to(device, dtype)
+    init_random(base.diffusion_model, seed=0)  # on the device: a full SDXL initialises in moments on a GPU
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu")), ctx
+
+
+def patch(pack, model):
+    """The model patched with fresh (random) ΔConv blocks at every self-attention site: (patched, site count)."""
+    from deltaconv_core.families import find_attention_sites
+    from deltaconv_core.weights import DeltaConvWeights
+
+    sites = find_attention_sites(model.model.diffusion_model)
+    patched, _, _ = pack.nodes.patching.patch_model(model, DeltaConvWeights.fresh(sites, 0))
+    return patched, len(sites.sites)
 
 
 def time_step(model, x, conds, repeats, device):
@@ -60,6 +81,35 @@ def time_step(model, x, conds, repeats, device):
     return sorted(times)[len(times) // 2]
 
 
+def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype) -> dict:
+    """One image size: the median step with attention and with ΔConv (None when out of memory), and on CUDA the
+    peak memory of each (max_memory_allocated, weights included)."""
+    import comfy.model_management
+    import torch
+
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(batch, 4, size // 8, size // 8, generator=g).to(device, dtype)
+    conds = {"c_crossattn": torch.randn(batch, 77, ctx, generator=g).to(device, dtype)}
+    if name == "sdxl":
+        conds["y"] = torch.randn(batch, 2816, generator=g).to(device, dtype)
+    row = {"model": name, "size": size}
+    with torch.inference_mode():
+        for label, m in (("attention", model), ("deltaconv", patched)):
+            comfy.model_management.load_models_gpu([m])
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                row[f"{label}_s"] = time_step(m, x, conds, repeats, device)
+            except torch.cuda.OutOfMemoryError:
+                row[f"{label}_s"] = None
+                torch.cuda.empty_cache()
+            if device.type == "cuda":
+                row[f"{label}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if row["attention_s"] and row["deltaconv_s"]:
+        row["speedup"] = row["attention_s"] / row["deltaconv_s"]
+    return row
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=("tiny", "sd15", "sdxl"))
@@ -71,52 +121,27 @@ def main():
     args = p.parse_args()
     import torch
 
-    setup_comfy(os.environ["COMFYUI_PATH"], cpu=not torch.cuda.is_available())
-    pack = load_pack()
+    pack, device = setup(cpu=not torch.cuda.is_available())
     import comfy.model_management
 
-    from deltaconv_core.families import find_attention_sites
-    from deltaconv_core.weights import DeltaConvWeights
-
-    device = comfy.model_management.get_torch_device()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     rows = []
     for name in args.models:
         model, ctx = build(name, device, dtype)
-        sites = find_attention_sites(model.model.diffusion_model)
-        patched, _, _ = pack.nodes.patching.patch_model(model, DeltaConvWeights.fresh(sites, 0))
-        g = torch.Generator().manual_seed(0)
+        patched, sites = patch(pack, model)
         for size in args.sizes:
-            x = torch.randn(args.batch, 4, size // 8, size // 8, generator=g).to(device, dtype)
-            conds = {"c_crossattn": torch.randn(args.batch, 77, ctx, generator=g).to(device, dtype)}
-            if name == "sdxl":
-                conds["y"] = torch.randn(args.batch, 2816, generator=g).to(device, dtype)
-            row = {"model": name, "size": size, "sites": len(sites.sites)}
-            with torch.inference_mode():
-                for label, m in (("attention", model), ("deltaconv", patched)):
-                    comfy.model_management.load_models_gpu([m])
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    try:
-                        row[f"{label}_s"] = time_step(m, x, conds, args.repeats, device)
-                    except torch.OutOfMemoryError:
-                        row[f"{label}_s"] = None
-                    if device.type == "cuda":
-                        row[f"{label}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-            if row["attention_s"] and row["deltaconv_s"]:
-                row["speedup"] = row["attention_s"] / row["deltaconv_s"]
+            row = {**measure_size(name, model, patched, ctx, size, args.batch, args.repeats, device, dtype),
+                   "sites": sites}
             rows.append(row)
             print(row, flush=True)
         comfy.model_management.unload_all_models()
         del model, patched
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else next(
-        (l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "cpu")
-    meta = {"device": f"{dev} ({device.type}, {torch.get_num_threads()} threads)", "torch": torch.__version__,
-            "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "repeats": args.repeats,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    meta = {"device": f"{device_name(device.type)} ({device.type}, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
+            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python bench/bench_unet.py " + " ".join(sys.argv[1:])}
-    slug = "".join(c if c.isalnum() else "-" for c in f"{device.type}-{dev}".lower())[:60]
+    slug = device_slug(device.type)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"unet_{slug}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
