@@ -78,8 +78,8 @@ GPU = Plan("cuda", False, {"kernels": 90, "block": 110, "unet": 180, "distill": 
 SMOKE = Plan("cpu", True, {stage: 600 for stage in STAGES}, block_families={"smoke": [("tiny", 16, 3, 8, 2)]},
              block_images=(64,), model_kernels=False, block_dtype=torch.float32, block_repeats=1, block_warmup=1,
              block_cell_budget=0.5, unet_runs=(("tiny", (32,)),), unet_dtype=torch.float32, unet_repeats=1,
-             distill_model="tiny", distill_batch=2, distill_latent=4,
-             distill_warmup=1, distill_steps=1, distill_dtype="fp32")  # bf16 matmuls crawl on most CPUs
+             distill_model="tiny", distill_batch=2, distill_latent=4, distill_warmup=1, distill_steps=1,
+             distill_dtype="fp32")  # bf16 matmuls crawl on most CPUs
 
 
 # ------------------------------------------------------------------------------------------------ stage plumbing
@@ -146,7 +146,7 @@ def stage_kernels(plan: Plan, deadline: float, notes: list) -> list[dict]:
 
 def sage_attention(q, k, v, heads):
     """SageAttention on [B, N, C] q/k/v, the call shape of ComfyUI's optimized_attention."""
-    from sageattention import sageattn
+    from sageattention import sageattn  # the stage imports it first, and only then adds this baseline
 
     b, n, c = q.shape
     q, k, v = (t.view(b, n, heads, c // heads) for t in (q, k, v))
@@ -159,10 +159,12 @@ def stage_block(plan: Plan, deadline: float, notes: list) -> list[dict]:
 
     baselines = {"attention": optimized_attention}
     try:
-        notes.append(f"SageAttention {importlib.metadata.version('sageattention')}")
+        import sageattention  # noqa: F401  (a baseline only where it imports)
+
+        notes.append(f"SageAttention {package_version('sageattention')}")
         baselines["sage"] = sage_attention
-    except importlib.metadata.PackageNotFoundError:
-        notes.append("SageAttention: not installed")
+    except Exception as e:  # not installed, or built for another CUDA/torch
+        notes.append(f"SageAttention: not available ({type(e).__name__}: {e})")
     notes.append(f"ComfyUI attention: {optimized_attention.__module__}.{optimized_attention.__name__}; batch 1, "
                  f"{str(plan.block_dtype).replace('torch.', '')}; floor ratio = ΔConv time / time of a device copy of "
                  f"the same bytes (one read of x, one write of y); peak memory above the inputs")
