@@ -34,7 +34,7 @@ import_core()  # deltaconv_core without the repository root (and its nodes/) on 
 from deltaconv_core import kernels  # noqa: E402
 from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
 
-# Self-attention sites per family (spec §1.4): (label, channels C, official kernel k, image pixels per token,
+# Self-attention sites per family (docs/design.md, the official layout): (label, channels C, official kernel k, image pixels per token,
 # attention heads). SD: latent = image/8, halved per level; PixArt: latent/8 in 2×2 patches.
 FAMILIES = {
     "sd15": [("down_blocks.0", 320, 7, 8, 8), ("up_blocks.3", 320, 11, 8, 8), ("down/up_blocks.1/2", 640, 9, 16, 8),
@@ -317,7 +317,7 @@ def main():
               f"measured once per (C, grid, heads) and shared by rows of the same shape\n- grid = image / pixels per token "
               f"(SD: latent = image/8, halved per level; PixArt: 2×2 patches of the latent)\n- peak memory: CUDA "
               f"max_memory_allocated above what was allocated before the call (inputs excluded); — on CPU\n"
-              f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (spec §1.2); "
+              f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (conv_up, conv_out, the gated dwconvs, conv_pool); "
               f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
               f"would exceed 90% of available memory (CPU; on CUDA only when it runs out of memory)\n"
               f"- bandwidth: floor = one read of x + one write of the output (2·B·N·C·{torch.finfo(dtype).bits // 8} "

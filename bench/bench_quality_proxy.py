@@ -11,18 +11,18 @@ re-runs only redo the students. Results: bench/results/quality_proxy_<preset>_<d
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
+from device_info import device_name, device_slug
+from devkit.comfy_env import import_core
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]  # repository root (deltaconv_core) and bench/ (quality_proxy)
-from device_info import device_name, device_slug  # noqa: E402
-
+import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path
 from quality_proxy import report  # noqa: E402
 from quality_proxy.data import CACHE  # noqa: E402
 from quality_proxy.experiment import PRESETS, run  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
 
 
 def main():
