@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,11 @@ _KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.conv1\."
 _MEDIATOR_KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.mediators\."
                            r"(?P<param>(?:qkv|proj|dwc)\.(?:weight|bias))$")
 TENSOR_GROUP = {DELTACONV: "conv1", MEDIATORS: "mediators"}  # `<name>.<group>.<param>` per student type
+# Temp files of an atomic save: `.deltaconv-<pid>-<random>.tmp` in the target folder (older ones lack the pid).
+TEMP_PREFIX, TEMP_SUFFIX = ".deltaconv-", ".tmp"
+_TEMP_NAME = re.compile(r"^\.deltaconv-(?:(?P<pid>\d+)-)?[^/\\]*\.tmp$")
+TEMP_GRACE_SECONDS = 300
+TEMP_MAX_AGE_SECONDS = 24 * 3600
 
 
 class WeightFileError(ValueError):
@@ -253,7 +259,9 @@ def _read_metadata(filename: str, meta: dict) -> tuple[dict, str, dict]:
 
 def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
                  training_tensors: dict | None = None) -> str:
-    """Write our format atomically (temp file + rename): a crash never leaves a half-written file behind.
+    """Write our format atomically (temp file, fsync, rename, fsync of the folder): after a crash or power loss
+    `path` is the old file or the new one, never a partial one. Temp files of killed saves are removed by the next
+    save into the same folder (remove_stale_temp_files).
 
     training_tensors (optimiser moments, RNG state) are stored under `_train.*` so a run can resume exactly.
     """
@@ -269,15 +277,65 @@ def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
             "base_fingerprint": weights.base_fingerprint or "", "training": json.dumps(weights.training)}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".deltaconv-", suffix=".tmp", dir=directory)
+    remove_stale_temp_files(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=TEMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        _fsync(tmp)  # the data is on disk before the rename makes it the file
         os.replace(tmp, path)
+        _fsync(directory, directory=True)  # and the rename itself survives a power loss
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR)
+    except OSError:
+        if directory:  # Windows cannot open a folder (nor needs to sync one for a rename)
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(directory: str, now: float | None = None) -> list[str]:
+    """Delete our own temp files left by a save that was killed (`.deltaconv-<pid>-*.tmp`); returns their paths.
+
+    A temp file is stale when its writer is gone and it is older than TEMP_GRACE_SECONDS (so another machine's
+    save into a shared folder is left alone), or older than TEMP_MAX_AGE_SECONDS (its pid was reused)."""
+    now = time.time() if now is None else now
+    removed = []
+    for entry in os.scandir(directory):
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            pid = int(m["pid"]) if m["pid"] else None
+            if age > TEMP_MAX_AGE_SECONDS or (age > TEMP_GRACE_SECONDS and not _process_alive(pid)):
+                os.remove(entry.path)
+                removed.append(entry.path)
+        except OSError:  # removed meanwhile by another save into the same folder
+            continue
+    return removed
+
+
+def _process_alive(pid: int | None) -> bool:
+    if pid is None:  # temp files from before the pid was part of the name
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists under another user, or cannot be checked here
+        return True
+    return True
 
 
 def read_training_state(path: str) -> tuple[dict, dict] | None:
