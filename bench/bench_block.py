@@ -175,11 +175,11 @@ def time_attention(attn: SelfAttention, fn, x: torch.Tensor, device: str, repeat
 
 
 def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats: int = 7, warmup: int = 2,
-            cell_budget: float = 20.0, baselines=None):
+            cell_budget: float = 20.0, baselines=None, compiled: bool = False):
     """Yields one record per (family, site, image), families being {name: sites} as in FAMILIES: ΔConv as the
     model runs it (the Triton kernels where they run, then also on PyTorch ops), a device copy of the floor bytes,
     and each attention baseline (name → fn(q, k, v, heads); default {"attention": SDPA}), the first of which gives
-    the speed-up."""
+    the speed-up. `compiled`: on the PyTorch path, also the block under torch.compile (inductor, static shapes)."""
     baselines = baselines or {"attention": sdpa_attention}
     common = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "batch": batch}
@@ -190,6 +190,7 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
         for family, label, c, k, per_token, heads in ((f, *site) for f, sites in families.items() for site in sites):
             block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
             attn = SelfAttention(c, heads, device=device, dtype=dtype).eval()
+            block_compiled = torch.compile(block, dynamic=False) if compiled else None
             for image in images:
                 g = image // per_token
                 n, cell_busy, cell_t0 = g * g, busy_cpu_s(), time.perf_counter()
@@ -203,6 +204,10 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
                 t_times = None
                 if path == "triton":  # the same block on PyTorch ops, for comparison
                     t_times, _ = bench(torch_ops(run), device, repeats, warmup, cell_budget)
+                comp_times = None
+                if block_compiled is not None and path == "torch":
+                    block_compiled(x)  # untimed: compiles for this shape
+                    comp_times, _ = bench(functools.partial(block_compiled, x), device, repeats, warmup, cell_budget)
                 if (c, g) not in copy_cache:  # the floor traffic moved by a plain copy: x read, y written
                     y = torch.empty_like(x)
                     copy_cache[(c, g)] = bench(functools.partial(y.copy_, x), device, repeats, warmup, cell_budget)[0]
@@ -225,6 +230,7 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
                        "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
                        "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
                        "deltaconv_torch_ops_median_ms": None if t_times is None else statistics.median(t_times) * 1e3,
+                       "deltaconv_compiled_median_ms": None if comp_times is None else statistics.median(comp_times) * 1e3,
                        "floor_bytes": floor_bytes, "copy_median_ms": statistics.median(c_times) * 1e3,
                        "deltaconv_floor_gbps": floor_bytes / statistics.median(d_times) / 1e9,
                        "copy_gbps": floor_bytes / statistics.median(c_times) / 1e9,
@@ -244,7 +250,8 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
                             "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)})
                 baseline_text = ", ".join(fmt_baseline(name, m) for name, m in measured.items())
                 print(f"{family} {image}² {label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
-                      f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}, "
+                      f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}"
+                      f"{'' if comp_times is None else f', compiled {fmt_ms(comp_times)} ms'}, "
                       f"{rec['deltaconv_floor_gbps']:.3g} GB/s floor ({100 * rec['floor_fraction_of_copy']:.0f}% of "
                       f"copy), {baseline_text}", flush=True)
                 yield rec
@@ -261,6 +268,8 @@ def main():
     p.add_argument("--families", default="sd15,sdxl,pixart", help="comma-separated: " + ", ".join(FAMILIES))
     p.add_argument("--images", default=",".join(map(str, IMAGES)),
                    help="comma-separated image sizes; each site's token grid follows from it (default: %(default)s)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time the PyTorch path under torch.compile (inductor; compiles once per block and size)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
 
@@ -275,7 +284,7 @@ def main():
     busy_before = busy_cpu_s()
     t_start = time.perf_counter()
     records = list(measure({f: FAMILIES[f] for f in families}, images, device, dtype, args.batch, args.repeats,
-                           args.warmup, args.cell_budget))
+                           args.warmup, args.cell_budget, compiled=args.compiled))
     elapsed = time.perf_counter() - t_start
     other = None if busy_before is None else busy_cpu_s() - busy_before
     load = "n/a" if other is None else f"{other:.1f} CPU-s used by other processes during the run " \
@@ -283,17 +292,18 @@ def main():
     for r in records:
         r["run_other_processes_cpu_s"] = other
 
-    head = ("| family | image | site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | attention ms median (min) | "
+    head = ("| family | image | site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | ΔConv compiled ms | attention ms median (min) | "
             "speed-up | ΔConv floor GB/s (of copy) | peak MiB Δ/attn | ΔConv GMAC | attention GMAC | MAC ratio | "
-            "runs Δ/attn |\n" + "|---" * 17 + "|")
+            "runs Δ/attn |\n" + "|---" * 18 + "|")
     rows = []
     for r in records:
         attn_cell = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})"
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         speed += " ⚠" if r["contaminated"] else ""
         torch_cell = "—" if r["deltaconv_torch_ops_median_ms"] is None else f"{r['deltaconv_torch_ops_median_ms']:.2f}"
+        compiled_cell = "—" if r["deltaconv_compiled_median_ms"] is None else f"{r['deltaconv_compiled_median_ms']:.2f}"
         rows.append(f"| {r['family']} | {r['image']}² | {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
-                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {attn_cell} | {speed} | "
+                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {compiled_cell} | {attn_cell} | {speed} | "
                     f"{r['deltaconv_floor_gbps']:.3g} ({100 * r['floor_fraction_of_copy']:.0f}%) | "
                     f"{fmt_mib(r['deltaconv_peak_bytes'])}/{fmt_mib(r['attention_peak_bytes'])} | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "

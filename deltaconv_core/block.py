@@ -161,7 +161,9 @@ class DeltaConvBlock(nn.Module):
         b, h, w, c = x.shape
         u = self.conv_up(x)  # [B, H, W, C_i]
         pooled = self.conv_pool(x.mean(dim=(1, 2)))  # uses the block input, not conv_up's output
-        if kernels.use_triton(u):  # fused Triton kernels (CUDA); off with DELTACONV_TRITON=0
+        # Fused Triton kernels (CUDA; off with DELTACONV_TRITON=0), except under torch.compile: dynamo cannot trace
+        # their launcher and fallback logic, and inductor generates its own kernels from the torch path below.
+        if not torch.compiler.is_compiling() and kernels.use_triton(u):
             out = self._forward_kernels(u, pooled)
             if out is not None:
                 return out
