@@ -7,8 +7,10 @@ Attention = q/k/v projections (no bias) + scaled_dot_product_attention (the fami
 (with bias), i.e. the model's attn1; skipped where its score matrix would not fit in memory. Times are per forward pass (torch.inference_mode); median and min of the
 timed runs. The block runs as ComfyUI runs it: on CUDA through the fused Triton kernels (unless DELTACONV_TRITON=0),
 and there it is also timed on PyTorch ops for comparison. Bandwidth: the floor traffic of the block (one read of x,
-one write of the output) over its median time, and the same bytes moved by a device-to-device copy. Writes
-block_<device-slug>.json (records) and block_<device-slug>.md (table + header) to --out.
+one write of the output) over its median time, and the same bytes moved by a device-to-device copy. Mediator
+attention (the second student, deltaconv_core.mediators) is timed at the same shapes: at fixed counts and averaged
+over a schedule's sampling steps. Writes block_<device-slug>.json (records) and block_<device-slug>.md (tables +
+header) to --out.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from devkit.comfy_env import import_core
 import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path
 from deltaconv_core import kernels  # noqa: E402
 from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
+from deltaconv_core.mediator_schedule import MediatorSchedule  # noqa: E402
+from deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig, build_mediator_attention, mediator_macs  # noqa: E402
 
 # Self-attention sites per family (docs/design.md, the official layout): (label, channels C, official kernel k, image pixels per token,
 # attention heads). SD: latent = image/8, halved per level; PixArt: latent/8 in 2×2 patches.
@@ -44,6 +48,9 @@ FAMILIES = {
     "pixart": [("blocks.0-27", 1152, 13, 16, 16)],
 }
 IMAGES = [512, 1024, 2048, 4096]
+# Mediator attention rows: record-key prefix → schedule (a fixed count, or the default schedule's step average).
+MEDIATORS = {"mediators_n16": MediatorSchedule.fixed(16), "mediators_n64": MediatorSchedule.fixed(64),
+             "mediators_schedule": DEFAULT_SCHEDULE}
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,12 +181,39 @@ def time_attention(attn: SelfAttention, fn, x: torch.Tensor, device: str, repeat
         return {"times": None, "repeats": 0, "peak": None, "error": f"{type(e).__name__}: {e}"}
 
 
+def time_mediators(student, x: torch.Tensor, schedules: dict, device: str, repeats: int, warmup: int,
+                   budget_s: float) -> dict:
+    """Mediator attention on x [B, H, W, C], per schedule (record-key prefix → MediatorSchedule): time, MACs and
+    peak memory averaged over its sampling steps, each count weighted by its share of them (a fixed count: that
+    count's). Each count is timed once, whichever schedules share it."""
+    b, h, w, c = x.shape
+    per_count = {}
+    for n in sorted({n for schedule in schedules.values() for n in schedule.distinct_counts()}):
+        run = functools.partial(student, x, n)
+        student(x, n)  # untimed: the first call at a shape
+        times, rep = bench(run, device, repeats, warmup, budget_s)
+        per_count[n] = (statistics.median(times), rep, peak_bytes(run, device), b * mediator_macs((h, w), c, n))
+    rec = {}
+    for name, schedule in schedules.items():
+        parts = [(end - start, per_count[n]) for start, end, n in schedule.segments()]
+        peaks = [m[2] for _, m in parts]
+        rec.update({f"{name}_schedule": schedule.format(),
+                    f"{name}_median_ms": sum(f * m[0] for f, m in parts) * 1e3,
+                    f"{name}_macs": round(sum(f * m[3] for f, m in parts)),
+                    f"{name}_peak_bytes": None if None in peaks else max(peaks),
+                    f"{name}_repeats": min(m[1] for _, m in parts)})
+    return rec
+
+
 def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats: int = 7, warmup: int = 2,
-            cell_budget: float = 20.0, baselines=None, compiled: bool = False):
+            cell_budget: float = 20.0, baselines=None, compiled: bool = False, mediators=None):
     """Yields one record per (family, site, image), families being {name: sites} as in FAMILIES: ΔConv as the
     model runs it (the Triton kernels where they run, then also on PyTorch ops), a device copy of the floor bytes,
     and each attention baseline (name → fn(q, k, v, heads); default {"attention": SDPA}), the first of which gives
-    the speed-up. `compiled`: on the PyTorch path, also the block under torch.compile (inductor, static shapes)."""
+    the speed-up. `compiled`: on the PyTorch path, also the block under torch.compile (inductor, static shapes).
+    `mediators`: mediator attention per schedule (record-key prefix → MediatorSchedule; default MEDIATORS, {} for
+    none), see time_mediators."""
+    mediators = MEDIATORS if mediators is None else mediators
     baselines = baselines or {"attention": sdpa_attention}
     common = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "batch": batch}
@@ -190,6 +224,7 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
         for family, label, c, k, per_token, heads in ((f, *site) for f, sites in families.items() for site in sites):
             block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
             attn = SelfAttention(c, heads, device=device, dtype=dtype).eval()
+            student = build_mediator_attention(MediatorConfig(c, heads), device=device, dtype=dtype).eval()
             block_compiled = torch.compile(block, dynamic=False) if compiled else None
             for image in images:
                 g = image // per_token
@@ -219,6 +254,7 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
                         attn_cache[(name, c, g, heads)] = time_attention(attn, fn, x, device, repeats, warmup,
                                                                          cell_budget)
                 measured = {name: attn_cache[(name, c, g, heads)] for name in baselines}
+                mediated = time_mediators(student, x, mediators, device, repeats, warmup, cell_budget)
                 # /proc/stat counts in 10 ms ticks: clamp at 0, flag (⚠) only > 0.1 CPU-s and > 5 % of the cores
                 cell_other = None if cell_busy is None else max(0.0, busy_cpu_s() - cell_busy)
                 cell_s = time.perf_counter() - cell_t0
@@ -247,14 +283,38 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
                 rec.update({"speedup": speedup,
                             "deltaconv_macs": d_macs, "attention_macs": a_macs, "mac_ratio": a_macs / d_macs,
                             "other_processes_cpu_s": cell_other, "other_processes_cpu_pct": cell_pct,
-                            "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5)})
-                baseline_text = ", ".join(fmt_baseline(name, m) for name, m in measured.items())
+                            "contaminated": bool(cell_other and cell_other > 0.1 and cell_pct > 5), **mediated})
+                baseline_text = ", ".join([*(fmt_baseline(name, m) for name, m in measured.items()),
+                                           *(f"{name} {mediated[f'{name}_median_ms']:.2f} ms" for name in mediators)])
                 print(f"{family} {image}² {label} C={c} k={k} {g}x{g}: ΔConv ({path}) {fmt_ms(d_times)} ms x{d_rep}"
                       f"{'' if t_times is None else f', on torch ops {fmt_ms(t_times)} ms'}"
                       f"{'' if comp_times is None else f', compiled {fmt_ms(comp_times)} ms'}, "
                       f"{rec['deltaconv_floor_gbps']:.3g} GB/s floor ({100 * rec['floor_fraction_of_copy']:.0f}% of "
                       f"copy), {baseline_text}", flush=True)
                 yield rec
+
+
+def mediator_table(records: list[dict], mediators: dict) -> str:
+    """The second student side by side with ΔConv and attention at the same shapes: ms, GMAC and peak MiB."""
+    names = [n.replace("mediators_", "") for n in mediators]
+    counts = ", ".join(f"{n}: {s.format()}" for n, s in zip(names, mediators.values(), strict=True))
+    head = (f"Mediator attention ({counts}; "
+            "schedule = averaged over its sampling steps)\n\n"
+            "| family | image | site | C | heads | grid | ΔConv ms | attention ms | "
+            + " | ".join(f"mediators {n} ms" for n in names) + " | ΔConv GMAC | attention GMAC | "
+            + " | ".join(f"mediators {n} GMAC" for n in names) + " | peak MiB Δ/attn/" + "/".join(names) + " |\n"
+            + "|---" * (10 + 2 * len(names)) + "|")
+    rows = []
+    for r in records:
+        attn = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f}"
+        peaks = "/".join(fmt_mib(r[k]) for k in ("deltaconv_peak_bytes", "attention_peak_bytes",
+                                                  *(f"{n}_peak_bytes" for n in mediators)))
+        rows.append(f"| {r['family']} | {r['image']}² | {r['site']} | {r['channels']} | {r['heads']} | {r['grid']}² | "
+                    f"{r['deltaconv_median_ms']:.2f} | {attn} | "
+                    + " | ".join(f"{r[f'{n}_median_ms']:.2f}" for n in mediators)
+                    + f" | {r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | "
+                    + " | ".join(f"{r[f'{n}_macs'] / 1e9:.3f}" for n in mediators) + f" | {peaks} |")
+    return "\n".join([head, *rows])
 
 
 def main():
@@ -271,6 +331,8 @@ def main():
     p.add_argument("--compiled", action="store_true",
                    help="also time the PyTorch path under torch.compile (inductor; compiles once per block and size)")
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--variant", default="", help="results named block_<variant>_<device> (a partial run beside a "
+                   "full one)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -308,7 +370,7 @@ def main():
                     f"{fmt_mib(r['deltaconv_peak_bytes'])}/{fmt_mib(r['attention_peak_bytes'])} | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "
                     f"{r['deltaconv_repeats']}/{r['attention_repeats']} |")
-    table = "\n".join([head, *rows])
+    table = "\n".join([head, *rows]) + "\n\n" + mediator_table(records, MEDIATORS)
     print("\n" + table)
 
     failure = kernels.failure()
@@ -328,6 +390,7 @@ def main():
               f"(SD: latent = image/8, halved per level; PixArt: 2×2 patches of the latent)\n- peak memory: CUDA "
               f"max_memory_allocated above what was allocated before the call (inputs excluded); — on CPU\n"
               f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (conv_up, conv_out, the gated dwconvs, conv_pool); "
+              f"mediator attention 4·N·C² + 4·n·N·C + 9·N·C (n mediators on the pooled grid); "
               f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
               f"would exceed 90% of available memory (CPU; on CUDA only when it runs out of memory)\n"
               f"- bandwidth: floor = one read of x + one write of the output (2·B·N·C·{torch.finfo(dtype).bits // 8} "
@@ -335,7 +398,7 @@ def main():
               f"of its size (median of its own timed runs)\n- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = device_slug(device)
+    slug = f"{args.variant}_{device_slug(device)}" if args.variant else device_slug(device)
     (out / f"block_{slug}.json").write_text(json.dumps(records, indent=1) + "\n")
     (out / f"block_{slug}.md").write_text(header + table + "\n")
     print(f"\nwrote {out / f'block_{slug}.json'} and .md ({elapsed:.0f} s)")

@@ -1,6 +1,10 @@
-"""One UNet step (apply_model) in ComfyUI, self-attention vs ΔConv, for random-weight SD1.5 / SDXL / tiny models.
+"""One UNet step (apply_model) in ComfyUI, self-attention vs ΔConv vs mediator attention, for random-weight SD1.5 /
+SDXL / tiny models.
 
-    COMFYUI_PATH=... .venv/bin/python bench/bench_unet.py --models sd15 --sizes 512 1024 [--dtype fp16]
+    COMFYUI_PATH=... .venv/bin/python bench/bench_unet.py --models sd15 --sizes 512 1024 [--dtype fp16] [--mediators 64]
+
+Mediator attention runs at one fixed count at every site (default 64, the default schedule's largest, that of its
+final steps: the dearest step).
 
 Random weights are fine for speed. Median of --repeats timed steps after one warm-up (perf counters on CPU, CUDA
 events on GPU), peak memory (CUDA: max_memory_allocated; CPU: not measured per step). Results:
@@ -60,6 +64,19 @@ def patch(pack, model):
     return patched, len(sites.sites)
 
 
+def patch_mediators(pack, model, count: int):
+    """The model patched with mediator attention (initialised from its own attention) at every self-attention site,
+    at a fixed count of mediators."""
+    from deltaconv_core.families import find_attention_sites
+    from deltaconv_core.mediator_schedule import MediatorSchedule
+    from deltaconv_core.weights import DeltaConvWeights
+
+    schedule = MediatorSchedule.fixed(count)
+    weights = DeltaConvWeights.fresh_mediators(find_attention_sites(model.model.diffusion_model),
+                                               model.model.diffusion_model, schedule)
+    return pack.nodes.patching.patch_model(model, weights)[0]
+
+
 def time_step(model, x, conds, repeats, device):
     import torch
 
@@ -81,9 +98,10 @@ def time_step(model, x, conds, repeats, device):
     return sorted(times)[len(times) // 2]
 
 
-def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype) -> dict:
-    """One image size: the median step with attention and with ΔConv (None when out of memory), and on CUDA the
-    peak memory of each (max_memory_allocated, weights included)."""
+def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype, mediators=None) -> dict:
+    """One image size: the median step with attention, with ΔConv and (given `mediators`, a model from
+    patch_mediators) with mediator attention (None when out of memory), and on CUDA the peak memory of each
+    (max_memory_allocated, weights included)."""
     import comfy.model_management
     import torch
 
@@ -94,7 +112,9 @@ def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype)
         conds["y"] = torch.randn(batch, 2816, generator=g).to(device, dtype)
     row = {"model": name, "size": size}
     with torch.inference_mode():
-        for label, m in (("attention", model), ("deltaconv", patched)):
+        for label, m in (("attention", model), ("deltaconv", patched), ("mediators", mediators)):
+            if m is None:
+                continue
             comfy.model_management.load_models_gpu([m])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -107,6 +127,8 @@ def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype)
                 row[f"{label}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     if row["attention_s"] and row["deltaconv_s"]:
         row["speedup"] = row["attention_s"] / row["deltaconv_s"]
+    if row["attention_s"] and row.get("mediators_s"):
+        row["mediators_speedup"] = row["attention_s"] / row["mediators_s"]
     return row
 
 
@@ -117,6 +139,7 @@ def main():
     p.add_argument("--batch", type=int, default=2, help="2 = cond + uncond, as with CFG")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
+    p.add_argument("--mediators", type=int, default=64, help="mediator count of the mediator column (0: no column)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     args = p.parse_args()
     import torch
@@ -130,13 +153,14 @@ def main():
     for name in args.models:
         model, ctx = build(name, device, dtype)
         patched, sites = patch(pack, model)
+        mediators = patch_mediators(pack, model, args.mediators) if args.mediators else None
         for size in args.sizes:
-            row = {**measure_size(name, model, patched, ctx, size, args.batch, args.repeats, device, dtype),
-                   "sites": sites}
+            row = {**measure_size(name, model, patched, ctx, size, args.batch, args.repeats, device, dtype, mediators),
+                   "sites": sites, "mediators": args.mediators or None}
             rows.append(row)
             print(row, flush=True)
         comfy.model_management.unload_all_models()
-        del model, patched
+        del model, patched, mediators
     meta = {"device": f"{device_name(device.type)} ({device.type}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -149,10 +173,13 @@ def main():
     def fmt(v, unit=""):
         return "–" if v is None else f"{v:.3f}{unit}"
 
-    table = ["| model | sites | image | attention step (s) | ΔConv step (s) | speed-up |", "|---|---|---|---|---|---|"]
+    table = ["| model | sites | image | attention step (s) | ΔConv step (s) | speed-up | mediators step (s) | "
+             "speed-up |", "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['model']} | {r['sites']} | {r['size']}² | {fmt(r['attention_s'])} | {fmt(r['deltaconv_s'])} | "
-              f"{fmt(r.get('speedup'), '×')} |" for r in rows]
-    text = "\n".join(["# UNet step: self-attention vs ΔConv (random weights)", ""] +
+              f"{fmt(r.get('speedup'), '×')} | {fmt(r.get('mediators_s'))} | {fmt(r.get('mediators_speedup'), '×')} |"
+              for r in rows]
+    text = "\n".join(["# UNet step: self-attention vs ΔConv vs mediator attention (random weights)", "",
+                      f"Mediator attention at {args.mediators or 'no'} mediators per site.", ""] +
                      [f"- {k}: {v}" for k, v in meta.items()] + [""] + table) + "\n"
     with open(os.path.join(args.out, f"unet_{slug}.md"), "w") as f:
         f.write(text)

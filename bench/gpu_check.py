@@ -7,10 +7,11 @@ Random weights only, nothing downloaded. The environment (GPU, driver, CUDA, tor
 recorded; the stages are
 - kernels: the block on the fused Triton kernels, forward and backward, against float64 (kernel_check.py);
 - block: SD1.5, SDXL and PixArt layer shapes at 512²–4096², fp16: ΔConv on the kernels and on PyTorch ops against
-  ComfyUI's own optimized_attention (and SageAttention if it imports); median time, peak memory, and the time over
-  the bandwidth floor (one read of x and one write of y at the device's measured copy speed) (bench_block.py);
+  ComfyUI's own optimized_attention (and SageAttention if it imports), and mediator attention at 16 and 64
+  mediators and over its default schedule; median time, peak memory, and the time over the bandwidth floor (one
+  read of x and one write of y at the device's measured copy speed) (bench_block.py);
 - unet: one step of full-size random SD1.5 and SDXL UNets built with ComfyUI's classes, fp16, batch 2, attention vs
-  ΔConv, 512²–2048² and SD1.5 at 4096² (bench_unet.py);
+  ΔConv vs mediator attention (64 mediators), 512²–2048² and SD1.5 at 4096² (bench_unet.py);
 - distill: full-size SD1.5 distillation, stage A and B, batch 8 at 64² latents, bf16 autocast (bench_distill.py).
 Each stage has a time budget after which it starts nothing new, and a failure ends only its own stage (or the one
 measurement, when it is out of memory). Writes gpu_<device>.{json,md} to --out and prints the targets, each met or
@@ -63,6 +64,7 @@ class Plan:
     unet_runs: tuple = (("sd15", (512, 1024, 2048)), ("sdxl", (512, 1024, 2048)), ("sd15", (4096,)))  # 4096² last
     unet_dtype: torch.dtype = torch.float16
     unet_repeats: int = 3
+    unet_mediators: int = 64  # the mediator column's count: the default schedule's largest (its dearest steps)
     distill_model: str = "sd15"
     distill_batch: int = 8
     distill_latent: int = 64
@@ -193,20 +195,23 @@ def unet_rows(plan: Plan):
         model, ctx = bench_unet.build(name, device, plan.unet_dtype)
         try:
             patched, sites = bench_unet.patch(pack, model)
+            mediators = bench_unet.patch_mediators(pack, model, plan.unet_mediators)
             for size in sizes:
                 cell = {"model": name, "size": size, "sites": sites}
                 yield {**cell, **guarded(cell, functools.partial(bench_unet.measure_size, name, model, patched, ctx,
-                                                                 size, 2, plan.unet_repeats, device, plan.unet_dtype))}
+                                                                 size, 2, plan.unet_repeats, device, plan.unet_dtype,
+                                                                 mediators))}
         finally:
             comfy.model_management.unload_all_models()
-            model = patched = None
+            model = patched = mediators = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
 
 def stage_unet(plan: Plan, deadline: float, notes: list) -> list[dict]:
     notes.append(f"batch 2 (CFG), {str(plan.unet_dtype).replace('torch.', '')}, median of {plan.unet_repeats} steps "
-                 "after one warm-up; peak memory = CUDA max_memory_allocated during the steps, weights included")
+                 "after one warm-up; peak memory = CUDA max_memory_allocated during the steps, weights included; "
+                 f"mediator attention at {plan.unet_mediators} mediators per site")
     planned = [{"model": name, "size": size} for name, sizes in plan.unet_runs for size in sizes]
     with unet_kernels(plan):
         return collect(planned, unet_rows(plan), deadline)

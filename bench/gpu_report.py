@@ -113,15 +113,20 @@ COLUMNS = {
                   ("ΔConv ms", ms("deltaconv_median_ms")), ("path", lambda r: r["deltaconv_path"]),
                   ("ΔConv torch ops ms", ms("deltaconv_torch_ops_median_ms")),
                   ("ComfyUI attention ms", baseline_ms("attention")), ("SageAttention ms", baseline_ms("sage")),
+                  ("mediators ms n=16 / 64 / schedule", lambda r: " / ".join(
+                      ms(f"mediators_{k}_median_ms")(r) for k in ("n16", "n64", "schedule"))),
                   ("speed-up", times("speedup", "×")), ("floor ratio", lambda r: f"{floor_ratio(r):.2f}×"),
                   ("copy GB/s", times("copy_gbps")),
-                  ("peak MiB ΔConv / attention / sage", lambda r: " / ".join(
-                      mib(k)(r) for k in ("deltaconv_peak_bytes", "attention_peak_bytes", "sage_peak_bytes")))]),
+                  ("peak MiB ΔConv / attention / sage / mediators n=64", lambda r: " / ".join(
+                      mib(k)(r) for k in ("deltaconv_peak_bytes", "attention_peak_bytes", "sage_peak_bytes",
+                                          "mediators_n64_peak_bytes")))]),
     "unet": (2, [("model", lambda r: r["model"]), ("image", lambda r: f"{r['size']}²"),
                  ("sites", lambda r: str(r["sites"])), ("attention step s", times("attention_s")),
                  ("ΔConv step s", times("deltaconv_s")), ("speed-up", times("speedup", "×")),
+                 ("mediators step s", times("mediators_s")), ("mediators speed-up", times("mediators_speedup", "×")),
                  ("peak MiB attention", mib("attention_peak_mib", 1)),
-                 ("peak MiB ΔConv", mib("deltaconv_peak_mib", 1))]),
+                 ("peak MiB ΔConv", mib("deltaconv_peak_mib", 1)),
+                 ("peak MiB mediators", mib("mediators_peak_mib", 1))]),
     "distill": (1, [("stage", lambda r: r["stage"]), ("steps/s", times("steps_per_s")),
                     ("samples/s", times("samples_per_s")),
                     ("peak MiB", lambda r: f"{r['peak_mib']:.0f} ({r['peak_kind']})"),
