@@ -43,11 +43,13 @@ class Route(NamedTuple):
 
 class TeacherSwitch:
     """Training-time state of one patched model: while `on`, every wrapper runs its original attention (the
-    teacher); while `recording` is a dict, each such call stores site → (input, grid, attention output)."""
+    teacher); while `recording` is a dict, each such call stores site → (input, grid, attention output); while
+    `mediators` is a count, every mediator student runs that count (the one distillation trains this step)."""
 
     def __init__(self):
         self.on = False
         self.recording: dict | None = None
+        self.mediators: int | None = None
 
     def run(self, site: str, original, x, grid, **kwargs):
         out = original(x, **kwargs)
@@ -65,7 +67,6 @@ class PatchRuntime:
         self.counts: Counter = Counter()  # "delta", "mediators:<count>" and "attention:<reason>" per call
         self.site_counts: Counter = Counter()  # student calls per site name
         self.teacher = TeacherSwitch()
-        self.forced_mediators: int | None = None  # distillation: the count every mediator site runs this step
         self.stashed_options = None  # older ComfyUI: extra_options captured by an attn1_patch just before attn1
         self.current_sigmas = None  # DiTs: sigmas captured by a model wrapper around each step
         self._sigma_key, self._sigma = None, None
@@ -89,10 +90,10 @@ class PatchRuntime:
         return self.sigma_end <= self.step_sigma(sigmas) <= self.sigma_start
 
     def mediator_count(self, counts: SigmaCounts, sigmas) -> int:
-        """A mediator site's count: distillation's forced count, else its schedule's count at the step's sigma;
+        """A mediator site's count: the one distillation trains, else its schedule's count at the step's sigma;
         without a sigma (a model called outside sampling) the schedule's last count, that of the final steps."""
-        if self.forced_mediators is not None:
-            return self.forced_mediators
+        if self.teacher.mediators is not None:
+            return self.teacher.mediators
         return counts.counts[-1] if sigmas is None else counts(self.step_sigma(sigmas))
 
     def ran_student(self, site: str, key: str):

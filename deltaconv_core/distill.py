@@ -1,4 +1,5 @@
-"""Distil ΔConvBlocks from a frozen diffusion model (teacher and student share one model in memory).
+"""Distil students (ΔConvBlocks or MediatorAttention) from a frozen diffusion model (teacher and student share
+one model in memory).
 
 The engine works on any denoiser callable whose self-attention sites are ΔConv wrappers sharing one TeacherSwitch
 (attention.py): `teacher.on = True` makes every site run its original attention (the teacher), False the blocks.
@@ -8,6 +9,9 @@ The engine works on any denoiser callable whose self-attention sites are ΔConv 
 - Stage B (end-to-end, the paper's recipe with the student prediction in the output losses):
   MSE(ε_student, ε) + MSE(ε_student, ε_teacher) + 0.001·Σ_sites MSE(residual stream after self-attention),
   optionally Min-SNR-γ weighted.
+
+Mediator students train one count per step, every count of their schedule in turn (MediatorSchedule.training_count),
+at the noise levels where the schedule runs that count; `TeacherSwitch.mediators` hands the count to the wrappers.
 
 Noise follows ComfyUI's ε convention, x_t = x_0 + σ·ε, for ε- and v-prediction models alike (the denoiser
 returns x̂_0, so ε̂ = (x_t − x̂_0)/σ).
@@ -24,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import TeacherSwitch
+from .mediator_schedule import MediatorSchedule, ScheduleError, SigmaCounts
+from .mediators import MediatorAttention
+from .students import DELTACONV, STUDENT_TYPES
 
 STAGES = ("A", "B")
 TRAINING_DTYPES = ("bf16", "fp16", "fp32")  # the forward passes' autocast dtype; fp32: no autocast
@@ -54,12 +61,21 @@ class DistillConfig:
     training_dtype: str = "fp32"  # one of TRAINING_DTYPES
     gradient_checkpointing: bool = False  # stage B: recompute the model's activations in backward (less memory)
     save_every: int = 0  # checkpoint interval in steps; 0: only at the end
+    student: str = DELTACONV  # fresh students: one of STUDENT_TYPES ("deltaconv", "mediators")
+    mediator_schedule: str = ""  # mediator students' schedule (text form); "": the weights' own, or the default
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise DistillError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.training_dtype not in TRAINING_DTYPES:
             raise DistillError(f"training_dtype must be one of {TRAINING_DTYPES}, got {self.training_dtype!r}")
+        if self.student not in STUDENT_TYPES:
+            raise DistillError(f"student must be one of {STUDENT_TYPES}, got {self.student!r}")
+        if self.mediator_schedule.strip():
+            try:
+                MediatorSchedule.parse(self.mediator_schedule)
+            except ScheduleError as e:
+                raise DistillError(f"mediator_schedule {self.mediator_schedule!r}: {e}") from e
         for name in ("steps", "batch_size", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise DistillError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -87,6 +103,14 @@ class Processes:
 
 
 ONE_PROCESS = Processes()
+
+
+@dataclass(frozen=True)
+class MediatorTraining:
+    """How mediator students train: `schedule` says which counts (each in turn), `sigma_counts` (the same
+    schedule on the model's sigmas) at which noise levels each count is trained: where sampling will run it."""
+    schedule: MediatorSchedule
+    sigma_counts: SigmaCounts
 
 
 @dataclass
@@ -125,13 +149,14 @@ class Distiller:
     """One training run. `denoise(x_t, sigma, negative_mask, latent_index) -> x̂_0` runs the shared model, with
     `teacher` (a TeacherSwitch) choosing between its original attention and the blocks.
 
-    blocks: site name → ΔConvBlock inside the wrappers; taps: site name → module whose forward input is the
-    residual stream right after that site's self-attention (stage B's feature loss).
+    blocks: site name → student (ΔConvBlock or MediatorAttention) inside the wrappers; taps: site name → module
+    whose forward input is the residual stream right after that site's self-attention (stage B's feature loss);
+    mediators: how mediator students train (required when some are among the blocks).
     """
 
     def __init__(self, denoise, teacher, blocks: dict[str, nn.Module], latents: torch.Tensor,
                  sigma_table: torch.Tensor, config: DistillConfig, taps: dict[str, nn.Module] | None = None,
-                 device=None, processes: Processes = ONE_PROCESS):
+                 device=None, processes: Processes = ONE_PROCESS, mediators: MediatorTraining | None = None):
         if not isinstance(teacher, TeacherSwitch):  # a PatchRuntime here would silently train against the student
             raise TypeError(f"teacher must be the wrappers' TeacherSwitch (runtime.teacher), not {type(teacher)}")
         if config.batch_size > latents.shape[0]:
@@ -143,6 +168,8 @@ class Distiller:
         self.denoise, self.teacher, self.config = denoise, teacher, config
         self.latents = latents
         self.sigma_table = sigma_table.detach().float().cpu()
+        self.mediators = mediators
+        self.count_sigmas = self._count_sigmas(blocks)
         self.device = device or latents.device
         self.rank, self.world = rank, world
         self.bank = BlockBank(blocks)
@@ -157,11 +184,34 @@ class Distiller:
                                                         and torch.device(self.device).type == "cuda") else None
 
     # ------------------------------------------------------------------------------------------------ data
-    def sample_batch(self) -> Batch:
-        """The global batch from the shared generator (same on every rank); each rank keeps its own slice."""
+    def _count_sigmas(self, blocks) -> dict[int, torch.Tensor]:
+        """Mediator count → the model's sigmas at which the schedule runs it (empty without mediator students)."""
+        if not any(isinstance(b, MediatorAttention) for b in blocks.values()):
+            return {}
+        if self.mediators is None:
+            raise DistillError("mediator students need their schedule to train (Distiller(mediators=...))")
+        table = {}
+        runs = torch.tensor([self.mediators.sigma_counts(float(s)) for s in self.sigma_table])
+        for count in self.mediators.schedule.distinct_counts():
+            table[count] = self.sigma_table[runs == count]
+            if not len(table[count]):
+                raise DistillError(f"mediator count {count} runs at none of the model's noise levels under the "
+                                   f"schedule {self.mediators.schedule.format()!r}; widen its range")
+        return table
+
+    def step_mediators(self) -> int | None:
+        """The mediator count this step trains (every count in turn, a pure function of step and seed)."""
+        if not self.count_sigmas:
+            return None
+        return self.mediators.schedule.training_count(self.state.step, self.config.seed)
+
+    def sample_batch(self, mediators: int | None = None) -> Batch:
+        """The global batch from the shared generator (same on every rank); each rank keeps its own slice. With a
+        mediator count, the noise levels are drawn from those where the schedule runs that count."""
         g, n = self.generator, self.config.batch_size
         index = torch.randint(self.latents.shape[0], (n,), generator=g)
-        sigma = self.sigma_table[torch.randint(len(self.sigma_table), (n,), generator=g)]
+        sigmas = self.sigma_table if mediators is None else self.count_sigmas[mediators]
+        sigma = sigmas[torch.randint(len(sigmas), (n,), generator=g)]
         negative = torch.rand(n, generator=g) < self.config.caption_drop
         noise = torch.randn((n, *self.latents.shape[1:]), generator=g)
         part = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
@@ -207,7 +257,11 @@ class Distiller:
                 for name, block in zip(self.bank.names, self.bank.blocks):
                     x, (h, w), y = recorded[name]
                     b, n, c = x.shape
-                    pred = block(x.reshape(b, h, w, c)).reshape(b, n, c)
+                    tokens = x.reshape(b, h, w, c)
+                    if isinstance(block, MediatorAttention):
+                        pred = block(tokens, self.teacher.mediators).reshape(b, n, c)
+                    else:
+                        pred = block(tokens).reshape(b, n, c)
                     total = total + F.mse_loss(pred.float(), y.float())
             return total
 
@@ -249,8 +303,9 @@ class Distiller:
             group["lr"] = cfg.learning_rate * warmup_factor(self.state.step, cfg.warmup_steps)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
+        self.teacher.mediators = self.step_mediators()  # the students' count in stage A and B alike
         for _ in range(cfg.grad_accumulation):
-            batch = self.sample_batch()
+            batch = self.sample_batch(self.teacher.mediators)
             loss = (self._stage_a_loss if cfg.stage == "A" else self._stage_b_loss)(batch)
             value = float(loss.detach())
             if self.world > 1:
@@ -280,7 +335,7 @@ class Distiller:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.teacher.on, self.teacher.recording = False, None
+        self.teacher.on, self.teacher.recording, self.teacher.mediators = False, None, None
 
     # ---------------------------------------------------------------------------------------------- resume
     def training_state(self) -> tuple[dict, dict]:

@@ -1,4 +1,5 @@
-"""ΔConv Distill: train ΔConv blocks from the frozen model inside ComfyUI (stage A block-local, stage B end-to-end)."""
+"""ΔConv Distill: train ΔConv blocks or mediator attention from the frozen model inside ComfyUI (stage A block-local,
+stage B end-to-end)."""
 import json
 import logging
 import os
@@ -10,13 +11,15 @@ import torch
 
 from ..deltaconv_core.distill import TRAINING_DTYPES, DistillConfig, DistillError
 from ..deltaconv_core.families import find_attention_sites
-from ..deltaconv_core.weights import DeltaConvWeights
+from ..deltaconv_core.mediator_schedule import EXAMPLE
+from ..deltaconv_core.students import DELTACONV, MEDIATORS
 from . import compat
-from .distill_run import Interrupted, check_latents, train_blocks
+from .distill_run import Interrupted, check_latents, fresh_students, train_blocks
 from .folders import FOLDER
 
 log = logging.getLogger("deltaconv")
 STAGE_CHOICES = ("A: block-local", "B: end-to-end")
+STUDENT_CHOICES = {"ΔConv block": DELTACONV, "mediator attention": MEDIATORS}  # shown name → weight-file type
 
 
 def parse_kernel_preset(text: str, sites) -> dict:
@@ -44,8 +47,9 @@ def output_dir() -> str:
 
 
 class DeltaConvDistill:
-    DESCRIPTION = ("Distils ΔConv blocks from the frozen model (teacher and student share it). Stage A trains each "
-                   "block on recorded attention in/outputs (cheap); stage B trains end-to-end on noise, teacher and "
+    DESCRIPTION = ("Distils ΔConv blocks, or mediator attention, from the frozen model (teacher and student share "
+                   "it). Stage A trains each block on recorded attention in/outputs (cheap); stage B trains "
+                   "end-to-end on noise, teacher and "
                    "feature losses. Checkpoints go to output/deltaconv; connect a checkpoint as `deltaconv` to "
                    "resume or fine-tune. Interrupting stops cleanly and keeps what was learned.")
     CATEGORY = "ΔConv"
@@ -87,6 +91,19 @@ class DeltaConvDistill:
                                                                        "or JSON {block name: kernel size}."}),
                 "allow_cpu": ("BOOLEAN", {"default": False, "tooltip": "Train even when ComfyUI runs on the "
                                                                        "CPU (very slow)."}),
+                "student": (list(STUDENT_CHOICES), {
+                    "default": "ΔConv block",
+                    "tooltip": "What replaces each self-attention layer. ΔConv block: convolutions (fastest, local). "
+                               "Mediator attention: global attention through a few pooled mediator tokens, their "
+                               "number following the noise level; starts from the model's own attention weights. "
+                               "Ignored when deltaconv is connected (its students are trained)."}),
+                "mediator_schedule": ("STRING", {
+                    "default": "",
+                    "tooltip": f"Mediator attention: how many mediators run when, as start:count pairs over "
+                               f"sampling progress (0 = first step), e.g. '{EXAMPLE}' (the default when empty), or "
+                               f"one count such as '16'. Every count is trained at the noise levels where it runs; "
+                               f"the schedule is saved with the weights. Empty with deltaconv connected: its "
+                               f"schedule."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -94,7 +111,7 @@ class DeltaConvDistill:
     def distill(self, model, latents, positive, stage, steps, learning_rate, batch_size, seed, save_every,
                 filename_prefix, negative=None, deltaconv=None, warmup_steps=500, grad_accumulation=1,
                 training_dtype="bf16", gradient_checkpointing=False, min_snr_gamma=0.0, kernel_preset="",
-                allow_cpu=False, unique_id=None):
+                allow_cpu=False, student="ΔConv block", mediator_schedule="", unique_id=None):
         if comfy.model_management.get_torch_device().type == "cpu" and not allow_cpu:
             raise DistillError("ComfyUI runs on the CPU here, where distillation is very slow. Start ComfyUI with "
                                "a GPU, or turn on allow_cpu to train anyway.")
@@ -103,8 +120,9 @@ class DeltaConvDistill:
         config = DistillConfig(stage=stage[0], steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                                seed=seed, warmup_steps=warmup_steps, grad_accumulation=grad_accumulation,
                                min_snr_gamma=min_snr_gamma, training_dtype=training_dtype,
-                               gradient_checkpointing=gradient_checkpointing, save_every=save_every)
-        start = deltaconv or DeltaConvWeights.fresh(sites, seed, parse_kernel_preset(kernel_preset, sites.sites))
+                               gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+                               student=STUDENT_CHOICES[student], mediator_schedule=mediator_schedule)
+        start = deltaconv or fresh_students(model, config, parse_kernel_preset(kernel_preset, sites.sites))
         pbar = comfy.utils.ProgressBar(steps)
 
         def should_stop():

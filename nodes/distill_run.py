@@ -6,8 +6,11 @@ from dataclasses import dataclass, replace
 import comfy.model_management
 import torch
 
-from ..deltaconv_core.distill import ONE_PROCESS, DistillConfig, Distiller, DistillError, Processes
+from ..deltaconv_core.distill import ONE_PROCESS, DistillConfig, Distiller, DistillError, MediatorTraining, Processes
 from ..deltaconv_core.families import find_attention_sites
+from ..deltaconv_core.mediator_schedule import MediatorSchedule
+from ..deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig
+from ..deltaconv_core.students import MEDIATORS
 from ..deltaconv_core.weights import DeltaConvWeights, attention_fingerprint, read_training_state, save_weights
 from . import compat
 from .comfy_denoiser import ComfyDenoiser, sigma_table
@@ -40,6 +43,43 @@ def model_fingerprint(model, sites) -> str:
     return attention_fingerprint(projection_weight(original_attention(model, sites.sites[0]), sites.family))
 
 
+def chosen_schedule(config: DistillConfig) -> MediatorSchedule | None:
+    return MediatorSchedule.parse(config.mediator_schedule) if config.mediator_schedule.strip() else None
+
+
+def fresh_students(model, config: DistillConfig, kernel_sizes: dict | None = None) -> DeltaConvWeights:
+    """New students for every site, as config.student says: seeded ΔConv blocks (official kernel sizes unless
+    `kernel_sizes`), or mediator attention initialised from the model's own attention projections."""
+    sites = find_attention_sites(model.model.diffusion_model)
+    if config.student != MEDIATORS:
+        return DeltaConvWeights.fresh(sites, config.seed, kernel_sizes)
+    with torch.inference_mode(False):  # trainable copies of the projections; ComfyUI runs nodes in inference mode
+        return DeltaConvWeights.fresh_mediators(sites, model.model.diffusion_model,
+                                                chosen_schedule(config) or DEFAULT_SCHEDULE)
+
+
+def mediator_training(start: DeltaConvWeights, config: DistillConfig, model) -> MediatorTraining | None:
+    """How `start`'s mediator students train (None without any): on config's schedule when set, which is then
+    stored with them, else on the one they have."""
+    schedules = {cfg.schedule for cfg, _ in start.blocks.values() if isinstance(cfg, MediatorConfig)}
+    if not schedules:
+        return None
+    schedule = chosen_schedule(config)
+    if schedule is None and len(schedules) > 1:
+        raise DistillError(f"the mediator sites of {os.path.basename(start.source)} have different schedules "
+                           f"({', '.join(sorted(s.format() for s in schedules))}); set mediator_schedule to train "
+                           "them on one")
+    schedule = schedule or schedules.pop()
+    return MediatorTraining(schedule, schedule.resolve(compat.model_sampling(model).percent_to_sigma))
+
+
+def trained_config(config, training: MediatorTraining | None):
+    """A site's config as saved after training: mediator sites with the schedule they trained on."""
+    if isinstance(config, MediatorConfig):
+        return replace(config, schedule=training.schedule)
+    return config
+
+
 def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config: DistillConfig, save_dir: str,
                  prefix: str, *, should_stop=None, on_step=None, processes: Processes = ONE_PROCESS) -> RunResult:
     """Train `start`'s blocks on `model` (raw VAE latents x0, CONDITIONING) up to `config.steps`.
@@ -53,7 +93,9 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
         config = replace(config, caption_drop=0.0)
     sites = find_attention_sites(model.model.diffusion_model)
     fingerprint = model_fingerprint(model, sites)
-    patched, _, runtime = patch_model(model, start, block_dtype=torch.float32)
+    mediators = mediator_training(start, config, model)
+    patched, _, runtime = patch_model(model, start, block_dtype=torch.float32,
+                                      mediator_schedule=mediators and mediators.schedule)
     compat.load_for_training(patched)
     device = comfy.model_management.get_torch_device()
     if config.stage == "B":
@@ -65,7 +107,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     denoiser = ComfyDenoiser(patched, positive, negative, latents)
     distiller = Distiller(denoiser, runtime.teacher, blocks, latents, sigma_table(patched), config,
                           taps=feature_taps(patched, sites.sites) if config.stage == "B" else None,
-                          device=device, processes=processes)
+                          device=device, processes=processes, mediators=mediators)
     resumed = read_training_state(start.source) if os.path.isfile(start.source) else None
     if resumed and resumed[1].get("config", {}).get("stage") == config.stage:
         distiller.load_training_state(*resumed)
@@ -73,7 +115,8 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
 
     def snapshot() -> DeltaConvWeights:
         tensors = {n: {k: v.detach().cpu().clone() for k, v in blocks[n].state_dict().items()} for n in blocks}
-        return DeltaConvWeights(sites.family, {n: (start.blocks[n][0], tensors[n]) for n in blocks},
+        configs = {n: trained_config(start.blocks[n][0], mediators) for n in blocks}
+        return DeltaConvWeights(sites.family, {n: (configs[n], tensors[n]) for n in blocks},
                                 source=prefix, base_fingerprint=fingerprint)
 
     def save_checkpoint() -> str | None:

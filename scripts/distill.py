@@ -42,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--min-snr-gamma", type=float, default=0.0)
     p.add_argument("--caption-drop", type=float, default=0.15)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--student", choices=("deltaconv", "mediators"), default="deltaconv",  # students.STUDENT_TYPES
+                   help="fresh students: ΔConv blocks, or mediator attention initialised from the model's attention")
+    p.add_argument("--mediator-schedule", default="",
+                   help="mediator students' start:count schedule, e.g. 0.0:4,0.5:16,0.8:64 (default that one, or "
+                        "the resumed file's)")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--resume", help="a checkpoint written by a previous run")
     p.add_argument("--cpu", action="store_true", help="train on the CPU (tests, tiny models)")
@@ -123,8 +128,7 @@ def main(argv=None):
 
     pack = load_pack()
     from deltaconv_core.distill import DistillConfig
-    from deltaconv_core.families import find_attention_sites
-    from deltaconv_core.weights import DeltaConvWeights, load_weights
+    from deltaconv_core.weights import load_weights
 
     processes = distributed(args.cpu)
     rank, world = processes.rank, processes.world
@@ -139,13 +143,13 @@ def main(argv=None):
         latents, positive, negative = encode_folder(args, clip, vae)
     else:
         latents, positive, negative = read_latents(args.latents)
-    sites = find_attention_sites(model.model.diffusion_model)
-    start = load_weights(args.resume) if args.resume else DeltaConvWeights.fresh(sites, args.seed)
     config = DistillConfig(stage=args.stage, steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
                            batch_size=args.batch_size, grad_accumulation=args.grad_accumulation, seed=args.seed,
                            caption_drop=args.caption_drop, min_snr_gamma=args.min_snr_gamma,
                            training_dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
-                           save_every=args.save_every)
+                           save_every=args.save_every, student=args.student,
+                           mediator_schedule=args.mediator_schedule)
+    start = load_weights(args.resume) if args.resume else pack.nodes.distill_run.fresh_students(model, config)
     t0, samples_per_step = time.perf_counter(), args.batch_size * args.grad_accumulation
 
     def on_step(step, loss):

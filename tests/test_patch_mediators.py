@@ -79,7 +79,7 @@ def test_sigma_range_and_forced_count(patching, sd15):
     early = torch.tensor([float(sampling.percent_to_sigma(0.2))])
     with torch.no_grad():
         assert torch.equal(_call(wrapper, x, activations_shape=[1, 320, 4, 4], sigmas=early), wrapper.original(x))
-        runtime.forced_mediators = 9  # what distillation sets for a step; wins over the sigma range's count
+        runtime.teacher.mediators = 9  # what distillation sets for a step; wins over the schedule
         late = torch.tensor([float(sampling.percent_to_sigma(0.6))])
         out = _call(wrapper, x, activations_shape=[1, 320, 4, 4], sigmas=late)
         assert torch.equal(out, wrapper.student(x.reshape(1, 4, 4, 320), 9).reshape(1, 16, 320))
