@@ -9,7 +9,6 @@ entries without a student type are ΔConv blocks. Pickle formats are refused: ne
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -60,7 +59,8 @@ class DeltaConvWeights:
     source: str = "memory"
     format: str = "deltaconv"
     ignored_tensors: int = 0
-    base_fingerprint: str | None = None
+    base_fingerprint: str | None = None  # files from before site_fingerprints: kept, no longer compared
+    site_fingerprints: dict[str, str] = field(default_factory=dict)  # site name → fingerprint.site_fingerprint
     training: dict = field(default_factory=dict)
 
     @classmethod
@@ -220,6 +220,7 @@ def load_weights(path: str) -> DeltaConvWeights:
                                       f"({n}.{TENSOR_GROUP[kinds[n]]}.*)")
             _check_shapes(n, grouped[n], configs[n])
         fmt, fingerprint = f"deltaconv v{meta['deltaconv_format']}", meta.get("base_fingerprint") or None
+        site_fingerprints = _read_site_fingerprints(os.path.basename(path), meta)
     else:
         mediators = sorted(n for n in names if kinds[n] == MEDIATORS)
         if mediators:
@@ -228,10 +229,22 @@ def load_weights(path: str) -> DeltaConvWeights:
         family = _infer_family(names)
         gate = "sigmoid" if family == "pixart" else "scaled"
         configs = {n: _infer_config(n, grouped[n], gate) for n in names}
-        fmt, fingerprint, training = "official ConvFusion", None, {}
+        fmt, fingerprint, training, site_fingerprints = "official ConvFusion", None, {}, {}
     blocks = {n: (configs[n], grouped[n]) for n in names}
     return DeltaConvWeights(family, blocks, source=path, format=fmt, ignored_tensors=ignored,
-                            base_fingerprint=fingerprint, training=training)
+                            base_fingerprint=fingerprint, site_fingerprints=site_fingerprints, training=training)
+
+
+def _read_site_fingerprints(filename: str, meta: dict) -> dict[str, str]:
+    """Per-site base-model fingerprints ({} in files written before them)."""
+    try:
+        value = json.loads(meta.get("site_fingerprints") or "{}")
+    except ValueError as e:
+        raise WeightFileError(f"{filename}: damaged ΔConv metadata (site_fingerprints: {e})") from e
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise WeightFileError(f"{filename}: damaged ΔConv metadata (site_fingerprints is not a mapping of block "
+                              "names to fingerprints)")
+    return value
 
 
 def _read_metadata(filename: str, meta: dict) -> tuple[dict, str, dict]:
@@ -274,7 +287,8 @@ def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
     tensors.update({TRAIN_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in (training_tensors or {}).items()})
     meta = {"deltaconv_format": FORMAT_VERSION, "family": weights.family,
             "blocks": json.dumps({n: cfg.to_dict() for n, (cfg, _) in weights.blocks.items()}),
-            "base_fingerprint": weights.base_fingerprint or "", "training": json.dumps(weights.training)}
+            "base_fingerprint": weights.base_fingerprint or "", "training": json.dumps(weights.training),
+            "site_fingerprints": json.dumps(weights.site_fingerprints)}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_stale_temp_files(directory)
@@ -347,12 +361,6 @@ def read_training_state(path: str) -> tuple[dict, dict] | None:
         tensors = {k[len(TRAIN_PREFIX):]: f.get_tensor(k) for k in keys}
         info = json.loads((f.metadata() or {}).get("training") or "{}")
     return tensors, info
-
-
-def attention_fingerprint(weight: torch.Tensor) -> str:
-    """Short hash of one attention projection of the base model; tells which checkpoint blocks were made for."""
-    data = weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass

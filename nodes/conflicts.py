@@ -1,6 +1,6 @@
 """What else on a model touches the self-attention sites ΔConv replaces, as notes for the patch report. The notes
 hold for both students: ΔConv blocks and mediator attention alike replace the whole site with their own weights."""
-from ..deltaconv_core.weights import attention_fingerprint
+from ..deltaconv_core.fingerprint import mismatched_sites
 from .wrappers import PREFIX
 
 
@@ -24,9 +24,12 @@ def conflicts(model, sites) -> list[str]:
     return notes
 
 
-def base_mismatch(weights, reference) -> list[str]:
-    """A note when the blocks were distilled from another checkpoint (`reference`: a q/qkv weight of this model)."""
-    if weights.base_fingerprint and weights.base_fingerprint != attention_fingerprint(reference):
-        return ["these blocks were distilled from a different checkpoint than this model (fingerprint mismatch); "
-                "expect larger deviations, or distill blocks for this model"]
+def base_mismatch(weights, references) -> list[str]:
+    """A note when the blocks were distilled from another checkpoint, judged on the sites that both the file's
+    fingerprints and `references` (site name → this model's q/qkv weight) cover, whatever dtype it is loaded in."""
+    differ, compared = mismatched_sites(weights.site_fingerprints, references)
+    if differ:
+        return [f"these blocks were distilled from a different checkpoint than this model ({len(differ)} of "
+                f"{compared} sites differ in their attention weights, first {differ[0]}); expect larger deviations, "
+                "or distill blocks for this model"]
     return []

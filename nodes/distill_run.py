@@ -8,10 +8,11 @@ import torch
 
 from ..deltaconv_core.distill import ONE_PROCESS, DistillConfig, Distiller, DistillError, MediatorTraining, Processes
 from ..deltaconv_core.families import find_attention_sites
+from ..deltaconv_core.fingerprint import site_fingerprint
 from ..deltaconv_core.mediator_schedule import MediatorSchedule
 from ..deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig
 from ..deltaconv_core.students import MEDIATORS
-from ..deltaconv_core.weights import DeltaConvWeights, attention_fingerprint, read_training_state, save_weights
+from ..deltaconv_core.weights import DeltaConvWeights, read_training_state, save_weights
 from . import compat
 from .comfy_denoiser import ComfyDenoiser, sigma_table
 from .patching import patch_model, projection_weight
@@ -39,8 +40,11 @@ def check_latents(model, x0: torch.Tensor):
                            "encode the images with this model's VAE (or sample them with this model)")
 
 
-def model_fingerprint(model, sites) -> str:
-    return attention_fingerprint(projection_weight(original_attention(model, sites.sites[0]), sites.family))
+def model_fingerprints(model, sites) -> dict[str, str]:
+    """Each site's base-model fingerprint, stored with the blocks; ΔConv Patch compares them (conflicts.py)."""
+    prints = {s.name: site_fingerprint(projection_weight(original_attention(model, s), sites.family))
+              for s in sites.sites}
+    return {name: fingerprint for name, fingerprint in prints.items() if fingerprint is not None}
 
 
 def chosen_schedule(config: DistillConfig) -> MediatorSchedule | None:
@@ -92,7 +96,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     if not negative:
         config = replace(config, caption_drop=0.0)
     sites = find_attention_sites(model.model.diffusion_model)
-    fingerprint = model_fingerprint(model, sites)
+    fingerprints = model_fingerprints(model, sites)
     mediators = mediator_training(start, config, model)
     patched, _, runtime = patch_model(model, start, block_dtype=torch.float32,
                                       mediator_schedule=mediators and mediators.schedule)
@@ -116,8 +120,8 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     def snapshot() -> DeltaConvWeights:
         tensors = {n: {k: v.detach().cpu().clone() for k, v in blocks[n].state_dict().items()} for n in blocks}
         configs = {n: trained_config(start.blocks[n][0], mediators) for n in blocks}
-        return DeltaConvWeights(sites.family, {n: (configs[n], tensors[n]) for n in blocks},
-                                source=prefix, base_fingerprint=fingerprint)
+        return DeltaConvWeights(sites.family, {n: (configs[n], tensors[n]) for n in blocks}, source=prefix,
+                                site_fingerprints={n: fingerprints[n] for n in blocks if n in fingerprints})
 
     def save_checkpoint() -> str | None:
         if processes.rank != 0:

@@ -24,7 +24,7 @@ def _block_dtype(reference: torch.Tensor) -> torch.dtype:
 
 
 def projection_weight(original, family: str) -> torch.Tensor:
-    """The q (PixArt: qkv) weight of an attention module: its dtype, and the checkpoint's fingerprint."""
+    """The q (PixArt: qkv) weight of an attention module: its dtype, and the base model's fingerprint."""
     return original.qkv.weight if family == "pixart" else original.to_q.weight
 
 
@@ -52,12 +52,11 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
     runtime = PatchRuntime(sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
     clone = model.clone()
     notes = conflicts(model, sites)
-    first_original = None
+    references = {}  # site name → its q/qkv weight: the dtype of its student, and the base-model fingerprint
     schedules = {}  # mediator sites: site name → the schedule they run
     for site, config, state in match.present:
         original = original_attention(model, site)
-        reference = projection_weight(original, model_sites.family)
-        first_original = first_original if first_original is not None else reference
+        reference = references[site.name] = projection_weight(original, model_sites.family)
         student = build_student(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))
         sigma_counts = None
         if isinstance(config, MediatorConfig):
@@ -66,7 +65,7 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
         install_wrapper(clone, model_sites, site, original, student, runtime, sigma_counts)
     install_runtime_hooks(clone, model_sites, runtime, follows_sigma=bool(schedules))
 
-    notes += base_mismatch(weights, first_original)
+    notes += base_mismatch(weights, references)
     if mediator_schedule is not None and not schedules:
         notes.append("mediator_schedule is ignored: no patched site runs mediator attention")
     report = patch_report(model_sites, weights, sites, match, start_percent, end_percent, levels, notes,

@@ -15,7 +15,6 @@ from deltaconv_core.families import AttentionSite, ModelSites
 from deltaconv_core.weights import (
     DeltaConvWeights,
     WeightFileError,
-    attention_fingerprint,
     load_weights,
     match_sites,
     save_weights,
@@ -379,18 +378,6 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, existing):
         assert open(path, "rb").read() == before  # the old file is untouched
     else:
         assert not os.path.exists(path)
-
-
-def test_attention_fingerprint():
-    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(3))
-    fp = attention_fingerprint(w)
-    assert len(fp) == 16 and int(fp, 16) >= 0
-    assert attention_fingerprint(w.clone()) == fp
-    assert attention_fingerprint(w.t().contiguous().t()) == fp  # same values, other memory layout
-    assert attention_fingerprint(w.double()) == fp  # same values, other dtype
-    changed = w.clone()
-    changed[17, 5] = torch.nextafter(changed[17, 5], torch.tensor(float("inf")))
-    assert attention_fingerprint(changed) != fp
 
 
 @pytest.mark.parametrize("meta", [{"deltaconv_format": "1", "blocks": "{}"},  # no family
