@@ -117,6 +117,7 @@ class MediatorTraining:
 class TrainState:
     step: int = 0
     losses: list = field(default_factory=list)
+    skipped_steps: int = 0  # steps whose update was skipped for non-finite gradients
 
 
 class BlockBank(nn.Module):
@@ -139,6 +140,11 @@ def build_optimizer(bank: BlockBank, config: DistillConfig):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=config.learning_rate, betas=config.betas)
     return opt
+
+
+def gradients_finite(parameters) -> bool:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
 
 def warmup_factor(step: int, warmup: int) -> float:
@@ -180,8 +186,9 @@ class Distiller:
         self.taps = taps or {}
         self._tap_values: dict[str, torch.Tensor] = {}
         self._hooks = []
-        self.scaler = torch.amp.GradScaler("cuda") if (config.training_dtype == "fp16"
-                                                        and torch.device(self.device).type == "cuda") else None
+        # fp16 gradients need loss scaling wherever they are computed (torch's GradScaler runs on the CPU too).
+        self.scaler = (torch.amp.GradScaler(torch.device(self.device).type) if config.training_dtype == "fp16"
+                       else None)
 
     # ------------------------------------------------------------------------------------------------ data
     def _count_sigmas(self, blocks) -> dict[int, torch.Tensor]:
@@ -297,7 +304,13 @@ class Distiller:
         return self.state.step >= self.config.steps
 
     def step(self) -> float:
-        """One optimiser step (over grad_accumulation micro-batches); returns the mean loss."""
+        """One optimiser step (over grad_accumulation micro-batches); returns the mean loss.
+
+        A finite loss can still give inf/NaN gradients (fp16/bf16 autocast overflowing in backward). Such a step
+        is skipped, never applied: the blocks keep their weights, the optimiser its moments, the step counts in
+        `state.skipped_steps` and training goes on (under fp16 the GradScaler lowers its scale, as it is made to).
+        A non-finite loss stops the run instead (DistillError), as the data or settings are then at fault.
+        """
         cfg = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.learning_rate * warmup_factor(self.state.step, cfg.warmup_steps)
@@ -320,13 +333,17 @@ class Distiller:
             total += value / cfg.grad_accumulation
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if gradients_finite(self.bank.parameters()):  # the same on every rank: gradients are all-reduced
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.bank.parameters(), cfg.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
         else:
-            self.optimizer.step()
+            self.state.skipped_steps += 1
+        if self.scaler:
+            self.scaler.update()  # after an overflow: a lower scale for the next step
         self.state.step += 1
         self.state.losses.append(total)
         return total
@@ -347,7 +364,9 @@ class Distiller:
                 for k, v in self.optimizer.state.get(p, {}).items():
                     tensors[f"optim.{names[id(p)]}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
         info = {"step": self.state.step, "losses": self.state.losses, "config": self.config.to_dict(),
-                "block_names": self.bank.names}
+                "block_names": self.bank.names, "skipped_steps": self.state.skipped_steps}
+        if self.scaler:  # scale and growth tracker: JSON numbers, exact for floats and ints
+            info["grad_scaler"] = self.scaler.state_dict()
         return tensors, info
 
     def load_training_state(self, tensors: dict, info: dict):
@@ -360,4 +379,6 @@ class Distiller:
                 pname, slot = key[len("optim."):].rsplit(".", 1)
                 p = params[pname]
                 self.optimizer.state.setdefault(p, {})[slot] = value.to(p.device) if slot != "step" else value
-        self.state = TrainState(int(info["step"]), list(info.get("losses", [])))
+        self.state = TrainState(int(info["step"]), list(info.get("losses", [])), int(info.get("skipped_steps", 0)))
+        if self.scaler and info.get("grad_scaler"):  # older checkpoints (and other dtypes) start a fresh scale
+            self.scaler.load_state_dict(info["grad_scaler"])

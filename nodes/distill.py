@@ -137,7 +137,16 @@ class DeltaConvDistill:
             except comfy.model_management.InterruptProcessingException as e:  # raised by the UI's progress hook
                 raise Interrupted from e
 
-        with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
-            result = train_blocks(model, latents["samples"], positive, negative, start, config, output_dir(),
-                                  filename_prefix, should_stop=should_stop, on_step=on_step)
-        return (result.weights, {"loss": result.losses}, result.checkpoint)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
+                result = train_blocks(model, latents["samples"], positive, negative, start, config, output_dir(),
+                                      filename_prefix, should_stop=should_stop, on_step=on_step)
+        except Interrupted as e:
+            compat.send_progress_text(unique_id, f"cancelled; saved {e.checkpoint}")
+            # The blocks are saved; now cancel like core nodes do: the flag consumed, nothing downstream runs.
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException() from None
+        if result.skipped_steps:
+            compat.send_progress_text(unique_id, f"{result.skipped_steps} of {steps} steps skipped: non-finite "
+                                                 "gradients")
+        return (result.weights, {"loss": result.losses, "skipped_steps": result.skipped_steps}, result.checkpoint)

@@ -27,10 +27,16 @@ class RunResult:
     weights: DeltaConvWeights
     losses: list
     checkpoint: str | None
+    skipped_steps: int = 0  # updates skipped for non-finite gradients (Distiller.step)
 
 
 class Interrupted(Exception):
-    """Raised by a should_stop/on_step callback to end the run cleanly (the blocks are saved)."""
+    """Raised by a should_stop/on_step callback to cancel the run. train_blocks saves the blocks, then raises it
+    again with `checkpoint` set to the saved file (None on ranks other than 0)."""
+
+    def __init__(self, checkpoint: str | None = None):
+        super().__init__(checkpoint)
+        self.checkpoint = checkpoint
 
 
 def check_latents(model, x0: torch.Tensor):
@@ -113,8 +119,10 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
                           taps=feature_taps(patched, sites.sites) if config.stage == "B" else None,
                           device=device, processes=processes, mediators=mediators)
     resumed = read_training_state(start.source) if os.path.isfile(start.source) else None
+    last_saved = None
     if resumed and resumed[1].get("config", {}).get("stage") == config.stage:
         distiller.load_training_state(*resumed)
+        last_saved = start.source
         log.info("ΔConv Distill: resuming %s at step %d", start.source, distiller.state.step)
 
     def snapshot() -> DeltaConvWeights:
@@ -132,19 +140,23 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
         path = os.path.join(save_dir, f"{prefix}_{config.stage}_{distiller.state.step:07d}.safetensors")
         return save_weights(weights, path, overwrite=True, training_tensors=tensors)
 
-    last_saved = None
+    cancelled = False
     try:
         with gradient_checkpointing(patched, config.gradient_checkpointing and config.stage == "B"):
             while not distiller.finished:
                 if should_stop is not None and should_stop():
                     raise Interrupted
+                skipped = distiller.state.skipped_steps
                 loss = distiller.step()
+                if distiller.state.skipped_steps > skipped:
+                    log.warning("ΔConv Distill: step %d had non-finite gradients; its update was skipped (%d so "
+                                "far)", distiller.state.step, distiller.state.skipped_steps)
                 if on_step is not None:
                     on_step(distiller.state.step, loss)
                 if config.save_every and distiller.state.step % config.save_every == 0 and not distiller.finished:
                     last_saved = save_checkpoint()
     except Interrupted:
-        log.info("ΔConv Distill: stopped at step %d; saving", distiller.state.step)
+        cancelled = True
     except DistillError as e:
         path = save_checkpoint() if distiller.state.step else None
         raise DistillError(f"{e}. {'Last good blocks saved to ' + path if path else 'Nothing was saved.'}") from e
@@ -162,8 +174,17 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
         distiller.close()
         comfy.model_management.soft_empty_cache()
     path = save_checkpoint()
+    if cancelled:
+        if path:
+            log.info("ΔConv Distill: cancelled at step %d; checkpoint saved to %s (connect it as deltaconv to "
+                     "resume)", distiller.state.step, path)
+        raise Interrupted(path)
+    if distiller.state.skipped_steps:
+        log.warning("ΔConv Distill: %d of %d steps were skipped for non-finite gradients",
+                    distiller.state.skipped_steps, distiller.state.step)
     weights = snapshot()
     weights.source = path or prefix
-    weights.training = {"step": distiller.state.step, "stage": config.stage}
-    return RunResult(weights, list(distiller.state.losses), path)
+    weights.training = {"step": distiller.state.step, "stage": config.stage,
+                        "skipped_steps": distiller.state.skipped_steps}
+    return RunResult(weights, list(distiller.state.losses), path, distiller.state.skipped_steps)
 

@@ -151,11 +151,15 @@ def main(argv=None):
                            mediator_schedule=args.mediator_schedule)
     start = load_weights(args.resume) if args.resume else pack.nodes.distill_run.fresh_students(model, config)
     t0, samples_per_step = time.perf_counter(), args.batch_size * args.grad_accumulation
+    first_step = None  # the first step this run trains (after the resumed ones): the rate counts from there
 
     def on_step(step, loss):
+        nonlocal first_step
+        first_step = step if first_step is None else first_step
         if rank == 0 and (step % 10 == 0 or step == args.steps):
-            rate = step * samples_per_step / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.5g  %.2f samples/s", step, args.steps, loss, rate)
+            done, seconds = step - first_step + 1, time.perf_counter() - t0
+            log.info("step %d/%d  loss %.5g  %.2f samples/s over %d steps in %.1f s", step, args.steps, loss,
+                     done * samples_per_step / seconds, done, seconds)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.enable_grad():
@@ -163,7 +167,8 @@ def main(argv=None):
             model, latents, positive, negative, start, config, os.path.dirname(os.path.abspath(args.out)),
             os.path.basename(args.out), on_step=on_step, processes=processes)
     if rank == 0:
-        log.info("saved %s", result.checkpoint)
+        skipped = f" ({result.skipped_steps} steps skipped: non-finite gradients)" if result.skipped_steps else ""
+        log.info("saved %s%s", result.checkpoint, skipped)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """The headless CLI: one process vs torchrun with 2 gloo processes on the CPU (DistributedDataParallel)."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,4 +73,12 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(comfy_path, ti
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3
     info = read_training_state(str(tmp_path / "ddp_A_0000003.safetensors"))[1]
     assert info["step"] == 3 and len(info["losses"]) == 3
-    assert sorted(os.listdir(tmp_path)) == ["ddp_A_0000003.safetensors", "single_A_0000003.safetensors"]
+
+    # Resumed: the rate counts only the steps this run trained.
+    resumed = cli(comfy_path, [sys.executable], *common, "--steps", "5",
+                  "--resume", str(tmp_path / "single_A_0000003.safetensors"), "--out", str(tmp_path / "resumed"))
+    rate, steps, seconds = re.search(r"step 5/5 .* ([\d.]+) samples/s over (\d+) steps in ([\d.]+) s", resumed).groups()
+    assert int(steps) == 2 and float(rate) == pytest.approx(2 * 4 / float(seconds), rel=0.05, abs=0.01)
+    assert read_training_state(str(tmp_path / "resumed_A_0000005.safetensors"))[1]["step"] == 5
+    assert sorted(os.listdir(tmp_path)) == ["ddp_A_0000003.safetensors", "resumed_A_0000005.safetensors",
+                                            "single_A_0000003.safetensors"]

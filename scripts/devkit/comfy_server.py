@@ -121,17 +121,22 @@ class ComfyServer:
     def queue(self, prompt: dict) -> str:
         return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+    def ended(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The prompt's history entry once it has ended, however it ended (success, error, interrupted)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
             if entry:  # history entries appear when a prompt has finished, successfully or not
-                if entry.get("status", {}).get("status_str") != "success":
-                    errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
-                    raise ComfyError(f"prompt failed: {json.dumps(errors)[:3000]}")
                 return entry
             time.sleep(0.1)
         raise ComfyError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_text()[-3000:]}")
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        entry = self.ended(prompt_id, timeout)
+        if entry.get("status", {}).get("status_str") != "success":
+            errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+            raise ComfyError(f"prompt failed: {json.dumps(errors)[:3000]}")
+        return entry
 
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         """Queue an API-format prompt and return its history entry; raises on validation or execution errors."""
