@@ -48,7 +48,7 @@ def temp_files(folder) -> list[str]:
 
 def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(tmp_path):
     path = save_weights(weights_filled_with(1.0), str(tmp_path / "w.safetensors"))
-    before = open(path, "rb").read()
+    before = (tmp_path / "w.safetensors").read_bytes()
     child = subprocess.Popen([sys.executable, "-c", CHILD, path, NAME], stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -56,7 +56,7 @@ def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(tmp_p
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
-    assert open(path, "rb").read() == before  # the old file, whole
+    assert (tmp_path / "w.safetensors").read_bytes() == before  # the old file, whole
     left = temp_files(tmp_path)
     assert len(left) == 1 and left[0].startswith(f".deltaconv-{child.pid}-")
 
