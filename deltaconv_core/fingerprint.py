@@ -21,11 +21,9 @@ GRID = 32  # int8 steps per RMS: ±127 covers ±4 RMS, the rest is clamped
 MATCH_FRACTION = 0.75
 # Worst-case rounding of one stored weight: (relative, absolute) error. The absolute part is fp8 e4m3's subnormal
 # step; weights in formats not listed here (integer-quantised, GGUF) get a coarse bound.
-ROUNDING = {torch.float64: (0.0, 0.0), torch.float32: (0.0, 0.0), torch.float16: (2.0 ** -11, 2.0 ** -25),
-            torch.bfloat16: (2.0 ** -9, 0.0)}
-for _name, _bound in (("float8_e4m3fn", (2.0 ** -4, 2.0 ** -10)), ("float8_e5m2", (2.0 ** -3, 2.0 ** -17))):
-    if hasattr(torch, _name):
-        ROUNDING[getattr(torch, _name)] = _bound
+ROUNDING = {"float64": (0.0, 0.0), "float32": (0.0, 0.0), "float16": (2.0 ** -11, 2.0 ** -25),
+            "bfloat16": (2.0 ** -9, 0.0), "float8_e4m3fn": (2.0 ** -4, 2.0 ** -10),
+            "float8_e5m2": (2.0 ** -3, 2.0 ** -17)}
 COARSE = (2.0 ** -2, 2.0 ** -8)
 
 
@@ -34,7 +32,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _rounding(name: str) -> tuple[float, float]:
-    return ROUNDING.get(getattr(torch, name, None), COARSE)
+    return ROUNDING.get(name, COARSE)
 
 
 def _normalised_samples(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
