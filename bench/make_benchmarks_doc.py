@@ -81,6 +81,11 @@ def baseline_cell(rec: dict, name: str) -> str:
     return f"{rec[f'{name}_median_ms']:.2f}"
 
 
+def mediator_rows(rec: dict) -> list[str]:
+    """Mediator attention's record-key prefixes in a block record (bench_block.MEDIATORS), in recorded order."""
+    return [k[:-len("_schedule")] for k in rec if k.startswith("mediators_") and k.endswith("_schedule")]
+
+
 def block_meta(path: Path, recs: list[dict]) -> tuple[str, str]:
     """(device line, command) of one block results file."""
     r = recs[0]
@@ -89,6 +94,9 @@ def block_meta(path: Path, recs: list[dict]) -> tuple[str, str]:
     device = (f"{r['device_name']}, {r['device']}, {r['dtype']}, batch {r['batch']}, {r['threads']} threads, "
               f"torch {r['torch']}; ΔConv on {' and '.join(path_text.get(p, p) for p in paths)}")
     date = (md_field(path.with_suffix(".md"), "date") or "").split(";")[0]
+    load = re.search(r"\(([\d.]+)% of all cores", md_field(path.with_suffix(".md"), "threads") or "")
+    if load:  # a busy shared host skews CPU timings: say how busy
+        device += f"; other processes used {load[1]}% of all cores during the run"
     return device + (f"; {date}" if date else ""), command_line(md_field(path.with_suffix(".md"), "command"))
 
 
@@ -100,11 +108,13 @@ def block_section(results: Path) -> tuple[str, list]:
              "ΔConv ms and attention ms are medians of the timed runs (forward only, inference mode); speed-up = "
              "attention / ΔConv. *did not fit*: attention's score matrix (batch · heads · N² values) would not fit "
              "in the memory available, so it was not run (ΔConv needs no such matrix). ⚠: other processes used the "
-             "CPU during that row (shared host; the timing is less reliable)."]
+             "CPU during that row (shared host; the timing is less reliable). *mediators*: the second student "
+             "(mediator attention) at the same shape, at a fixed count (`0.0:16`) or averaged over the sampling steps "
+             "of a schedule (`0.0:4,0.5:16,0.8:64`: 4 mediators for the first half, 16 until 80 %, then 64)."]
     glance = []
     for path, recs in files:
         device, command = block_meta(path, recs)
-        names = baselines(recs[0])
+        names, mediators = baselines(recs[0]), mediator_rows(recs[0])
         with_torch = any(r.get("deltaconv_torch_ops_median_ms") is not None for r in recs)
         with_peak = any(r.get("deltaconv_peak_bytes") is not None for r in recs)
         parts += ["", f"### {recs[0]['device_name']} ({link(path)})", "", f"- device: {device}",
@@ -121,6 +131,7 @@ def block_section(results: Path) -> tuple[str, list]:
                 speed = "—" if r.get("speedup") is None else times(r["speedup"])
                 cells.append(speed + (" ⚠" if r.get("contaminated") else ""))
                 cells += [f"{r['deltaconv_macs'] / 1e9:.3f}", f"{r['attention_macs'] / 1e9:.3f}", times(r["mac_ratio"])]
+                cells += [f"{r[f'{m}_median_ms']:.2f} ({r[f'{m}_macs'] / 1e9:.3f})" for m in mediators]
                 if with_peak:
                     cells.append(" / ".join("—" if r.get(f"{k}_peak_bytes") is None else
                                             f"{r[f'{k}_peak_bytes'] / 2**20:.0f}" for k in ("deltaconv", *names)))
@@ -128,6 +139,7 @@ def block_section(results: Path) -> tuple[str, list]:
             header = ["site", "C", "k", "image", "grid (tokens)", "ΔConv ms"]
             header += ["ΔConv on PyTorch ops ms"] if with_torch else []
             header += [f"{n} ms" for n in names] + ["speed-up", "ΔConv GMAC", "attention GMAC", "MAC ratio"]
+            header += [f"mediators {recs[0][f'{m}_schedule']} ms (GMAC)" for m in mediators]
             header += ["peak MiB " + " / ".join(("ΔConv", *names))] if with_peak else []
             parts += ["", f"**{FAMILIES.get(family, family)}** layer shapes", "", table(header, rows)]
         glance.append((path, recs))
@@ -180,17 +192,23 @@ def unet_section(results: Path) -> tuple[str, list]:
     for path, data in files:
         meta, rows = data["meta"], data["rows"]
         peaks = any("attention_peak_mib" in r for r in rows)
+        with_mediators = any(r.get("mediators") for r in rows)
         cells = []
         for r in rows:
             c = [r["model"], str(r["sites"]), f"{r['size']}²",
                  "—" if r.get("attention_s") is None else f"{r['attention_s']:.3f}",
                  "—" if r.get("deltaconv_s") is None else f"{r['deltaconv_s']:.3f}",
                  "—" if r.get("speedup") is None else f"{r['speedup']:.2f}×"]
+            if with_mediators:
+                c += ["—" if r.get("mediators_s") is None else f"{r['mediators_s']:.3f}",
+                      "—" if r.get("mediators_speedup") is None else f"{r['mediators_speedup']:.2f}×"]
             if peaks:
-                c += ["—" if r.get(k) is None else f"{r[k]:.0f}" for k in ("attention_peak_mib", "deltaconv_peak_mib")]
+                keys = ("attention_peak_mib", "deltaconv_peak_mib") + ("mediators_peak_mib",) * with_mediators
+                c += ["—" if r.get(k) is None else f"{r[k]:.0f}" for k in keys]
             cells.append(c)
         header = ["model", "sites replaced", "image", "attention step (s)", "ΔConv step (s)", "speed-up"]
-        header += ["peak MiB attention", "peak MiB ΔConv"] if peaks else []
+        header += [f"mediators ({rows[0]['mediators']}) step (s)", "speed-up"] if with_mediators else []
+        header += ["peak MiB attention", "peak MiB ΔConv"] + ["peak MiB mediators"] * with_mediators if peaks else []
         parts += ["", f"### {meta['device']} ({link(path)})", "",
                   f"- device: {meta['device']}, {meta['dtype']}, batch {meta['batch']}, median of {meta['repeats']} "
                   f"steps; torch {meta['torch']}; {meta['date']}", f"- command: {command_line(meta.get('command'))}",
@@ -230,11 +248,14 @@ def proxy_section(results: Path) -> str:
              "on a stand-in: a small pixel-space EDM UNet with self-attention, trained on crops of scikit-image's "
              "sample photos, then distilled into ΔConv students with this pack's own Distiller and wrappers (stage A "
              "then stage B; kernels = the locality analysis' suggestion per site). Besides the official block it "
-             "distils the paper's ablations. Every number is on held-out photos; *MSE ratio* is the student's "
-             "denoising error over the teacher's, *PSNR/SSIM* compare same-seed samples of student and teacher."]
+             "distils the paper's ablations and, where a results file has them, mediator-attention students (fixed "
+             "counts and a dynamic schedule, same teacher, data and budget) and evaluates hybrids (the ΔConv student "
+             "for the first part of sampling, then attention). Every number is on held-out photos; *MSE ratio* is the "
+             "student's denoising error over the teacher's, *PSNR/SSIM* compare same-seed samples of student and teacher."]
     for path, q in files:
         cfg, models, sites = q["config"], q["models"], q["sites"]
         students = {n: m for n, m in models.items() if n != "teacher"}
+        with_cost = "macs_per_run" in models["teacher"]
         sig = cfg["eval_sigmas"]
         parts += ["", f"### {q['device']} ({link(path)})", "", f"- command: {command_line(q.get('command'))}",
                   f"- teacher: {q['teacher_params'] / 1e6:.2f} M parameters, self-attention at "
@@ -248,11 +269,22 @@ def proxy_section(results: Path) -> str:
                   f"{cfg['sample_steps']} steps",
                   f"- targets: MSE ratio ≤ {MSE_TARGET}, PSNR ≥ {PSNR_TARGET:g} dB",
                   "", table(["student", "block parameters", "MSE ratio (mean)", "worst σ", "PSNR vs teacher",
-                             "SSIM vs teacher", "distil time"],
+                             "SSIM vs teacher", *(["attention-site cost per run"] * with_cost), "distil time"],
                             [[n, f"{m.get('block_params', 0) / 1e3:.1f} k", f"{m['mse_ratio_mean']:.3f}",
                               f"{max(m['mse_ratio']):.3f} (σ {sig[m['mse_ratio'].index(max(m['mse_ratio']))]:g})",
-                              f"{m['psnr']:.1f} dB", f"{m['ssim']:.3f}", f"{m.get('distill_s', 0):.0f} s"]
+                              f"{m['psnr']:.1f} dB", f"{m['ssim']:.3f}",
+                              *([f"{m['macs_per_run'] / models['teacher']['macs_per_run']:.2f}× the teacher's"]
+                                if with_cost else []),
+                              f"{m['distill_s']:.0f} s" if "distill_s" in m else "—"]
                              for n, m in students.items()])]
+        if with_cost:
+            parts += ["", "Cost: multiply-accumulates of the self-attention sites over one sampling run (mediators "
+                      "at their schedule's count per step, hybrids on attention after their threshold), over the "
+                      "teacher's; the rest of the UNet is the same for every model."]
+        if q.get("targets"):
+            parts += ["", "Targets of the second student (issue 12):", "",
+                      table(["target", "measured", "status"],
+                            [[t["target"], t["measured"], t["status"]] for t in q["targets"]])]
         parts += ["", proxy_reading(q), ""]
         parts += ["Teacher attention locality (held-out crops, σ = "
                   f"{cfg['locality_sigma']:g}): how much of each site's attention falls inside the kernel window, "
@@ -269,6 +301,7 @@ def proxy_section(results: Path) -> str:
         figures = [(Path(f"{base}_{kind}.png"), text) for kind, text in (
             ("samples", "same seeds, teacher and every student, with |student − teacher| ×4"),
             ("mse", "denoising MSE ratio to the teacher per σ"),
+            ("cost", "quality against cost: MSE ratio and PSNR over the attention-site MACs, every model"),
             ("locality", "the teacher's centroid-aligned attention maps per site"))]
         for png, text in figures:
             if png.is_file():
