@@ -1,12 +1,15 @@
-"""Quality proxy: how close do distilled ΔConv students get to their teacher? (No Stable Diffusion weights here.)
+"""Quality proxy: how close do distilled students get to their teacher? (No Stable Diffusion weights here.)
 
-    .venv/bin/python bench/bench_quality_proxy.py [--preset cpu|smoke] [--threads 2] [--out bench/results]
+    .venv/bin/python bench/bench_quality_proxy.py [--preset cpu|small|smoke] [--threads 2] [--out bench/results]
 
 Trains a small pixel-space diffusion UNet with self-attention on crops of scikit-image's sample photos (the wheel is
 downloaded once into .cache/proxy, not installed), measures its attention locality, distils the official ΔConvBlock
-and the paper's ablations (no pool branch; 1 and 3 scales) with stage A then stage B, and compares each with the
-teacher: held-out denoising MSE across σ and same-seed sample PSNR/SSIM. The teacher is cached by its config, so
-re-runs only redo the students. Results: bench/results/quality_proxy_<preset>_<device>.{json,md,*.png}.
+and the paper's ablations (no pool branch; 1 and 3 scales) and mediator-attention students (fixed counts and a
+dynamic schedule) with stage A then stage B, evaluates hybrids (the ΔConv student for the first 80 % / 90 % of the
+sampling steps, then attention), and compares each with the teacher: held-out denoising MSE across σ, same-seed
+sample PSNR/SSIM and the self-attention sites' MACs per sampling run. Presets: cpu (the full budget), small (every
+student on a smaller budget, ~25 min on a busy 2-core machine), smoke (the tests'). The teacher is cached by its
+config, so re-runs only redo the students. Results: bench/results/quality_proxy_<preset>_<device>.{json,md,*.png}.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The quality proxy benchmark's smallest configuration, end to end, checking its own invariants.
 
 Real photos (scikit-image's wheel), a real teacher trained for a few seconds, the pack's Distiller and wrappers.
-Quality at this size means nothing; what must hold is that training learns and that the student is better than
-removing the attention altogether.
+Quality at this size means nothing; what must hold is that training learns, that the students are better than
+removing the attention altogether, and that every model ran (and is costed) as its schedule says: the dynamic
+mediator student at its counts per step, the hybrid on ΔConv and then on attention.
 """
 import os
 
@@ -33,14 +34,28 @@ def test_training_learns(result):
     assert sum(stage_a[-10:]) < 0.5 * sum(stage_a[:10])  # stage A: block outputs move towards attention's
 
 
-def test_student_beats_the_zero_block(result):
+@pytest.mark.parametrize("kind", ["deltaconv", "mediators"])
+def test_student_beats_the_zero_block(result, kind):
     models = result["models"]
-    (student,) = [m for n, m in models.items() if n.startswith("ΔConv")]
+    (student,) = [m for m in models.values() if m["kind"] == kind]
     zero = models["zero block (attention removed)"]
     # σ = 1 is where attention matters most for this teacher; at tiny σ every model is near the identity.
     assert student["mse"][-1] < zero["mse"][-1]
     assert student["mse_ratio_mean"] < zero["mse_ratio_mean"]
     assert student["psnr"] > zero["psnr"]
+
+
+def test_schedules_ran_and_are_costed(result):
+    """(run() itself raises when the wrappers' calls differ from what the cost assumes.)"""
+    models = result["models"]
+    by_kind = {m["kind"]: m for m in models.values()}
+    steps = result["config"]["sample_steps"]
+    mediators, hybrid, delta = by_kind["mediators"], by_kind["hybrid"], by_kind["deltaconv"]
+    assert len(mediators["calls"]) > 1 and sum(mediators["calls"].values()) == steps  # several counts, every step
+    assert all(key.startswith("mediators:") for key in mediators["calls"])
+    assert hybrid["calls"] == {"attention:sigma": steps - round(0.8 * steps), "delta": round(0.8 * steps)}
+    assert delta["macs_per_run"] < hybrid["macs_per_run"] < models["teacher"]["macs_per_run"]
+    assert 0 < mediators["macs_per_run"] < models["teacher"]["macs_per_run"]
 
 
 def test_locality_and_report(result, tmp_path):
@@ -50,3 +65,4 @@ def test_locality_and_report(result, tmp_path):
     assert all(os.path.getsize(p) > 0 for p in paths)
     md = open(paths[1]).read()
     assert "zero block" in md and "ΔConv (scales 1, ½ + pool)" in md
+    assert "mediators dynamic" in md and "hybrid: ΔConv for" in md and "## Targets" in md

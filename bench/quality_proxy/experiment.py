@@ -1,7 +1,9 @@
-"""The quality proxy experiment: train a teacher, measure its attention locality, distil ΔConv students
-(stage A then stage B, with the pack's own Distiller and wrappers), and compare them with the teacher.
+"""The quality proxy experiment: train a teacher, measure its attention locality, distil ΔConv and mediator
+students (stage A then stage B, with the pack's own Distiller and wrappers), and compare them with the teacher.
 
-Every student variant starts from the same teacher and the same seeds, so the ablations differ only in the block.
+Every student starts from the same teacher and the same seeds with the same training budget, so the students differ
+only in what replaces attention. Hybrids are evaluation-only: the trained official ΔConv student with the wrappers'
+σ range ending part-way through sampling, after which the original attention runs.
 """
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ import torch
 from deltaconv_core.analysis import locality_stats
 from deltaconv_core.attention import DeltaConvSelfAttention, PatchRuntime
 from deltaconv_core.block import BlockConfig, build_block
-from deltaconv_core.distill import DistillConfig, Distiller
+from deltaconv_core.distill import DistillConfig, Distiller, MediatorTraining
+from deltaconv_core.mediator_schedule import MediatorSchedule
+from deltaconv_core.mediators import MediatorAttention
 from deltaconv_core.metrics import psnr, ssim
 
 from . import data
-from .model import TinyUNet, attention_blocks, denoise, edm_loss, karras_sigmas, sample_euler
+from .cost import Cost, Site
+from .model import TinyUNet, attention_blocks, denoise, edm_loss, karras_sigmas, percent_to_sigma, sample_euler
 
 # name → (scales, global pooling branch): the official block and the paper's ablations.
 VARIANTS = {
@@ -31,6 +36,24 @@ VARIANTS = {
     "1 scale": ((1.0,), True),
     "3 scales (1, ½, ¼)": ((1.0, 0.5, 0.25), True),
 }
+OFFICIAL = "ΔConv (scales 1, ½ + pool)"  # the variant the hybrids reuse
+ZERO = "zero block (attention removed)"
+DYNAMIC = "0.0:4,0.5:16,0.8:64"  # mediators.DEFAULT_SCHEDULE: few mediators at high noise, more later
+
+
+def mediator_label(schedule: str) -> str:
+    parsed = MediatorSchedule.parse(schedule)
+    if len(parsed.counts) == 1:
+        return f"mediators n={parsed.counts[0]}"
+    return "mediators dynamic " + "→".join(map(str, parsed.counts)) + f" ({schedule})"
+
+
+def hybrid_label(fraction: float, steps: int) -> str:
+    return f"hybrid: ΔConv for {hybrid_steps(fraction, steps)}/{steps} steps, then attention"
+
+
+def hybrid_steps(fraction: float, steps: int) -> int:
+    return round(fraction * steps)
 
 
 @dataclass
@@ -54,6 +77,8 @@ class ProxyConfig:
     samples: int = 32
     sample_steps: int = 24
     variants: tuple = tuple(VARIANTS)
+    mediators: tuple = ("4", "16", "64", DYNAMIC)  # schedules (mediator_schedule text form) of the mediator students
+    hybrids: tuple = (0.8, 0.9)  # fractions of the sampling steps that the official ΔConv student runs
     seed: int = 0
 
     def teacher_key(self) -> str:
@@ -63,10 +88,14 @@ class ProxyConfig:
 
 PRESETS = {
     "cpu": ProxyConfig(),  # ~20 min on 1 core for the teacher (cached after), ~4 min per student
+    # The cpu preset's model and data on a smaller budget (teacher 1/6, students 1/4 of the steps at half the
+    # batch): every student side by side in about 25 min on a busy 2-core machine, teacher included.
+    "small": ProxyConfig(teacher_steps=500, teacher_batch=16, train_crops=1024, stage_a_steps=100, stage_b_steps=250,
+                         distill_batch=8, eval_crops=128, samples=16, sample_steps=20),
     # What the test suite runs (tests/test_quality_proxy.py): about a minute, checks invariants, not quality.
     "smoke": ProxyConfig(width=16, teacher_steps=120, teacher_batch=8, train_crops=64, stage_a_steps=40,
                          stage_b_steps=8, distill_batch=4, eval_crops=16, samples=4, sample_steps=6,
-                         eval_sigmas=(0.2, 1.0), variants=("ΔConv (scales 1, ½ + pool)",)),
+                         eval_sigmas=(0.2, 1.0), variants=(OFFICIAL,), mediators=(DYNAMIC,), hybrids=(0.8,)),
 }
 
 
@@ -173,17 +202,32 @@ def sigma_table(cfg: ProxyConfig) -> torch.Tensor:
     return torch.cat([lognormal, karras_sigmas(cfg.sample_steps)[:-1]])
 
 
-def distil(teacher, cfg: ProxyConfig, kernels, scales, pool, crops, log: Log, label: str):
-    unet, runtime, blocks, taps = make_student(teacher, kernels, scales, pool)
+def make_mediator_student(teacher: TinyUNet, schedule: MediatorSchedule):
+    """A copy of the teacher with every attn1 wrapped by a MediatorAttention initialised from it (its projections,
+    a zero DWC), counts following `schedule` on this model's σ; returns (unet, runtime, students, taps)."""
+    unet = copy.deepcopy(teacher).requires_grad_(False)
+    runtime, students, taps = PatchRuntime(), {}, {}
+    for name, tb in attention_blocks(unet).items():
+        student = MediatorAttention.from_teacher(tb.attn1, schedule)
+        tb.attn1 = DeltaConvSelfAttention(tb.attn1, student, runtime, name, schedule.resolve(percent_to_sigma))
+        students[name], taps[name] = student, tb.norm2
+    return unet, runtime, students, taps
+
+
+def distil(student, cfg: ProxyConfig, crops, log: Log, label: str, schedule: MediatorSchedule | None = None):
+    """Stage A then stage B on a student from make_student / make_mediator_student (with its `schedule`), in
+    place. Mediator students train each count of their schedule in turn, at the σ where sampling runs it."""
+    unet, runtime, blocks, taps = student
     sigmas = sigma_table(cfg)
+    mediators = None if schedule is None else MediatorTraining(schedule, schedule.resolve(percent_to_sigma))
     losses = {}
     for stage, steps in (("A", cfg.stage_a_steps), ("B", cfg.stage_b_steps)):
         if steps == 0:
             continue
         dc = DistillConfig(stage=stage, steps=steps, learning_rate=cfg.distill_lr, warmup_steps=min(50, steps // 5),
                            batch_size=cfg.distill_batch, seed=cfg.seed, caption_drop=0.0)
-        distiller = Distiller(lambda x_t, s, neg, idx: denoise(unet, x_t, s), runtime, blocks, crops, sigmas, dc,
-                              taps=taps if stage == "B" else None)
+        distiller = Distiller(lambda x_t, s, neg, idx: denoise(unet, x_t, s), runtime.teacher, blocks, crops, sigmas,
+                              dc, taps=taps if stage == "B" else None, mediators=mediators)
         try:
             losses[stage] = [distiller.step() for _ in range(steps)]
         finally:
@@ -195,6 +239,22 @@ def distil(teacher, cfg: ProxyConfig, kernels, scales, pool, crops, log: Log, la
 # ---------------------------------------------------------------------------------------------------- evaluation
 def mean(xs) -> float:
     return sum(xs) / len(xs)
+
+
+def params(students: dict) -> int:
+    return sum(p.numel() for b in students.values() for p in b.parameters())
+
+
+def expected_calls(cost: Cost, n_sites: int, step_sigmas) -> dict[str, int]:
+    """The wrappers' call counts (PatchRuntime.counts keys) that one sampling run with this cost makes."""
+    calls = {}
+    for sigma in step_sigmas:
+        if sigma < cost.sigma_end:
+            key = "attention:sigma"
+        else:
+            key = "delta" if cost.student in ("deltaconv", "zero") else f"mediators:{cost.counts(sigma)}"
+        calls[key] = calls.get(key, 0) + n_sites
+    return calls
 
 
 @torch.no_grad()
@@ -239,33 +299,65 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
             f"{s['kernel']}×{s['kernel']}, uniform {s['uniform_fraction']:.2f}, ERF {s['erf']}")
 
     noise = torch.randn(cfg.samples, 3, cfg.crop, cfg.crop, generator=torch.Generator().manual_seed(cfg.seed + 2))
+    step_sigmas = [float(s) for s in karras_sigmas(cfg.sample_steps)[:-1]]
+    cost_sites = [Site(tuple(map(int, s["grid"].split("x"))), s["channels"], s["kernel"]) for s in sites.values()]
 
     def sample(unet):
         return to_image(sample_euler(lambda x, s: denoise(unet, x, s), noise, cfg.sample_steps))
 
     teacher_samples = sample(teacher)
-    models = {"teacher": {"mse": denoising_mse(teacher, eval_crops, cfg.eval_sigmas, cfg.seed)}}
-    zero, _, _, _ = make_student(teacher, kernels, (1.0, 0.5), True, zero=True)
-    models["zero block (attention removed)"] = {"mse": denoising_mse(zero, eval_crops, cfg.eval_sigmas, cfg.seed)}
-    images = {"teacher": teacher_samples}
+    models, images = {}, {"teacher": teacher_samples}
+
+    def evaluate(label: str, kind: str, unet, runtime, cost: Cost, **extra):
+        """One model's denoising MSE, same-seed samples (PSNR/SSIM against the teacher's) and cost. While it
+        samples, its wrappers must count exactly the calls its cost assumes: a fallback or a wrong mediator count
+        is an error, not a number."""
+        m = {"kind": kind, "mse": denoising_mse(unet, eval_crops, cfg.eval_sigmas, cfg.seed),
+             "macs_per_run": cost.run_macs(cost_sites, step_sigmas), **extra}
+        if runtime is not None:
+            runtime.counts.clear()
+            images[label] = sample(unet)
+            expected = expected_calls(cost, len(cost_sites), step_sigmas)
+            if dict(runtime.counts) != expected:
+                raise RuntimeError(f"{label}: the wrappers ran {dict(runtime.counts)}, expected {expected}")
+            m.update(psnr=float(psnr(images[label], teacher_samples).clamp(max=100).mean()),
+                     ssim=float(ssim(images[label], teacher_samples).mean()),
+                     calls={k: v // len(cost_sites) for k, v in sorted(expected.items())})
+        models[label] = m
+        ratio = mean([a / b for a, b in zip(m["mse"], models["teacher"]["mse"], strict=True)])
+        log(f"{label}: MSE ratio {ratio:.3f}, {m['macs_per_run'] / 1e6:.1f} M attention-site MACs per sampling run")
+
+    evaluate("teacher", "teacher", teacher, None, Cost("attention"))
+    zero = make_student(teacher, kernels, (1.0, 0.5), True, zero=True)
+    evaluate(ZERO, "zero", zero[0], zero[1], Cost("zero"))
+    official = None
     for label in cfg.variants:
         scales, pool = VARIANTS[label]
         t0 = time.perf_counter()
-        student, runtime, blocks, losses = distil(teacher, cfg, kernels, scales, pool, train_crops, log, label)
-        distil_s = time.perf_counter() - t0
-        runtime.counts.clear()
-        student_samples = sample(student)
-        if runtime.counts["delta"] == 0 or any(k.startswith("attention") for k in runtime.counts):
-            raise RuntimeError(f"{label}: the student did not run its ΔConv blocks everywhere ({dict(runtime.counts)})")
-        images[label] = student_samples
-        models[label] = {"mse": denoising_mse(student, eval_crops, cfg.eval_sigmas, cfg.seed),
-                         "psnr": float(psnr(student_samples, teacher_samples).clamp(max=100).mean()),
-                         "ssim": float(ssim(student_samples, teacher_samples).mean()),
-                         "losses": losses, "distill_s": distil_s,
-                         "block_params": sum(p.numel() for b in blocks.values() for p in b.parameters())}
-    zero_samples = sample(zero)
-    models["zero block (attention removed)"].update(psnr=float(psnr(zero_samples, teacher_samples).clamp(max=100).mean()),
-                                                     ssim=float(ssim(zero_samples, teacher_samples).mean()))
+        unet, runtime, blocks, losses = distil(make_student(teacher, kernels, scales, pool), cfg, train_crops, log,
+                                               label)
+        evaluate(label, "deltaconv", unet, runtime, Cost("deltaconv", tuple(scales)), losses=losses,
+                 distill_s=time.perf_counter() - t0, block_params=params(blocks))
+        if label == OFFICIAL:
+            official = (unet, runtime, blocks)
+    for fraction in cfg.hybrids if official else ():
+        unet, runtime, blocks = official
+        k = hybrid_steps(fraction, cfg.sample_steps)  # the student's steps; the threshold lies between two steps
+        runtime.sigma_end = math.sqrt(step_sigmas[k - 1] * step_sigmas[k]) if k < cfg.sample_steps else 0.0
+        try:
+            evaluate(hybrid_label(fraction, cfg.sample_steps), "hybrid", unet, runtime,
+                     Cost("deltaconv", VARIANTS[OFFICIAL][0], sigma_end=runtime.sigma_end),
+                     sigma_end=runtime.sigma_end, block_params=params(blocks))
+        finally:
+            runtime.sigma_end = 0.0
+    for text in cfg.mediators:
+        schedule, label = MediatorSchedule.parse(text), mediator_label(text)
+        t0 = time.perf_counter()
+        unet, runtime, students, losses = distil(make_mediator_student(teacher, schedule), cfg, train_crops, log,
+                                                 label, schedule)
+        evaluate(label, "mediators", unet, runtime, Cost("mediators", counts=schedule.resolve(percent_to_sigma)),
+                 schedule=schedule.format(), losses=losses, distill_s=time.perf_counter() - t0,
+                 block_params=params(students))
     teacher_mse = models["teacher"]["mse"]
     for m in models.values():
         m["mse_ratio"] = [a / b for a, b in zip(m["mse"], teacher_mse)]

@@ -2,8 +2,10 @@
 
 Its self-attention modules follow ComfyUI's `attn1` interface (to_q/to_k/to_v/to_out, forward(x, context, value,
 mask, transformer_options) with `activations_shape` in the options), so the pack's own DeltaConvSelfAttention
-wrapper replaces them exactly as it does inside ComfyUI. EDM preconditioning (Karras et al. 2022): the network
-sees c_in·x_t and ln(σ)/4 and predicts x̂_0 = c_skip·x_t + c_out·F, with x_t = x_0 + σ·ε as the distiller expects.
+wrapper replaces them exactly as it does inside ComfyUI; like ComfyUI, the step's σ reaches them as
+`transformer_options["sigmas"]` (the wrappers' σ range and mediator counts read it). EDM preconditioning (Karras
+et al. 2022): the network sees c_in·x_t and ln(σ)/4 and predicts x̂_0 = c_skip·x_t + c_out·F, with x_t = x_0 + σ·ε
+as the distiller expects.
 """
 from __future__ import annotations
 
@@ -48,10 +50,10 @@ class TransformerBlock(nn.Module):
         self.attn1 = SelfAttention(dim, heads)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x):
+    def forward(self, x, sigmas=None):
         b, c, h, w = x.shape
         t = x.flatten(2).transpose(1, 2)
-        t = t + self.attn1(self.norm1(t), transformer_options={"activations_shape": [b, c, h, w]})
+        t = t + self.attn1(self.norm1(t), transformer_options={"activations_shape": [b, c, h, w], "sigmas": sigmas})
         t = t + self.ff(self.norm2(t))  # norm2's input is the residual stream right after attn1 (stage B's tap)
         return t.transpose(1, 2).reshape(b, c, h, w)
 
@@ -90,13 +92,13 @@ class TinyUNet(nn.Module):
         self.up0, self.up0_attn = ResBlock(c1 + c0, c0, emb_dim), TransformerBlock(c0, heads)
         self.norm_out, self.conv_out = nn.GroupNorm(8, c0), nn.Conv2d(c0, 12, 3, padding=1)
 
-    def forward(self, x, c_noise):
+    def forward(self, x, c_noise, sigmas=None):
         angles = c_noise[:, None] * self.freqs[None]
         emb = self.embed(torch.cat([angles.sin(), angles.cos()], dim=1))
-        h0 = self.down0_attn(self.down0(self.conv_in(F.pixel_unshuffle(x, 2)), emb))
-        h1 = self.down1_attn(self.down1(self.pool(h0), emb))
-        h = self.up1_attn(self.up1(torch.cat([self.mid(h1, emb), h1], dim=1), emb))
-        h = self.up0_attn(self.up0(torch.cat([F.interpolate(h, scale_factor=2.0), h0], dim=1), emb))
+        h0 = self.down0_attn(self.down0(self.conv_in(F.pixel_unshuffle(x, 2)), emb), sigmas)
+        h1 = self.down1_attn(self.down1(self.pool(h0), emb), sigmas)
+        h = self.up1_attn(self.up1(torch.cat([self.mid(h1, emb), h1], dim=1), emb), sigmas)
+        h = self.up0_attn(self.up0(torch.cat([F.interpolate(h, scale_factor=2.0), h0], dim=1), emb), sigmas)
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), 2)
 
 
@@ -110,7 +112,7 @@ def denoise(unet: TinyUNet, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Ten
     s = sigma.view(-1, 1, 1, 1)
     total = s ** 2 + SIGMA_DATA ** 2
     c_skip, c_out, c_in = SIGMA_DATA ** 2 / total, s * SIGMA_DATA / total.sqrt(), 1 / total.sqrt()
-    return c_skip * x_t + c_out * unet(c_in * x_t, sigma.log() / 4)
+    return c_skip * x_t + c_out * unet(c_in * x_t, sigma.log() / 4, sigma)
 
 
 def edm_loss(unet: TinyUNet, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -123,10 +125,20 @@ def edm_loss(unet: TinyUNet, x0: torch.Tensor, generator: torch.Generator) -> to
     return (weight * err.mean(dim=(1, 2, 3))).mean()
 
 
-def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def karras_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                  rho: float = RHO) -> torch.Tensor:
     ramp = torch.linspace(0, 1, steps)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([s, s.new_zeros(1)])
+
+
+def percent_to_sigma(percent: float) -> float:
+    """σ at a fraction of sampling progress on the sampler's Karras ramp (0 → σ_max, 1 → σ_min): this model's
+    counterpart of ComfyUI's model_sampling.percent_to_sigma, which mediator schedules are resolved with."""
+    return (SIGMA_MAX ** (1 / RHO) + percent * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
 
 
 @torch.no_grad()

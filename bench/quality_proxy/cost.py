@@ -1,0 +1,55 @@
+"""What a quality-proxy model costs: multiply-accumulates of its self-attention sites over one sampling run.
+
+Per site and model call, on an h×w grid of C channels (N = h·w tokens):
+- attention: 4·N·C² + 2·N²·C (bench_block.attention_macs);
+- ΔConv block: bench_block.deltaconv_macs with the student's kernel and scales;
+- mediator attention: mediators.mediator_macs at the count its schedule gives for that step's σ;
+- zero block (attention removed): 0.
+A hybrid runs its student while σ ≥ its threshold and attention below. The rest of the UNet (convolutions, MLPs)
+is the same for every model and not counted. One sampling run = one call per sampler step, per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench_block import attention_macs, deltaconv_macs
+
+from deltaconv_core.mediator_schedule import SigmaCounts
+from deltaconv_core.mediators import mediator_macs
+
+
+@dataclass(frozen=True)
+class Site:
+    grid: tuple[int, int]
+    channels: int
+    kernel: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    """How one model runs its self-attention sites: `student` is "attention", "zero", "deltaconv" (with `scales`)
+    or "mediators" (with `counts`, the schedule on σ); the student runs for σ ≥ `sigma_end`, attention below."""
+
+    student: str
+    scales: tuple = (1.0, 0.5)
+    counts: SigmaCounts | None = None
+    sigma_end: float = 0.0
+
+    def site_macs(self, site: Site, sigma: float) -> int:
+        n, c = site.grid[0] * site.grid[1], site.channels
+        if self.student == "attention" or sigma < self.sigma_end:
+            return attention_macs(n, c)
+        if self.student == "zero":
+            return 0
+        if self.student == "deltaconv":
+            return deltaconv_macs(n, c, site.kernel, self.scales)
+        if self.student == "mediators":
+            return mediator_macs(site.grid, c, self.counts(sigma))
+        raise ValueError(f"unknown student {self.student!r}")
+
+    def step_macs(self, sites: list[Site], sigma: float) -> int:
+        return sum(self.site_macs(s, sigma) for s in sites)
+
+    def run_macs(self, sites: list[Site], step_sigmas) -> int:
+        """MACs of one sampling run (one image) with the sampler's step σ."""
+        return sum(self.step_macs(sites, float(s)) for s in step_sigmas)
