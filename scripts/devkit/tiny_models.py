@@ -85,7 +85,8 @@ def build_taesd(seed: int):
 
 
 def write_block_files(name: str, module: nn.Module, folder: str, out: dict):
-    """Random and zero-output ΔConv blocks for one tiny model, written in our own format (read by ΔConv Load)."""
+    """Random and zero-output ΔConv blocks, and mediator attention from the model's own attention (with a random
+    DWC, so that it matters; default schedule), for one tiny model in our own format (read by ΔConv Load)."""
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights, save_weights
 
@@ -93,6 +94,11 @@ def write_block_files(name: str, module: nn.Module, folder: str, out: dict):
     for variant, zero in (("random", False), ("zero", True)):
         weights = DeltaConvWeights.fresh(sites, seed=7, zero_output=zero)
         out[f"{name}_{variant}"] = save_weights(weights, os.path.join(folder, f"{name}_{variant}.safetensors"))
+    mediators = DeltaConvWeights.fresh_mediators(sites, module)
+    g = torch.Generator().manual_seed(8)
+    for _, state in mediators.blocks.values():
+        state["dwc.weight"] = torch.randn(state["dwc.weight"].shape, generator=g) * 0.1
+    out[f"{name}_mediators"] = save_weights(mediators, os.path.join(folder, f"{name}_mediators.safetensors"))
 
 
 def write_tiny_models(base) -> dict:

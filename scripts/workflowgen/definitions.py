@@ -1,7 +1,7 @@
 """The example workflows, one function each: (title, graph, note). Add one by writing a function with @workflow;
 its name is the file name in workflows/."""
 from .graph import DC_NOTE, NEG, Model, N, Seed, deltaconv, distill, output, prompts, sampler, sd15_base
-from .models import MODELS
+from .models import MODELS, USER_FILES
 
 WORKFLOWS = {}
 
@@ -42,6 +42,40 @@ def deltaconv_sd15_compare_psnr_ssim():
             "(as KSampler does), decodes both and measures what the patch costs on your prompt: PSNR and SSIM per "
             "image, a heat map of the per-pixel difference (its scale is in the report) and both sampling times. "
             "The report is printed to the console and is the node's report output.\nModels: DreamShaper 8 in "
+            "models/checkpoints; ConvFusion-sd15-mjv5 in models/deltaconv.\n" + DC_NOTE)
+
+
+@workflow
+def deltaconv_sd15_compare_students():
+    g = sd15_base(pos="a red vintage bicycle leaning against a sunlit brick wall, flowers in the basket, photograph")
+    same = dict(vae=("ckpt", 2), positive=("pos", 0), negative=("neg", 0), latent_image=("latent", 0),
+                seed=Seed(123456789, "fixed"), steps=25, cfg=7.0, sampler_name="dpmpp_2m", scheduler="karras",
+                denoise=1.0)
+    g |= {"med_load": N("DeltaConvLoad", "ΔConv Load (your mediator file)", "purple",
+                        weights_name=USER_FILES["sd15_mediators"]),
+          "med_patch": N("DeltaConvPatch", "ΔConv Patch (mediators)", "purple", model=("ckpt", 0),
+                         deltaconv=("med_load", 0), start_percent=0.0, end_percent=1.0, levels="all", strict=False,
+                         mediator_schedule=""),
+          "compare_dc": N("DeltaConvCompare", "Compare: attention vs ΔConv", "purple", model=("ckpt", 0),
+                          patched_model=("dc_patch", 0), **same),
+          "compare_med": N("DeltaConvCompare", "Compare: attention vs mediators", "purple", model=("ckpt", 0),
+                           patched_model=("med_patch", 0), **same),
+          "save_attention": N("SaveImage", "Attention (original)", images=("compare_dc", 0),
+                              filename_prefix="deltaconv_students/attention"),
+          "save_dc": N("SaveImage", "ΔConv", images=("compare_dc", 1), filename_prefix="deltaconv_students/deltaconv"),
+          "save_med": N("SaveImage", "Mediator attention", images=("compare_med", 1),
+                        filename_prefix="deltaconv_students/mediators"),
+          "heat_dc": N("PreviewImage", "Difference: ΔConv", images=("compare_dc", 2)),
+          "heat_med": N("PreviewImage", "Difference: mediators", images=("compare_med", 2))}
+    return ("SD1.5 · attention vs ΔConv vs mediator attention", g,
+            "One prompt, one seed, three ways to run self-attention: the original model, ΔConv blocks "
+            "(convolutions) and mediator attention (global attention through a few pooled mediator tokens, more of "
+            "them as denoising proceeds). Each ΔConv Compare samples the original and one patched model from the "
+            "same settings and reports PSNR, SSIM, a difference heat map, both sampling times and how often each "
+            "student ran (mediator calls by count).\nMediator weights: there is no official release. Make "
+            f"{USER_FILES['sd15_mediators']} yourself with ΔConv Distill (student: mediator attention; see the "
+            "data-free distillation workflow) and ΔConv Save; ΔConv Patch's mediator_schedule overrides its "
+            "schedule (e.g. 0.0:4,0.5:16,0.8:64; empty: the one it was trained with).\nModels: DreamShaper 8 in "
             "models/checkpoints; ConvFusion-sd15-mjv5 in models/deltaconv.\n" + DC_NOTE)
 
 

@@ -24,3 +24,6 @@ MODELS = {
     **{f"dc_{k}": hf("7eu7d7/ConvFusion", f"ConvFusion-{k}-mjv5.safetensors", "deltaconv")
        for k in ("sd15", "sdxl", "pixart1024")},
 }
+
+# Files the user makes in ComfyUI (ΔConv Distill + ΔConv Save): nothing to download, so no entry above.
+USER_FILES = {"sd15_mediators": "my_sd15_mediators.safetensors"}
