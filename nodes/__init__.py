@@ -1,6 +1,7 @@
 """ComfyUI layer of ComfyUI-DeltaConv: thin node classes over deltaconv_core."""
 from .compare import DeltaConvCompare
 from .distill import DeltaConvDistill
+from .distill_simple import DeltaConvDistillSimple
 from .folders import register_folder
 from .load import DeltaConvLoad
 from .locality import DeltaConvAttentionLocality
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     "DeltaConvLoad": DeltaConvLoad,
     "DeltaConvPatch": DeltaConvPatch,
     "DeltaConvDistill": DeltaConvDistill,
+    "DeltaConvDistillSimple": DeltaConvDistillSimple,
     "DeltaConvSave": DeltaConvSave,
     "DeltaConvAttentionLocality": DeltaConvAttentionLocality,
     "DeltaConvCompare": DeltaConvCompare,
@@ -21,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DeltaConvLoad": "ΔConv Load",
     "DeltaConvPatch": "ΔConv Patch",
     "DeltaConvDistill": "ΔConv Distill",
+    "DeltaConvDistillSimple": "ΔConv Distill (simple)",
     "DeltaConvSave": "ΔConv Save",
     "DeltaConvAttentionLocality": "ΔConv Attention Locality",
     "DeltaConvCompare": "ΔConv Compare",

@@ -1,0 +1,141 @@
+"""ΔConv Distill (simple): ΔConv Distill with its settings chosen by a preset, logged so they can be reproduced.
+
+Each preset is one or two phases; a phase is a full set of ΔConv Distill widget values (its defaults, then the
+preset's), run through ΔConv Distill itself, so both nodes share one code path. Two phases (stage A, then stage B
+starting from A's blocks) are two ΔConv Distill runs in a row.
+"""
+import json
+import logging
+
+import comfy.model_management
+import torch
+
+from ..deltaconv_core.distill import DistillError
+from . import compat
+from .distill import STAGE_CHOICES, DeltaConvDistill, output_dir
+from .validation import check_widgets, output_path_error
+
+log = logging.getLogger("deltaconv")
+
+STAGE_A = {"stage": STAGE_CHOICES[0], "steps": 2000, "learning_rate": 3e-4, "warmup_steps": 200, "save_every": 500}
+# Stage B as the paper trains: Min-SNR-γ 5; gradient checkpointing so it fits more GPUs (slower, same result).
+STAGE_B = {"stage": STAGE_CHOICES[1], "steps": 10000, "learning_rate": 1e-4, "warmup_steps": 500,
+           "save_every": 1000, "gradient_checkpointing": True, "min_snr_gamma": 5.0}
+FINE_TUNE = {**STAGE_B, "steps": 2000, "learning_rate": 5e-5, "warmup_steps": 100, "save_every": 500}
+CHECK = {"steps": 2, "save_every": 0, "allow_cpu": True}  # the second step holds all memory a run needs
+FINE_TUNE_PRESET = "fine-tune connected blocks: stage B, 2000 steps at a low learning rate"
+PRESETS = {
+    "quick: stage A, 2000 steps": (STAGE_A,),
+    "full: stage A 2000 steps, then stage B 10000 steps": (STAGE_A, STAGE_B),
+    FINE_TUNE_PRESET: (FINE_TUNE,),
+    "check: stage A then B, 2 steps each (runs on the CPU too)": ({**STAGE_A, **CHECK}, {**STAGE_B, **CHECK}),
+}
+BATCH_SIZE = 4  # fewer when there are fewer latents
+WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def advanced_defaults() -> dict:
+    """Every widget input of ΔConv Distill with its default value (a combo without one: its first choice)."""
+    types = DeltaConvDistill.INPUT_TYPES()
+    values = {}
+    for group in ("required", "optional"):
+        for name, spec in types.get(group, {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            if isinstance(spec[0], (list, tuple)):
+                values[name] = options.get("default", spec[0][0])
+            elif spec[0] in WIDGET_KINDS:
+                values[name] = options["default"]
+    return values
+
+
+def training_dtype(device) -> str:
+    """bf16 autocast where the GPU computes in bf16 natively (compute capability 8 on: NVIDIA Ampere), else fp32."""
+    return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
+
+
+def preset_settings(preset: str, filename_prefix: str, n_latents: int, device) -> list[dict]:
+    """The ΔConv Distill widget values of each phase of `preset`: every input, as the advanced node takes them."""
+    machine = {"batch_size": min(BATCH_SIZE, n_latents), "training_dtype": training_dtype(device),
+               "filename_prefix": filename_prefix}
+    return [{**advanced_defaults(), **machine, **phase} for phase in PRESETS[preset]]
+
+
+class DeltaConvDistillSimple:
+    DESCRIPTION = ("ΔConv Distill with its settings chosen by a preset: quick (stage A), full (stage A, then stage B "
+                   "from A's blocks), fine-tune (the connected blocks), or check (2 steps per stage). It logs every "
+                   "ΔConv Distill setting it used, so ΔConv Distill reproduces the run. Needs a GPU, except check.")
+    CATEGORY = "ΔConv/training"
+    SEARCH_ALIASES = ("distill simple", "train deltaconv", "distillation", "convfusion", "linear attention",
+                      "speed", "preset")
+    RETURN_TYPES = DeltaConvDistill.RETURN_TYPES
+    RETURN_NAMES = DeltaConvDistill.RETURN_NAMES
+    OUTPUT_TOOLTIPS = ("The trained blocks (of the last phase): connect to ΔConv Save, or to ΔConv Patch to try "
+                       "them at once.",
+                       "Loss per step, the phases one after the other (for a loss graph node).",
+                       "Path of the last checkpoint written to output/deltaconv (connect it through ΔConv Load to "
+                       "resume).")
+    FUNCTION = "distill"
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        presets = list(PRESETS)
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The teacher; its self-attention is what the blocks learn."}),
+                "latents": ("LATENT", {"tooltip": "Training latents: VAE-encoded images, or the model's own "
+                                                  "KSampler outputs for data-free distillation. Up to 4 per step."}),
+                "positive": ("CONDITIONING", {"tooltip": "One prompt for all latents, or one entry per latent."}),
+                "preset": (presets, {"default": presets[0],
+                                     "tooltip": "quick: stage A (block-local, cheap), 2000 steps. full: stage A, "
+                                                "then stage B (end-to-end, the paper's recipe, far more memory) "
+                                                "from A's blocks. fine-tune: stage B on the connected blocks, "
+                                                "e.g. official ones for your fine-tuned checkpoint. check: both "
+                                                "stages for 2 steps, to test memory and setup first. The log "
+                                                "lists every setting used."}),
+                "filename_prefix": ("STRING", {"default": "deltaconv_distilled",
+                                               "tooltip": "Checkpoints are output/deltaconv/<prefix>_<run>_<stage>_"
+                                                          "<step>.safetensors, each phase a new run number; "
+                                                          "subfolders such as 'runs/a' are fine."}),
+            },
+            "optional": {
+                "negative": ("CONDITIONING", {"tooltip": "Empty/negative prompt: when connected, 15% of samples "
+                                                         "train on it (caption drop), as the paper does."}),
+                "deltaconv": ("DELTACONV", {"tooltip": "Blocks to start from; fine-tune needs them. A checkpoint "
+                                                       "of the same stage resumes its run up to the preset's "
+                                                       "steps."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, preset=None, filename_prefix=None):
+        verdict = check_widgets(cls, preset=preset)
+        return verdict if verdict is not True else output_path_error(output_dir(), filename_prefix,
+                                                                      "filename_prefix")
+
+    def distill(self, model, latents, positive, preset, filename_prefix, negative=None, deltaconv=None,
+                unique_id=None):
+        if preset not in PRESETS:
+            raise ValueError(f"preset = {preset!r} is not one of {list(PRESETS)}")
+        if preset == FINE_TUNE_PRESET and deltaconv is None:
+            raise DistillError("the fine-tune preset trains the blocks connected as deltaconv (ΔConv Load): "
+                               "connect them, or choose quick or full for fresh blocks")
+        device = comfy.model_management.get_torch_device()
+        phases = preset_settings(preset, filename_prefix, latents["samples"].shape[0], device)
+        if device.type == "cpu" and not all(p["allow_cpu"] for p in phases):
+            raise DistillError(f"ComfyUI runs on the CPU here, where the {preset.split(':')[0]} preset would take "
+                               "days. Start ComfyUI with a GPU; the check preset runs on the CPU too.")
+        weights, losses, checkpoint = deltaconv, [], None
+        for i, settings in enumerate(phases, 1):
+            start = ("fresh blocks" if weights is None else "the connected deltaconv" if i == 1 else
+                     f"phase {i - 1}'s deltaconv output")
+            text = (f"preset {preset!r}, phase {i}/{len(phases)}: ΔConv Distill with {json.dumps(settings)}, "
+                    f"starting from {start}")
+            log.info("ΔConv Distill (simple): %s", text)
+            compat.send_progress_text(unique_id, text)
+            weights, loss, checkpoint = DeltaConvDistill().distill(model, latents, positive, negative=negative,
+                                                                   deltaconv=weights, unique_id=unique_id,
+                                                                   **settings)
+            losses += loss["loss"]
+        return (weights, {"loss": losses}, checkpoint)
