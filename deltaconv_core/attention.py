@@ -69,6 +69,7 @@ class PatchRuntime:
         self.teacher = TeacherSwitch()
         self.stashed_options = None  # older ComfyUI: extra_options captured by an attn1_patch just before attn1
         self.current_sigmas = None  # DiTs: sigmas captured by a model wrapper around each step
+        self.step_active: bool | None = None  # set by that wrapper for the step it wraps, None outside a step
         self._sigma_key, self._sigma = None, None
         self._warned: set = set()
 
@@ -85,8 +86,12 @@ class PatchRuntime:
         return self._sigma
 
     def sigma_active(self, sigmas) -> bool:
+        """Whether the students run at this step. Inside a wrapped step the answer was read once, before the
+        diffusion model ran: under torch.compile a read of the sigma tensor here would break the graph."""
         if self.full_range or sigmas is None:
             return True
+        if self.step_active is not None:
+            return self.step_active
         return self.sigma_end <= self.step_sigma(sigmas) <= self.sigma_start
 
     def mediator_count(self, counts: SigmaCounts, sigmas) -> int:
@@ -97,10 +102,14 @@ class PatchRuntime:
         return counts.counts[-1] if sigmas is None else counts(self.step_sigma(sigmas))
 
     def ran_student(self, site: str, key: str):
+        if torch.compiler.is_compiling():  # counters traced by dynamo would recompile the model every step
+            return
         self.counts[key] += 1
         self.site_counts[site] += 1
 
     def fallback(self, site: str, reason: str):
+        if torch.compiler.is_compiling():
+            return
         self.counts[f"attention:{reason}"] += 1
         if reason != "sigma" and (site, reason) not in self._warned:
             self._warned.add((site, reason))

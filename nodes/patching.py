@@ -1,6 +1,7 @@
 """Apply students to a ComfyUI ModelPatcher: a clone whose selected self-attention sites run wrappers around ΔConv
 blocks or mediator attention, as the weights say per site."""
 import logging
+import math
 
 import torch
 
@@ -49,7 +50,9 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
         raise ValueError(f"{weights.source} has no block for any selected site of this {model_sites.variant}")
 
     sampling = compat.model_sampling(model)
-    runtime = PatchRuntime(sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent))
+    # percent_to_sigma(0) is a large finite number, not inf: without this the full range would look partial
+    start_sigma = math.inf if start_percent <= 0 else sampling.percent_to_sigma(start_percent)
+    runtime = PatchRuntime(start_sigma, sampling.percent_to_sigma(end_percent))
     clone = model.clone()
     notes = conflicts(model, sites)
     references = {}  # site name → its q/qkv weight: the dtype of its student, and the base-model fingerprint

@@ -51,7 +51,11 @@ def install_teacher_wrapper(clone, model_sites, site, original, runtime: PatchRu
 def _capture_sigmas(runtime: PatchRuntime):
     def capture_sigma(executor, x, t, *args, **kwargs):
         runtime.current_sigmas = t
-        return executor(x, t, *args, **kwargs)
+        runtime.step_active = runtime.sigma_active(t)  # once per step, outside a torch.compile'd diffusion model
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:
+            runtime.step_active = None
 
     return capture_sigma
 
@@ -65,9 +69,10 @@ def _stash_options(runtime: PatchRuntime):
 
 
 def install_runtime_hooks(clone, model_sites, runtime: PatchRuntime, follows_sigma: bool = False):
-    """What the wrappers cannot see for themselves: PixArt's sigma (needed for a sigma range, or when mediator
-    students follow a schedule: `follows_sigma`), older ComfyUI's shapes and sigmas."""
-    if model_sites.family == "pixart" and (follows_sigma or not runtime.full_range):
-        compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _capture_sigmas(runtime))
-    elif compat.LEGACY_ATTN1_CALL and model_sites.family != "pixart":
+    """What the wrappers cannot see for themselves: the step's sigma, read once per step (PixArt's attention gets
+    none; under torch.compile reading it per call would break the graph), needed for a sigma range or when
+    mediator students follow a schedule (`follows_sigma`); older ComfyUI's shapes and sigmas."""
+    if compat.LEGACY_ATTN1_CALL:  # that ComfyUI has neither model wrappers nor PixArt
         clone.set_model_attn1_patch(_stash_options(runtime))
+    elif follows_sigma or not runtime.full_range:
+        compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _capture_sigmas(runtime))

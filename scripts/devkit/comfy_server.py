@@ -30,14 +30,18 @@ class ComfyError(RuntimeError):
 
 
 class ComfyServer:
-    def __init__(self, comfy_path, models: dict, pack_dir: str, test_nodes_dir: str | None = None, cpu=True):
+    def __init__(self, comfy_path, models: dict, pack_dir: str, test_nodes_dir: str | None = None, cpu=True,
+                 extra_flags=(), env=None, name="server"):
+        """`extra_flags`: more ComfyUI command-line flags; `env`: more environment variables; `name`: of the log
+        file in the base folder, so that several servers can share one base."""
         self.comfy_path, self.cpu = comfy_path, cpu
         self.base = models["base"]
         self.pack_dir, self.test_nodes_dir = pack_dir, test_nodes_dir
+        self.extra_flags, self.extra_env = list(extra_flags), dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
-        self.log_path = os.path.join(self.base, "server.log")
+        self.log_path = os.path.join(self.base, f"{name}.log")
 
     def _flags(self) -> list[str]:
         with open(os.path.join(self.comfy_path, "comfy", "cli_args.py")) as f:
@@ -70,9 +74,9 @@ class ComfyServer:
         return path
 
     def start(self, timeout: float = 180):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "main.py", *self._flags()], cwd=self.comfy_path,
+        self.proc = subprocess.Popen([sys.executable, "main.py", *self._flags(), *self.extra_flags], cwd=self.comfy_path,
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
