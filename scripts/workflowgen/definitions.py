@@ -212,6 +212,23 @@ def deltaconv_distill_data_free():
 
 
 @workflow
+def deltaconv_distill_simple():
+    g = {"ckpt": N("CheckpointLoaderSimple", ckpt_name=Model("dreamshaper")),
+         **prompts(("ckpt", 1), "a beautiful landscape, a portrait, an animal, a city street, best quality", ""),
+         "latent": N("EmptyLatentImage", width=512, height=512, batch_size=8),
+         "teacher": sampler(("ckpt", 0), ("latent", 0), Seed(1, "fixed"), steps=20, title="Teacher samples"),
+         **distill(("ckpt", 0), ("teacher", 0), "my_sd15_deltaconv_simple", preset="quick: stage A, 2000 steps")}
+    return ("ΔConv Distill (simple) · pick a preset", g,
+            "The easiest way to make ΔConv blocks for your own checkpoint: the model's own samples are the training "
+            "latents, and a preset chooses every setting. Run check first (2 steps per stage, any machine), then "
+            "quick (stage A) or full (stage A, then stage B, the paper's recipe; far more memory). fine-tune "
+            "trains blocks connected as deltaconv (ΔConv Load), e.g. the official ones for a fine-tuned "
+            "checkpoint. The console lists every ΔConv Distill setting a preset used. Blocks are saved to "
+            "models/deltaconv (ΔConv Save), checkpoints to output/deltaconv. Needs a GPU, except check.\nModels: "
+            "any SD1.x/SDXL/PixArt checkpoint (DreamShaper 8 here).")
+
+
+@workflow
 def deltaconv_distill_image_folder():
     g = {"ckpt": N("CheckpointLoaderSimple", ckpt_name=Model("dreamshaper")),
          **prompts(("ckpt", 1), "best quality photograph", ""),

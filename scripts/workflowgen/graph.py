@@ -64,13 +64,14 @@ def sd15_base(ckpt="dreamshaper", size=512, pos="a cozy wooden cabin in a snowy 
             **deltaconv(("ckpt", 0), "dc_sd15")}
 
 
-def distill(model, latents, prefix):
+def distill(model, latents, prefix, preset=None):
+    """ΔConv Distill, or ΔConv Distill (simple) with `preset`, then Save, a loss graph and a try-out sampler."""
+    data = dict(model=model, latents=latents, positive=("pos", 0), negative=("neg", 0), filename_prefix=prefix)
     return {
-        "distill": N("DeltaConvDistill", color="purple", model=model, latents=latents, positive=("pos", 0),
-                     negative=("neg", 0), stage="A: block-local", steps=2000, learning_rate=3e-4, batch_size=4,
-                     seed=Seed(0, "fixed"), save_every=500, filename_prefix=prefix, warmup_steps=500,
-                     grad_accumulation=1, training_dtype="bf16", gradient_checkpointing=False, min_snr_gamma=0.0,
-                     kernel_preset="", allow_cpu=False),
+        "distill": N("DeltaConvDistillSimple", color="purple", preset=preset, **data) if preset else
+        N("DeltaConvDistill", color="purple", stage="A: block-local", steps=2000, learning_rate=3e-4, batch_size=4,
+          seed=Seed(0, "fixed"), save_every=500, warmup_steps=500, grad_accumulation=1, training_dtype="bf16",
+          gradient_checkpointing=False, min_snr_gamma=0.0, kernel_preset="", allow_cpu=False, **data),
         "dc_save": N("DeltaConvSave", color="purple", deltaconv=("distill", 0), filename=prefix, overwrite=False),
         "loss": N("LossGraphNode", loss=("distill", 1), filename_prefix=f"{prefix}_loss"),
         # try the new blocks right away: the same model, patched with what was just learned

@@ -3,6 +3,7 @@
 Widget order, sockets and outputs come from real node schemas (/object_info), so the files match what the editor
 builds for the same nodes.
 """
+import textwrap
 import uuid
 
 from .schemas import THIRD_PARTY_PACKS
@@ -10,6 +11,18 @@ from .schemas import THIRD_PARTY_PACKS
 FRONTEND_VERSION = "1.27.10"  # the frontend that ComfyUI 0.3.64 ships; the format is the same for older ones
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COLORS = {"purple": ("#323", "#535"), "green": ("#232", "#353"), "red": ("#322", "#533"), "note": ("#432", "#653")}
+# How a workflow opens in frontend 1.27. Below zoom ~0.57 it draws no node text, so the saved zoom is at least
+# MIN_ZOOM (a larger graph opens partly off screen instead of unreadable). The canvas begins right of the side bar and
+# below the menu bar, and badges such as "[BETA] DeltaConv" are drawn above a node's title bar: the graph's corner,
+# title bars included, is placed MARGIN screen pixels inside the canvas. VIEW: the canvas of a 1600×900 page
+# (1536×822, measured in headless Chromium) less the margins.
+MIN_ZOOM = 0.75
+MARGIN = (30, 40)
+VIEW = (1480, 760)
+TITLE_HEIGHT = 30  # a node's title bar sits above its pos
+# A Note's text area: 10 px monospace (the frontend's default textarea font; 6.0 px a character, lines 12 px),
+# NOTE_INSET the pixels of the node it leaves free across and down.
+NOTE_WIDTH, NOTE_INSET, CHAR_WIDTH, LINE_HEIGHT = 360, (24, 36), 6.1, 13
 
 
 def schema_inputs(schema):
@@ -49,6 +62,26 @@ def node_size(schema, sockets, n_widgets, class_type):
     if class_type in ("LoadImage", "SaveImage", "PreviewImage"):
         height += 240
     return [width, height]
+
+
+def note_lines(text, width=NOTE_WIDTH):
+    """Lines the text takes in a note `width` wide: each paragraph wrapped at words, as the text area does."""
+    per_line = int((width - NOTE_INSET[0]) / CHAR_WIDTH)
+    return sum(max(1, len(textwrap.wrap(paragraph, per_line))) for paragraph in text.split("\n"))
+
+
+def note_size(text):
+    return [NOTE_WIDTH, NOTE_INSET[1] + LINE_HEIGHT * note_lines(text)]
+
+
+def view(nodes):
+    """The saved zoom and offset: the whole graph when it fits at MIN_ZOOM or more, its corner MARGIN inside."""
+    left = min(n["pos"][0] for n in nodes)
+    top = min(n["pos"][1] for n in nodes) - TITLE_HEIGHT
+    width = max(n["pos"][0] + n["size"][0] for n in nodes) - left
+    height = max(n["pos"][1] + n["size"][1] for n in nodes) - top
+    scale = round(min(1.0, max(MIN_ZOOM, min(VIEW[0] / width, VIEW[1] / height))), 3)
+    return {"scale": scale, "offset": [round(MARGIN[0] / scale - left, 1), round(MARGIN[1] / scale - top, 1)]}
 
 
 def layout(keys, links):
@@ -96,6 +129,10 @@ def to_ui(name, title, graph, note, info, versions):
         unknown = set(node["inputs"]) - {n for n, _, _ in schema_inputs(schema)}
         if unknown:
             raise SystemExit(f"{name}/{k}: {node['class_type']} has no input(s) {sorted(unknown)}")
+        undeclared = [n for n, spec, _ in schema_inputs(schema) if isinstance(spec[0], list)
+                      and "default" not in (spec[1] if len(spec) > 1 else {})]
+        if node["class_type"].startswith("DeltaConv") and undeclared:  # the frontend would show 'undefined'
+            raise SystemExit(f"{name}/{k}: {node['class_type']} declares no default for its choice(s) {undeclared}")
         inputs, widgets, api_inputs = [], [], {}
         for iname, spec, required in schema_inputs(schema):
             value = node["inputs"].get(iname)
@@ -143,23 +180,21 @@ def to_ui(name, title, graph, note, info, versions):
         del link[6]
     # positions: a note column, then one column per depth
     x = 40
-    note_node = {"id": 1, "type": "Note", "pos": [x, 40], "size": [320, 420], "flags": {}, "order": 0, "mode": 0,
-                 "inputs": [], "outputs": [], "title": title, "properties": {}, "widgets_values": [note],
+    note_node = {"id": 1, "type": "Note", "pos": [x, 40], "size": note_size(note), "flags": {}, "order": 0,
+                 "mode": 0, "inputs": [], "outputs": [], "title": title, "properties": {}, "widgets_values": [note],
                  "color": COLORS["note"][0], "bgcolor": COLORS["note"][1]}
-    x += 320 + 60
+    x += NOTE_WIDTH + 60
     for c in sorted(cols):
         y = 40
         for k in cols[c]:
             nodes[k]["pos"] = [x, y]
             y += nodes[k]["size"][1] + 50
         x += max(nodes[k]["size"][0] for k in cols[c]) + 60
-    height = max(n["pos"][1] + n["size"][1] for n in nodes.values())
-    scale = round(min(1.0, 1800 / x, 1000 / height), 3)
     ui_nodes = [note_node] + [nodes[k] for k in keys]
     wf = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"deltaconv/{name}")), "revision": 0,
           "last_node_id": max(n["id"] for n in ui_nodes), "last_link_id": len(ui_links),
           "nodes": ui_nodes, "links": ui_links, "groups": [], "config": {},
           # every model once more at the top: the frontend lists a node's models only when a widget names the file
           "models": list({m["url"]: m for n in ui_nodes for m in n["properties"].get("models", [])}.values()),
-          "extra": {"ds": {"scale": scale, "offset": [0, 0]}, "frontendVersion": FRONTEND_VERSION}, "version": 0.4}
+          "extra": {"ds": view(ui_nodes), "frontendVersion": FRONTEND_VERSION}, "version": 0.4}
     return wf, api
