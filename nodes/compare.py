@@ -8,6 +8,7 @@ import comfy.samplers
 
 from ..deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
 from ..deltaconv_core.students import DELTACONV, MEDIATORS
+from .validation import check_widgets, require_widgets
 from .wrappers import delta_runtimes, student_wrappers
 
 log = logging.getLogger("deltaconv")
@@ -80,7 +81,9 @@ class DeltaConvCompare:
                    "attention by count) ran. Times exclude weight "
                    "loading; the first run after starting ComfyUI also includes one-off warm-up (kernel "
                    "compilation): run again with another seed for steady-state times.")
-    CATEGORY = "ΔConv"
+    CATEGORY = "ΔConv/analysis"
+    SEARCH_ALIASES = ("compare attention", "psnr", "ssim", "speed test", "benchmark", "convfusion",
+                      "linear attention", "before after")
     RETURN_TYPES = ("IMAGE", "IMAGE", "IMAGE", "FLOAT", "FLOAT", "STRING")
     RETURN_NAMES = ("original", "patched", "difference", "psnr", "ssim", "report")
     OUTPUT_TOOLTIPS = ("Decoded images of model.", "Decoded images of patched_model.",
@@ -95,20 +98,32 @@ class DeltaConvCompare:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The original model (before ΔConv Patch)."}),
             "patched_model": ("MODEL", {"tooltip": "The MODEL output of ΔConv Patch."}),
-            "vae": ("VAE",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT",),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "vae": ("VAE", {"tooltip": "Decodes both results for the comparison."}),
+            "positive": ("CONDITIONING", {"tooltip": "Positive prompt, as for KSampler."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt, as for KSampler."}),
+            "latent_image": ("LATENT", {"tooltip": "Starting latent, as for KSampler (e.g. Empty Latent Image)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "One seed for both models, so only the model differs."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampling steps, as for KSampler."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale, as for KSampler."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": comfy.samplers.KSampler.SAMPLERS[0],
+                                                                "tooltip": "Sampler, as for KSampler."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": comfy.samplers.KSampler.SCHEDULERS[0],
+                                                               "tooltip": "Scheduler, as for KSampler."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Denoising strength, as for KSampler (1 = from pure noise)."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed=None, steps=None, cfg=None, sampler_name=None, scheduler=None, denoise=None):
+        return check_widgets(cls, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                             denoise=denoise)
 
     def compare(self, model, patched_model, vae, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, denoise):
+        require_widgets(type(self), seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+                        denoise=denoise)
         runtimes = delta_runtimes(patched_model)
         if not runtimes:
             raise ValueError(NOT_PATCHED)

@@ -1,6 +1,5 @@
 """ΔConv Distill: train ΔConv blocks or mediator attention from the frozen model inside ComfyUI (stage A block-local,
 stage B end-to-end)."""
-import json
 import logging
 import os
 
@@ -16,30 +15,22 @@ from ..deltaconv_core.students import DELTACONV, MEDIATORS
 from . import compat
 from .distill_run import Interrupted, check_latents, fresh_students, train_blocks
 from .folders import FOLDER
+from .validation import (
+    check_widgets,
+    kernel_preset_error,
+    next_run_prefix,
+    output_path,
+    output_path_error,
+    parse_kernel_preset,
+    require_widgets,
+)
 
 log = logging.getLogger("deltaconv")
 STAGE_CHOICES = ("A: block-local", "B: end-to-end")
 STUDENT_CHOICES = {"ΔConv block": DELTACONV, "mediator attention": MEDIATORS}  # shown name → weight-file type
-
-
-def parse_kernel_preset(text: str, sites) -> dict:
-    """'' → official kernels; '9' → 9 everywhere; JSON {block name: k} (e.g. from ΔConv Attention Locality)."""
-    text = (text or "").strip()
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DistillError(f"kernel_preset is neither a number nor JSON ({e}); leave it empty for the official "
-                           "kernel sizes") from e
-    if isinstance(value, int):
-        return {s.name: value for s in sites}
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {s.name for s in sites})
-        if unknown:
-            raise DistillError(f"kernel_preset names blocks this model does not have: {unknown[:3]}")
-        return {k: int(v) for k, v in value.items()}
-    raise DistillError("kernel_preset must be a number or a JSON object {block name: kernel size}")
+# Widgets checked by VALIDATE_INPUTS and again when the node runs (filename_prefix and kernel_preset separately).
+CHECKED_WIDGETS = ("stage", "steps", "learning_rate", "batch_size", "seed", "save_every", "warmup_steps",
+                   "grad_accumulation", "training_dtype", "gradient_checkpointing", "min_snr_gamma", "allow_cpu")
 
 
 def output_dir() -> str:
@@ -52,11 +43,30 @@ class DeltaConvDistill:
                    "end-to-end on noise, teacher and "
                    "feature losses. Checkpoints go to output/deltaconv; connect a checkpoint as `deltaconv` to "
                    "resume or fine-tune. Interrupting stops cleanly and keeps what was learned.")
-    CATEGORY = "ΔConv"
+    CATEGORY = "ΔConv/training"
+    SEARCH_ALIASES = ("distill", "train attention", "distillation", "convfusion", "linear attention", "speed",
+                      "train deltaconv")
     RETURN_TYPES = ("DELTACONV", "LOSS_MAP", "STRING")
     RETURN_NAMES = ("deltaconv", "loss", "checkpoint")
+    OUTPUT_TOOLTIPS = ("The trained blocks: connect to ΔConv Save, or to ΔConv Patch to try them at once.",
+                       "Loss per step (for a loss graph node).",
+                       "Path of the last checkpoint written to output/deltaconv (it resumes the run).")
     FUNCTION = "distill"
     EXPERIMENTAL = True
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, stage=None, steps=None, learning_rate=None, batch_size=None, seed=None, save_every=None,
+                        filename_prefix=None, warmup_steps=None, grad_accumulation=None, training_dtype=None,
+                        gradient_checkpointing=None, min_snr_gamma=None, kernel_preset=None, allow_cpu=None):
+        values = dict(zip(CHECKED_WIDGETS, (stage, steps, learning_rate, batch_size, seed, save_every, warmup_steps,
+                                            grad_accumulation, training_dtype, gradient_checkpointing, min_snr_gamma,
+                                            allow_cpu), strict=True))
+        for verdict in (check_widgets(cls, **values), output_path_error(output_dir(), filename_prefix,
+                                                                        "filename_prefix"),
+                        kernel_preset_error(kernel_preset)):
+            if verdict is not True:
+                return verdict
+        return True
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -66,29 +76,48 @@ class DeltaConvDistill:
                 "latents": ("LATENT", {"tooltip": "Training latents: VAE-encoded images, or the model's own "
                                                   "KSampler outputs for data-free distillation."}),
                 "positive": ("CONDITIONING", {"tooltip": "One prompt for all latents, or one entry per latent."}),
-                "stage": (list(STAGE_CHOICES),),
+                "stage": (list(STAGE_CHOICES), {"default": STAGE_CHOICES[0],
+                                                "tooltip": "A: each block learns its layer's recorded attention "
+                                                           "(cheap, start here). B: end-to-end on the model's "
+                                                           "output (needs far more memory; run after A)."}),
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000,
                                   "tooltip": "Total optimiser steps (a resumed run continues up to this)."}),
-                "learning_rate": ("FLOAT", {"default": 3e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
-                "batch_size": ("INT", {"default": 4, "min": 1, "max": 1024}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1}),
+                "learning_rate": ("FLOAT", {"default": 3e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                                            "tooltip": "Peak AdamW learning rate (after warm-up, then cosine "
+                                                       "decay)."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 1024,
+                                       "tooltip": "Latents per optimiser step; lower it on out-of-memory."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
+                                 "tooltip": "Seed of the fresh blocks, the noise and the latent order."}),
                 "save_every": ("INT", {"default": 500, "min": 0, "max": 1_000_000,
                                        "tooltip": "Checkpoint interval in steps (0: only at the end)."}),
-                "filename_prefix": ("STRING", {"default": "deltaconv_distilled"}),
+                "filename_prefix": ("STRING", {"default": "deltaconv_distilled",
+                                               "tooltip": "Checkpoints are output/deltaconv/<prefix>_<run>_<stage>_"
+                                                          "<step>.safetensors, the run numbered so nothing is "
+                                                          "replaced; subfolders such as 'runs/a' are fine."}),
             },
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Empty/negative prompt used for caption drop (15%)."}),
                 "deltaconv": ("DELTACONV", {"tooltip": "Blocks to start from: resume (same stage) or fine-tune."}),
-                "warmup_steps": ("INT", {"default": 500, "min": 0, "max": 100_000}),
-                "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 1024}),
-                "training_dtype": (list(TRAINING_DTYPES), {"default": "bf16"}),
+                "warmup_steps": ("INT", {"default": 500, "min": 0, "max": 100_000,
+                                         "tooltip": "Steps of linear learning-rate warm-up."}),
+                "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 1024,
+                                              "tooltip": "Batches per optimiser step: a larger effective batch "
+                                                         "without more memory."}),
+                "training_dtype": (list(TRAINING_DTYPES), {"default": "bf16",
+                                                           "tooltip": "Autocast precision of the forward passes "
+                                                                      "(weights stay fp32); fp32 on old GPUs "
+                                                                      "and the CPU."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False,
                                                        "tooltip": "Stage B: recompute the UNet's activations in "
                                                                   "backward to save memory."}),
                 "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0,
                                             "tooltip": "Stage B loss weighting; 0 = off, 5 = the paper."}),
-                "kernel_preset": ("STRING", {"default": "", "tooltip": "Empty: official kernel sizes; a number; "
-                                                                       "or JSON {block name: kernel size}."}),
+                "kernel_preset": ("STRING", {"default": "", "tooltip": "Kernel sizes of fresh blocks. Empty: the "
+                                                                       "official ones; an odd number (1-17) for "
+                                                                       "all; or JSON {block name: kernel size} from "
+                                                                       "ΔConv Attention Locality. Ignored when "
+                                                                       "deltaconv is connected."}),
                 "allow_cpu": ("BOOLEAN", {"default": False, "tooltip": "Train even when ComfyUI runs on the "
                                                                        "CPU (very slow)."}),
                 "student": (list(STUDENT_CHOICES), {
@@ -112,6 +141,14 @@ class DeltaConvDistill:
                 filename_prefix, negative=None, deltaconv=None, warmup_steps=500, grad_accumulation=1,
                 training_dtype="bf16", gradient_checkpointing=False, min_snr_gamma=0.0, kernel_preset="",
                 allow_cpu=False, student="ΔConv block", mediator_schedule="", unique_id=None):
+        values = (stage, steps, learning_rate, batch_size, seed, save_every, warmup_steps, grad_accumulation,
+                  training_dtype, gradient_checkpointing, min_snr_gamma, allow_cpu)
+        require_widgets(type(self), **dict(zip(CHECKED_WIDGETS, values, strict=True)))
+        run_prefix = next_run_prefix(output_path(output_dir(), filename_prefix, "filename_prefix"))
+        if deltaconv is not None and (kernel_preset or "").strip():
+            ignored = "kernel_preset is ignored: deltaconv is connected, and its blocks keep their kernel sizes"
+            log.warning("ΔConv Distill: %s", ignored)
+            compat.send_progress_text(unique_id, ignored)
         if comfy.model_management.get_torch_device().type == "cpu" and not allow_cpu:
             raise DistillError("ComfyUI runs on the CPU here, where distillation is very slow. Start ComfyUI with "
                                "a GPU, or turn on allow_cpu to train anyway.")
@@ -139,8 +176,9 @@ class DeltaConvDistill:
 
         try:
             with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
-                result = train_blocks(model, latents["samples"], positive, negative, start, config, output_dir(),
-                                      filename_prefix, should_stop=should_stop, on_step=on_step)
+                result = train_blocks(model, latents["samples"], positive, negative, start, config,
+                                      os.path.dirname(run_prefix), os.path.basename(run_prefix),
+                                      should_stop=should_stop, on_step=on_step)
         except Interrupted as e:
             compat.send_progress_text(unique_id, f"cancelled; saved {e.checkpoint}")
             # The blocks are saved; now cancel like core nodes do: the flag consumed, nothing downstream runs.

@@ -15,5 +15,6 @@ def register_folder() -> None:
         if default not in paths:
             paths.append(default)
     # Pickle formats are listed on purpose: loading them gives a clear refusal instead of a silent omission.
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions))
+    # .sft (short for .safetensors) is listed by newer ComfyUI; older copies lack it.
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(folder_paths.supported_pt_extensions) | {".sft"})
 

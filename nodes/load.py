@@ -10,14 +10,19 @@ class DeltaConvLoad:
                    "models/deltaconv; files made by ΔConv Distill may hold mediator-attention students too, or "
                    "instead, with their mediator schedule. Only .safetensors files are read.")
     CATEGORY = "ΔConv"
+    SEARCH_ALIASES = ("load deltaconv", "convfusion", "attention", "speed", "linear attention", "load weights")
     RETURN_TYPES = ("DELTACONV",)
     RETURN_NAMES = ("deltaconv",)
+    OUTPUT_TOOLTIPS = ("The blocks, per self-attention site, for ΔConv Patch (or ΔConv Distill to resume).",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"weights_name": (folder_paths.get_filename_list(FOLDER),
-                                              {"tooltip": "File in models/deltaconv (or output/deltaconv)."})}}
+        files = folder_paths.get_filename_list(FOLDER)
+        return {"required": {"weights_name": (files, {
+            "default": files[0] if files else "",
+            "tooltip": "A .safetensors (or .sft) file in models/deltaconv, or a checkpoint of ΔConv Distill in "
+                       "output/deltaconv. Official ConvFusion files: see weights/README.md."})}}
 
     def load(self, weights_name):
         path = folder_paths.get_full_path(FOLDER, weights_name)

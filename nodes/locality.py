@@ -7,10 +7,12 @@ import torch.nn.functional as F
 
 from ..deltaconv_core.analysis import attention_probabilities, locality_stats
 from ..deltaconv_core.attention import PatchRuntime
+from ..deltaconv_core.block import MAX_KERNEL_SIZE
 from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.metrics import colormap
 from . import compat
 from .comfy_denoiser import ComfyDenoiser
+from .validation import check_widgets, require_widgets
 from .wrappers import PREFIX, install_runtime_hooks, install_teacher_wrapper, original_attention
 
 
@@ -48,6 +50,11 @@ def measure(model, positive, latent_hw, sigma, seed, max_queries):
         maps = _attention_maps(clone.object_patches[PREFIX + s.path].original, x, pick.to(x.device), sites.family)
         yx = torch.stack([pick // w, pick % w], dim=1)
         results.append((s, (h, w), locality_stats(maps.cpu(), yx, (h, w))))
+    if not results:
+        raise ValueError(f"ΔConv Attention Locality: none of the model's {len(sites.sites)} self-attention layers "
+                         "ran on its plain token grid, so there is nothing to measure. Another patch on this model "
+                         "rearranges the tokens (ToMe, HyperTile, window attention) or gives self-attention other "
+                         "keys/values (reference-only, hypernetworks): connect the model before those patches.")
     return sites, results
 
 
@@ -62,33 +69,49 @@ class DeltaConvAttentionLocality:
     DESCRIPTION = ("Measures how local each self-attention layer is (the ΔConvFusion analysis): the centroid-aligned "
                    "mean attention map, attention mass within k×k, the uniform share, and a suggested odd kernel "
                    "(≈ 0.6 × the window holding 80 % of the local mass). The preset output feeds ΔConv Distill.")
-    CATEGORY = "ΔConv"
+    CATEGORY = "ΔConv/analysis"
+    SEARCH_ALIASES = ("attention locality", "attention map", "receptive field", "kernel size", "convfusion",
+                      "linear attention", "analyse attention")
     RETURN_TYPES = ("IMAGE", "STRING", "STRING")
     RETURN_NAMES = ("maps", "report", "kernel_preset")
+    OUTPUT_TOOLTIPS = ("One heat map per layer: the centroid-aligned mean attention map (log scale).",
+                       "Per layer: grid, official kernel, attention mass within it, uniform share, ERF and the "
+                       "suggested kernel.",
+                       f"JSON {{block name: suggested kernel, at most {MAX_KERNEL_SIZE}}}, for ΔConv Distill's "
+                       "kernel_preset.")
     FUNCTION = "analyse"
     OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "positive": ("CONDITIONING",),
-            "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8}),
+            "model": ("MODEL", {"tooltip": "The model whose self-attention is measured (patches on it count)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt for the one model call that is measured."}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8,
+                              "tooltip": "Image width in pixels to analyse at (the latent is 1/8)."}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8,
+                               "tooltip": "Image height in pixels to analyse at (the latent is 1/8)."}),
             "sigma": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1000.0, "step": 0.01,
                                 "tooltip": "Noise level to analyse at (middle of sampling ≈ 1 for SD)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "tooltip": "Seed of the noise and of the "
+                                                                              "sampled query positions."}),
             "max_queries": ("INT", {"default": 64, "min": 1, "max": 4096,
                                     "tooltip": "Query positions sampled per layer (memory: queries × tokens)."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, sigma=None, seed=None, max_queries=None):
+        return check_widgets(cls, width=width, height=height, sigma=sigma, seed=seed, max_queries=max_queries)
+
     def analyse(self, model, positive, width, height, sigma, seed, max_queries):
+        require_widgets(type(self), width=width, height=height, sigma=sigma, seed=seed, max_queries=max_queries)
         sites, results = measure(model, positive, (height // 8, width // 8), sigma, seed, max_queries)
         lines = ["site | grid | official k | mass in official k | uniform share | ERF | suggested k"]
         for s, (h, w), st in results:
             lines.append(f"{s.name} | {h}x{w} | {s.kernel_size} | {st.mass_in_kernel(s.kernel_size):.3f} | "
                          f"{st.uniform_fraction:.3f} | {st.erf} | {st.suggested_kernel}")
-        preset = json.dumps({s.name: st.suggested_kernel for s, _, st in results})
+        # The fused kernels take odd sizes up to MAX_KERNEL_SIZE; larger suggestions are capped for the preset.
+        preset = json.dumps({s.name: min(st.suggested_kernel, MAX_KERNEL_SIZE) for s, _, st in results})
         tiles = [_heat(st.aligned_map) for _, _, st in results]
         cols = min(8, len(tiles))
         rows = -(-len(tiles) // cols)

@@ -2,6 +2,7 @@
 from ..deltaconv_core.families import LEVEL_CHOICES
 from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
 from .patching import patch_model
+from .validation import check_widgets, require_widgets
 
 SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, overriding the schedule stored with "
                     f"the weights. start:count pairs over sampling progress (0 = first step, 1 = last), e.g. "
@@ -27,18 +28,33 @@ class DeltaConvPatch:
     CATEGORY = "ΔConv"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("A patched clone of the model: connect it to KSampler (the input model is unchanged).",
+                       "Which sites run ΔConv, which stay on attention and why, and notes on conflicts.")
+    SEARCH_ALIASES = ("attention", "speed", "faster", "convfusion", "linear attention", "self-attention",
+                      "patch attention", "deltaconv")
     FUNCTION = "patch"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, levels=None, strict=None):
+        checked = check_widgets(cls, start_percent=start_percent, end_percent=end_percent, levels=levels,
+                                strict=strict)
+        if checked is True and None not in (start_percent, end_percent) and start_percent > end_percent:
+            return (f"start_percent = {start_percent} is after end_percent = {end_percent}: allowed is "
+                    "start_percent ≤ end_percent")
+        return checked
 
     @classmethod
     def INPUT_TYPES(cls):
         pct = {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}
         return {"required": {
-            "model": ("MODEL",),
-            "deltaconv": ("DELTACONV",),
+            "model": ("MODEL", {"tooltip": "The model to speed up (SD1.x/2.x, SDXL, PixArt)."}),
+            "deltaconv": ("DELTACONV", {"tooltip": "Blocks from ΔConv Load (or ΔConv Distill) made for this "
+                                                   "model family."}),
             "start_percent": ("FLOAT", {**pct, "tooltip": "ΔConv runs from this point of sampling on (0 = first step)."}),
             "end_percent": ("FLOAT", {**pct, "default": 1.0, "tooltip": "…until this point (1 = last step)."}),
-            "levels": (list(LEVEL_CHOICES), {"tooltip": "Replace every level, or only the finest one or two "
-                                                         "resolution levels (where attention costs most)."}),
+            "levels": (list(LEVEL_CHOICES), {"default": LEVEL_CHOICES[0],
+                                             "tooltip": "Replace every level, or only the finest one or two "
+                                                        "resolution levels (where attention costs most)."}),
             "strict": ("BOOLEAN", {"default": False, "tooltip": "Refuse when the file lacks blocks for some "
                                                                 "selected sites instead of leaving them on attention."}),
         }, "optional": {
@@ -47,6 +63,8 @@ class DeltaConvPatch:
 
     def patch(self, model, deltaconv, start_percent, end_percent, levels, strict, mediator_schedule=""):
         schedule = parse_schedule_override(mediator_schedule)
+        require_widgets(type(self), start_percent=start_percent, end_percent=end_percent, levels=levels,
+                        strict=strict)
         patched, report, _ = patch_model(model, deltaconv, start_percent, end_percent, levels, strict,
                                          mediator_schedule=schedule)
         return (patched, report)

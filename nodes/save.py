@@ -1,35 +1,47 @@
 """ΔConv Save: DELTACONV → a .safetensors file in the deltaconv model folder."""
 import os
-import re
 
 import folder_paths
 
-from ..deltaconv_core.weights import save_weights
+from ..deltaconv_core.weights import SAFETENSORS_SUFFIXES, save_weights
 from .folders import FOLDER
+from .validation import check_widgets, output_path, output_path_error, require_widgets
+
+
+def save_folder() -> str:
+    return folder_paths.get_folder_paths(FOLDER)[0]
 
 
 class DeltaConvSave:
     DESCRIPTION = "Saves ΔConv blocks (e.g. from ΔConv Distill) to models/deltaconv, where ΔConv Load finds them."
-    CATEGORY = "ΔConv"
+    CATEGORY = "ΔConv/training"
+    SEARCH_ALIASES = ("save deltaconv", "convfusion", "export attention blocks", "linear attention")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Full path of the written file.",)
     FUNCTION = "save"
     OUTPUT_NODE = True
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "deltaconv": ("DELTACONV",),
-            "filename": ("STRING", {"default": "my_deltaconv"}),
+            "deltaconv": ("DELTACONV", {"tooltip": "The blocks to save, e.g. ΔConv Distill's deltaconv output."}),
+            "filename": ("STRING", {"default": "my_deltaconv", "tooltip": "File name inside models/deltaconv "
+                                                                          "(.safetensors is added); subfolders "
+                                                                          "such as 'runs/a' are fine, paths "
+                                                                          "leading outside are refused."}),
             "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename=None, overwrite=None):
+        checked = check_widgets(cls, filename=filename, overwrite=overwrite)
+        return output_path_error(save_folder(), filename, "filename") if checked is True else checked
+
     def save(self, deltaconv, filename, overwrite):
-        name = filename.strip()
-        if not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
-            raise ValueError(f"filename {filename!r}: use letters, digits, spaces, '.', '-' and '_' only")
-        path = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], name)
-        if not path.endswith(".safetensors"):
+        require_widgets(type(self), overwrite=overwrite)
+        path = output_path(save_folder(), filename, "filename")
+        if not path.lower().endswith(SAFETENSORS_SUFFIXES):
             path += ".safetensors"
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} already exists: choose another filename or turn on overwrite")

@@ -43,8 +43,8 @@ def widget_error(node_cls, name: str, value) -> str | None:
     if isinstance(kind, (list, tuple)):
         if isinstance(value, str) and value in kind:
             return None
-        shown = ", ".join(map(repr, kind[:8])) + (f", … ({len(kind)} in all)" if len(kind) > 8 else "")
-        return f"{name} = {shown(value)} is not one of the choices: {shown or 'none available'}"
+        choices = ", ".join(map(repr, kind[:8])) + (f", … ({len(kind)} in all)" if len(kind) > 8 else "")
+        return f"{name} = {shown(value)} is not one of the choices: {choices or 'none available'}"
     if kind == "BOOLEAN":
         return None if isinstance(value, bool) else f"{name} = {shown(value)}: allowed are true and false"
     if kind == "STRING":
@@ -67,6 +67,14 @@ def check_widgets(node_cls, **values) -> bool | str:
         if problem:
             return problem
     return True
+
+
+def require_widgets(node_cls, **values) -> None:
+    """The same checks when the node runs, where connected inputs and JSON nulls have their values: ValueError."""
+    for name, value in values.items():
+        problem = widget_error(node_cls, name, value)
+        if problem:
+            raise ValueError(problem)
 
 
 def output_path(folder: str, name: str, input_name: str) -> str:
@@ -97,6 +105,16 @@ def output_path(folder: str, name: str, input_name: str) -> str:
         raise ValueError(f"{input_name} = {shown(name)} leads outside {folder} through a symbolic link (to {target}); "
                          "writes stay inside the folder")
     return os.path.join(folder, *parts)
+
+
+def next_run_prefix(prefix_path: str) -> str:
+    """`<prefix>_<NNNNN>`, numbered past every run already in the folder (as SaveImage numbers its images), so a
+    run's files `<prefix>_<NNNNN>_…` never replace an earlier run's."""
+    directory, base = os.path.split(prefix_path)
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})_")
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    runs = [int(m[1]) for name in names if (m := pattern.match(name))]
+    return os.path.join(directory, f"{base}_{max(runs, default=0) + 1:05d}")
 
 
 def output_path_error(folder: str, name, input_name: str) -> bool | str:

@@ -55,7 +55,7 @@ def run_compare(server, graph):
 
 def test_node_registered(server):
     info = server.get("/object_info/DeltaConvCompare")["DeltaConvCompare"]
-    assert info["display_name"] == "ΔConv Compare" and info["category"] == "ΔConv"
+    assert info["display_name"] == "ΔConv Compare" and info["category"] == "ΔConv/analysis"
     assert list(info["input"]["required"]) == ["model", "patched_model", "vae", "positive", "negative",
                                                "latent_image", "seed", "steps", "cfg", "sampler_name", "scheduler",
                                                "denoise"]

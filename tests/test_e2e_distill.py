@@ -27,7 +27,7 @@ def test_distill_save_load_patch_sample(server, unet_inputs):
     saved = entry["outputs"]["save"]["text"][0]
     assert saved == os.path.join(server.base, "models", "deltaconv", "e2e_saved.safetensors")
     checkpoints = sorted(os.listdir(os.path.join(server.base, "output", "deltaconv")))
-    assert checkpoints == ["e2e_distill_A_0000002.safetensors", "e2e_distill_A_0000004.safetensors"]
+    assert checkpoints == ["e2e_distill_00001_A_0000002.safetensors", "e2e_distill_00001_A_0000004.safetensors"]
 
     d = digest(server.run(txt2img("sd15", "e2e_saved.safetensors", seed=9, unet_inputs=unet_inputs)))
     assert d["patched_sites"] == 7 and d["finite"] and d["counts"] == {"delta": 7 * 3}

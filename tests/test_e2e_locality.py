@@ -35,4 +35,4 @@ def test_locality_report_and_preset(server, unet_inputs, pack):
 
 def test_node_registered(server):
     info = server.get("/object_info/DeltaConvAttentionLocality")["DeltaConvAttentionLocality"]
-    assert info["output"] == ["IMAGE", "STRING", "STRING"] and info["category"] == "ΔConv"
+    assert info["output"] == ["IMAGE", "STRING", "STRING"] and info["category"] == "ΔConv/analysis"

@@ -82,7 +82,7 @@ def test_output_path_refuses_symlinked_subfolder(validation, tmp_path):
     (tmp_path / "folder").mkdir()
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "folder" / "link")
-    with pytest.raises(ValueError, match="leads outside .* through a symbolic link"):
+    with pytest.raises(ValueError, match=r"leads outside .* through a symbolic link"):
         validation.output_path(str(tmp_path / "folder"), "link/x", "filename_prefix")
     # a folder that is itself a link is the user's choice: writes into it are fine
     os.symlink(tmp_path / "elsewhere", tmp_path / "linked_folder")
