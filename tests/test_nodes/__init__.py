@@ -136,6 +136,38 @@ class DeltaConvTestShowFloat:
         return {"ui": {"value": [repr(value)]}}
 
 
+class DeltaConvTestShowText:
+    """Reports a STRING output (an output node for graphs whose last node has none)."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ()
+    FUNCTION = "show"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True})}}
+
+    def show(self, text):
+        return {"ui": {"text": [text]}}
+
+
+class DeltaConvTestCopyKV:
+    """Gives every attn1 copies of its keys and values through attn1_patch, as reference-only does: to ΔConv's
+    wrappers each call then has keys/values from elsewhere, so every call stays on the original attention."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        m = model.clone()
+        m.set_model_attn1_patch(lambda n, context, value, extra_options: (n, context.clone(), value.clone()))
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS = {
     "DeltaConvTestConditioning": DeltaConvTestConditioning,
     "DeltaConvTestZeroAttn1": DeltaConvTestZeroAttn1,
@@ -143,4 +175,6 @@ NODE_CLASS_MAPPINGS = {
     "DeltaConvTestAttn2Zero": DeltaConvTestAttn2Zero,
     "DeltaConvTestSaveTensor": DeltaConvTestSaveTensor,
     "DeltaConvTestShowFloat": DeltaConvTestShowFloat,
+    "DeltaConvTestShowText": DeltaConvTestShowText,
+    "DeltaConvTestCopyKV": DeltaConvTestCopyKV,
 }
