@@ -4,7 +4,8 @@
         [--families sd15,sdxl,pixart] [--images 512,1024,2048,4096] [--out bench/results]
 
 Attention = q/k/v projections (no bias) + scaled_dot_product_attention (the family's heads) + output projection
-(with bias), i.e. the model's attn1; skipped where its score matrix would not fit in memory. Times are per forward pass (torch.inference_mode); median and min of the
+(with bias), i.e. the model's attn1; skipped where its score matrix would not fit in memory. \
+Times are per forward pass (torch.inference_mode); median and min of the
 timed runs. The block runs as ComfyUI runs it: on CUDA through the fused Triton kernels (unless DELTACONV_TRITON=0),
 and there it is also timed on PyTorch ops for comparison. Bandwidth: the floor traffic of the block (one read of x,
 one write of the output) over its median time, and the same bytes moved by a device-to-device copy. Mediator
@@ -38,8 +39,8 @@ from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
 from deltaconv_core.mediator_schedule import MediatorSchedule  # noqa: E402
 from deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig, build_mediator_attention, mediator_macs  # noqa: E402
 
-# Self-attention sites per family (docs/design.md, the official layout): (label, channels C, official kernel k, image pixels per token,
-# attention heads). SD: latent = image/8, halved per level; PixArt: latent/8 in 2×2 patches.
+# Self-attention sites per family (docs/design.md, the official layout): (label, channels C, official kernel k,
+# image pixels per token, attention heads). SD: latent = image/8, halved per level; PixArt: latent/8 in 2×2 patches.
 FAMILIES = {
     "sd15": [("down_blocks.0", 320, 7, 8, 8), ("up_blocks.3", 320, 11, 8, 8), ("down/up_blocks.1/2", 640, 9, 16, 8),
              ("down/up_blocks.2/1", 1280, 5, 32, 8)],
@@ -67,7 +68,8 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, device=None, dtype=None):
         super().__init__()
         self.heads = heads
-        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(3))
+        self.to_q, self.to_k, self.to_v = (
+            nn.Linear(dim, dim, bias=False, device=device, dtype=dtype) for _ in range(3))
         self.to_out = nn.Linear(dim, dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, attention=sdpa_attention) -> torch.Tensor:
@@ -266,7 +268,8 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
                        "deltaconv_median_ms": statistics.median(d_times) * 1e3, "deltaconv_min_ms": min(d_times) * 1e3,
                        "deltaconv_repeats": d_rep, "deltaconv_times_ms": [t * 1e3 for t in d_times],
                        "deltaconv_torch_ops_median_ms": None if t_times is None else statistics.median(t_times) * 1e3,
-                       "deltaconv_compiled_median_ms": None if comp_times is None else statistics.median(comp_times) * 1e3,
+                       "deltaconv_compiled_median_ms":
+                           None if comp_times is None else statistics.median(comp_times) * 1e3,
                        "floor_bytes": floor_bytes, "copy_median_ms": statistics.median(c_times) * 1e3,
                        "deltaconv_floor_gbps": floor_bytes / statistics.median(d_times) / 1e9,
                        "copy_gbps": floor_bytes / statistics.median(c_times) / 1e9,
@@ -339,7 +342,8 @@ def main():
     device, dtype = args.device, (torch.float16 if args.device == "cuda" else torch.float32)
     name = device_name(device)
     common = {"dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
-    print(f"# {name} | torch {torch.__version__} | {device} {common['dtype']} | threads {common['threads']}", flush=True)
+    print(f"# {name} | torch {torch.__version__} | {device} {common['dtype']} | threads {common['threads']}",
+          flush=True)
 
     images = [int(i) for i in args.images.split(",")]
     families = args.families.split(",")
@@ -350,22 +354,27 @@ def main():
     elapsed = time.perf_counter() - t_start
     other = None if busy_before is None else busy_cpu_s() - busy_before
     load = "n/a" if other is None else f"{other:.1f} CPU-s used by other processes during the run " \
-        f"({100 * other / (elapsed * os.cpu_count()):.1f}% of all cores; >~1% skews CPU timings; ⚠ = row during which they used >0.1 CPU-s and >5%)"
+        f"({100 * other / (elapsed * os.cpu_count()):.1f}% of all cores; >~1% skews CPU timings; " \
+        f"⚠ = row during which they used >0.1 CPU-s and >5%)"
     for r in records:
         r["run_other_processes_cpu_s"] = other
 
-    head = ("| family | image | site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | ΔConv compiled ms | attention ms median (min) | "
+    head = ("| family | image | site | C | k | grid | N | ΔConv ms median (min) | ΔConv on torch ops ms | "
+            "ΔConv compiled ms | attention ms median (min) | "
             "speed-up | ΔConv floor GB/s (of copy) | peak MiB Δ/attn | ΔConv GMAC | attention GMAC | MAC ratio | "
             "runs Δ/attn |\n" + "|---" * 18 + "|")
     rows = []
     for r in records:
-        attn_cell = "skipped" if r["attention_skipped"] else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})"
+        attn_cell = ("skipped" if r["attention_skipped"]
+                     else f"{r['attention_median_ms']:.2f} ({r['attention_min_ms']:.2f})")
         speed = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
         speed += " ⚠" if r["contaminated"] else ""
         torch_cell = "—" if r["deltaconv_torch_ops_median_ms"] is None else f"{r['deltaconv_torch_ops_median_ms']:.2f}"
         compiled_cell = "—" if r["deltaconv_compiled_median_ms"] is None else f"{r['deltaconv_compiled_median_ms']:.2f}"
-        rows.append(f"| {r['family']} | {r['image']}² | {r['site']} | {r['channels']} | {r['kernel_size']} | {r['grid']}² | {r['tokens']} | "
-                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {compiled_cell} | {attn_cell} | {speed} | "
+        rows.append(f"| {r['family']} | {r['image']}² | {r['site']} | {r['channels']} | {r['kernel_size']} | "
+                    f"{r['grid']}² | {r['tokens']} | "
+                    f"{r['deltaconv_median_ms']:.2f} ({r['deltaconv_min_ms']:.2f}) | {torch_cell} | {compiled_cell} | "
+                    f"{attn_cell} | {speed} | "
                     f"{r['deltaconv_floor_gbps']:.3g} ({100 * r['floor_fraction_of_copy']:.0f}%) | "
                     f"{fmt_mib(r['deltaconv_peak_bytes'])}/{fmt_mib(r['attention_peak_bytes'])} | "
                     f"{r['deltaconv_macs'] / 1e9:.3f} | {r['attention_macs'] / 1e9:.3f} | {r['mac_ratio']:.1f}× | "
@@ -382,20 +391,25 @@ def main():
     header = (f"# ΔConvBlock vs the self-attention it replaces (block level: {', '.join(families)})\n\n"
               f"- device: {name} ({device}, {common['dtype']}, batch {args.batch})\n- torch: {torch.__version__}\n"
               f"- ΔConv path: {paths}\n"
-              f"- threads: {common['threads']}; system load: {load}\n- repeats: up to {args.repeats} timed runs after up to {args.warmup} "
+              f"- threads: {common['threads']}; system load: {load}\n- repeats: up to {args.repeats} timed runs "
+              f"after up to {args.warmup} "
               f"warm-up runs; per cell the timed runs are cut to fit ~{args.cell_budget:g} s (min 1), and warm-up to 1 "
-              f"run for slow cells — actual counts in the last column\n- date: {date}; total bench time {elapsed:.0f} s\n"
+              f"run for slow cells — actual counts in the last column\n"
+              f"- date: {date}; total bench time {elapsed:.0f} s\n"
               f"- attention = q/k/v projections (no bias) + SDPA (the family's heads) + output projection (bias); "
-              f"measured once per (C, grid, heads) and shared by rows of the same shape\n- grid = image / pixels per token "
+              f"measured once per (C, grid, heads) and shared by rows of the same shape\n"
+              f"- grid = image / pixels per token "
               f"(SD: latent = image/8, halved per level; PixArt: 2×2 patches of the latent)\n- peak memory: CUDA "
               f"max_memory_allocated above what was allocated before the call (inputs excluded); — on CPU\n"
-              f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² (conv_up, conv_out, the gated dwconvs, conv_pool); "
+              f"- MACs: attention 4·N·C² + 2·N²·C; ΔConv N·(C²/2 + C²/2 + 1.25·k²·C/2) + C² "
+              f"(conv_up, conv_out, the gated dwconvs, conv_pool); "
               f"mediator attention 4·N·C² + 4·n·N·C + 9·N·C (n mediators on the pooled grid); "
               f"speed-up = attention median / ΔConv median; attention skipped when the B·heads·N² score matrix "
               f"would exceed 90% of available memory (CPU; on CUDA only when it runs out of memory)\n"
               f"- bandwidth: floor = one read of x + one write of the output (2·B·N·C·{torch.finfo(dtype).bits // 8} "
               f"bytes) / ΔConv median; 'of copy' = that rate / the rate of a device-to-device copy of x into a tensor "
-              f"of its size (median of its own timed runs)\n- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
+              f"of its size (median of its own timed runs)\n"
+              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`\n\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = f"{args.variant}_{device_slug(device)}" if args.variant else device_slug(device)

@@ -251,7 +251,8 @@ def proxy_section(results: Path) -> str:
              "distils the paper's ablations and, where a results file has them, mediator-attention students (fixed "
              "counts and a dynamic schedule, same teacher, data and budget) and evaluates hybrids (the ΔConv student "
              "for the first part of sampling, then attention). Every number is on held-out photos; *MSE ratio* is the "
-             "student's denoising error over the teacher's, *PSNR/SSIM* compare same-seed samples of student and teacher."]
+             "student's denoising error over the teacher's, *PSNR/SSIM* compare same-seed samples of student and "
+             "teacher."]
     for path, q in files:
         cfg, models, sites = q["config"], q["models"], q["sites"]
         students = {n: m for n, m in models.items() if n != "teacher"}

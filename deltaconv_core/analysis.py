@@ -43,7 +43,7 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, heads: int) -> tor
 
 def nearest_odd(x: float) -> int:
     """The odd kernel size closest to x (at least 1)."""
-    return max(1, 2 * int(round((x - 1) / 2)) + 1)
+    return max(1, 2 * round((x - 1) / 2) + 1)
 
 
 def locality_stats(attn: torch.Tensor, query_yx: torch.Tensor, grid: tuple[int, int],

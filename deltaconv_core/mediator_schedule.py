@@ -51,11 +51,11 @@ class MediatorSchedule:
         object.__setattr__(self, "counts", counts)
 
     @classmethod
-    def fixed(cls, count: int) -> "MediatorSchedule":
+    def fixed(cls, count: int) -> MediatorSchedule:
         return cls((0.0,), (count,))
 
     @classmethod
-    def parse(cls, text: str) -> "MediatorSchedule":
+    def parse(cls, text: str) -> MediatorSchedule:
         text = text.strip()
         if not text:
             raise ScheduleError(f"empty mediator schedule; write start:count pairs such as {EXAMPLE!r}")
@@ -68,8 +68,9 @@ class MediatorSchedule:
                 raise ScheduleError(f"schedule entry {entry.strip()!r} is not start:count (e.g. {EXAMPLE!r})")
             try:
                 start = float(parts[0])
-            except ValueError:
-                raise ScheduleError(f"schedule entry {entry.strip()!r}: start {parts[0].strip()!r} is not a number")
+            except ValueError as err:
+                raise ScheduleError(
+                    f"schedule entry {entry.strip()!r}: start {parts[0].strip()!r} is not a number") from err
             starts.append(start)
             counts.append(_count(parts[1], entry.strip()))
         return cls(tuple(starts), tuple(counts))
@@ -104,7 +105,7 @@ class MediatorSchedule:
         order = random.Random(f"mediators/{seed}/{rounds}").sample(counts, len(counts))  # str seed: stable
         return order[position]
 
-    def resolve(self, percent_to_sigma) -> "SigmaCounts":
+    def resolve(self, percent_to_sigma) -> SigmaCounts:
         """This schedule on one model's noise levels; percent_to_sigma is ComfyUI's model_sampling method."""
         return SigmaCounts(tuple(float(percent_to_sigma(s)) for s in self.starts), self.counts)
 
@@ -112,8 +113,8 @@ class MediatorSchedule:
 def _count(text: str, entry: str) -> int:
     try:
         value = float(text)
-    except ValueError:
-        raise ScheduleError(f"schedule entry {entry!r}: count {text.strip()!r} is not a number")
+    except ValueError as err:
+        raise ScheduleError(f"schedule entry {entry!r}: count {text.strip()!r} is not a number") from err
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise ScheduleError(f"schedule entry {entry!r}: mediator count {text.strip()!r} must be a whole number ≥ 1")
     return int(value)

@@ -34,7 +34,7 @@ def _bilinear_taps(n_in: int, n_out: int):
     taps = []
     for o in range(n_out):
         src = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(math.floor(src)), n_in - 1)
+        i0 = min(math.floor(src), n_in - 1)
         i1 = min(i0 + 1, n_in - 1)
         frac = src - i0
         taps.append((i0, i1, 1.0 - frac, frac))
@@ -52,7 +52,7 @@ def reference_bilinear_resize(x: torch.Tensor, out_hw: tuple[int, int]) -> torch
 def reference_block_forward(state: dict, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
     """x: [B, H, W, C] → [B, H, W, C], computed in x's dtype with NCHW tensors and 1×1 convolutions."""
     p = {k: v.to(x.dtype) for k, v in state.items()}
-    B, H, W, C = x.shape
+    _B, H, W, _C = x.shape
     xc = x.permute(0, 3, 1, 2).contiguous()  # NCHW
 
     def pointwise(t, name):

@@ -65,7 +65,7 @@ class DeltaConvWeights:
 
     @classmethod
     def fresh(cls, model_sites: ModelSites, seed: int = 0, kernel_sizes: dict | None = None,
-              scales=(1.0, 0.5), zero_output: bool = False) -> "DeltaConvWeights":
+              scales=(1.0, 0.5), zero_output: bool = False) -> DeltaConvWeights:
         """Newly initialised blocks for every site (official kernel sizes unless `kernel_sizes` maps names to k).
 
         zero_output zeroes conv_out and conv_pool, so each block outputs exactly zero (a neutral start).
@@ -84,7 +84,7 @@ class DeltaConvWeights:
 
     @classmethod
     def fresh_mediators(cls, model_sites: ModelSites, diffusion_model: torch.nn.Module,
-                        schedule: MediatorSchedule = DEFAULT_SCHEDULE, sites=None) -> "DeltaConvWeights":
+                        schedule: MediatorSchedule = DEFAULT_SCHEDULE, sites=None) -> DeltaConvWeights:
         """Mediator students for `sites` (default: all), initialised from the model's own attention projections
         (a site already wrapped by a patch works too: the wrapper keeps the original projections)."""
         blocks = {}
@@ -193,7 +193,8 @@ def load_weights(path: str) -> DeltaConvWeights:
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         kinds: dict[str, str] = {}  # student type per block, from its tensor keys
         ignored = 0
-        for key in f.keys():
+        file_keys = f.keys()  # a safe_open handle: keys() only, no iteration or `in`
+        for key in file_keys:
             m = _KEY.match(key) or _MEDIATOR_KEY.match(key)
             if m is None:
                 ignored += not key.startswith(TRAIN_PREFIX)
@@ -355,7 +356,8 @@ def _process_alive(pid: int | None) -> bool:
 def read_training_state(path: str) -> tuple[dict, dict] | None:
     """(tensors, info) saved by a distillation checkpoint, or None for a file without training state."""
     with safe_open(path, framework="pt", device="cpu") as f:
-        keys = [k for k in f.keys() if k.startswith(TRAIN_PREFIX)]
+        file_keys = f.keys()  # a safe_open handle: keys() only, no iteration
+        keys = [k for k in file_keys if k.startswith(TRAIN_PREFIX)]
         if not keys:
             return None
         tensors = {k[len(TRAIN_PREFIX):]: f.get_tensor(k) for k in keys}

@@ -105,7 +105,7 @@ class DeltaConvAttentionLocality:
 
     def analyse(self, model, positive, width, height, sigma, seed, max_queries):
         require_widgets(type(self), width=width, height=height, sigma=sigma, seed=seed, max_queries=max_queries)
-        sites, results = measure(model, positive, (height // 8, width // 8), sigma, seed, max_queries)
+        _sites, results = measure(model, positive, (height // 8, width // 8), sigma, seed, max_queries)
         lines = ["site | grid | official k | mass in official k | uniform share | ERF | suggested k"]
         for s, (h, w), st in results:
             lines.append(f"{s.name} | {h}x{w} | {s.kernel_size} | {st.mass_in_kernel(s.kernel_size):.3f} | "

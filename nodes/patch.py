@@ -50,13 +50,15 @@ class DeltaConvPatch:
             "model": ("MODEL", {"tooltip": "The model to speed up (SD1.x/2.x, SDXL, PixArt)."}),
             "deltaconv": ("DELTACONV", {"tooltip": "Blocks from ΔConv Load (or ΔConv Distill) made for this "
                                                    "model family."}),
-            "start_percent": ("FLOAT", {**pct, "tooltip": "ΔConv runs from this point of sampling on (0 = first step)."}),
+            "start_percent": ("FLOAT", {**pct, "tooltip": "ΔConv runs from this point of sampling on "
+                                                          "(0 = first step)."}),
             "end_percent": ("FLOAT", {**pct, "default": 1.0, "tooltip": "…until this point (1 = last step)."}),
             "levels": (list(LEVEL_CHOICES), {"default": LEVEL_CHOICES[0],
                                              "tooltip": "Replace every level, or only the finest one or two "
                                                         "resolution levels (where attention costs most)."}),
             "strict": ("BOOLEAN", {"default": False, "tooltip": "Refuse when the file lacks blocks for some "
-                                                                "selected sites instead of leaving them on attention."}),
+                                                                "selected sites instead of leaving them on "
+                                                                "attention."}),
         }, "optional": {
             "mediator_schedule": ("STRING", {"default": "", "tooltip": SCHEDULE_TOOLTIP}),
         }}

@@ -50,10 +50,10 @@ EMBEDDED_COMPLETE = ".complete-v2"  # written last, inside the folder that is th
 
 def write_embedded_models(folder):
     """The default model set, in ComfyUI's folder layout under `folder`."""
+    import comfy.sd1_clip
     import torch
     from safetensors.torch import save_file
 
-    import comfy.sd1_clip
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights, save_weights
     from devkit.tiny_models import SD15_TINY, build_taesd, build_unet, init_random
@@ -165,7 +165,8 @@ def main():
     server = ComfyServer(comfy_path, {"base": args.workdir}, pack_dir=REPO, cpu=not torch.cuda.is_available())
     server.start()
     try:
-        if "unet" in loaders and "weight_dtype" in server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]:
+        if ("unet" in loaders
+                and "weight_dtype" in server.get("/object_info/UNETLoader")["UNETLoader"]["input"]["required"]):
             loaders["unet"]["inputs"]["weight_dtype"] = "default"
         results = {label: timed_run(server, graph(args, loaders, refs, b, f"deltaconv_demo_{label}"))
                    for label, b in (("unpatched", None), ("patched", blocks))}

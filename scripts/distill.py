@@ -14,6 +14,7 @@ import argparse
 import glob
 import logging
 import os
+import pathlib
 import time
 
 from devkit.comfy_env import load_pack, setup_comfy
@@ -85,7 +86,7 @@ def load_images(folder: str, resolution: int):
         img = ImageOps.fit(Image.open(f).convert("RGB"), (resolution, resolution), Image.Resampling.LANCZOS)
         pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0))
         txt = os.path.splitext(f)[0] + ".txt"
-        captions.append(open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else "")
+        captions.append(pathlib.Path(txt).read_text(encoding="utf-8").strip() if os.path.exists(txt) else "")
     return torch.stack(pixels), captions
 
 

@@ -1,4 +1,5 @@
-"""ΔConv Compare through the real server on the tiny SD1.5 model: its images are KSampler's, its numbers the metrics'."""
+"""ΔConv Compare through the real server on the tiny SD1.5 model: its images are KSampler's, \
+its numbers the metrics'."""
 import math
 import re
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from devkit.comfy_server import ComfyError
 from deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
+from devkit.comfy_server import ComfyError
 
 STEPS, SITES = 3, 7
 IMAGE_LINE = re.compile(r"image (\d+): (?:PSNR ([\d.]+) dB|identical \(PSNR inf), SSIM ([\d.]+)\)?, "

@@ -23,7 +23,7 @@ def test_locality_report_and_preset(server, unet_inputs, pack):
     grids = {r.split(" | ")[1] for r in rows}
     assert grids == {"8x12", "4x6"}  # both resolution levels, non-square
     for r in rows:
-        _, _, k, mass, uniform, erf, suggested = r.split(" | ")
+        _, _, _k, mass, uniform, erf, suggested = r.split(" | ")
         assert 0.0 <= float(mass) <= 1.0 + 1e-6 and 0.0 <= float(uniform) <= 1.0
         assert int(erf) % 2 == 1 and int(suggested) % 2 == 1 and int(suggested) <= int(erf)
     kernels = json.loads(preset)

@@ -9,7 +9,8 @@ from devkit.tiny_models import has_pixart
 _COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,
            "use_temporal_resblock": False}
-_SD = {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+_SD = {**_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
+       "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
 _XL = {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "channel_mult": [1, 2, 4],

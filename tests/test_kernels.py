@@ -2,7 +2,8 @@
 backward, plus the kernel routing. Pooling inside the kernel, the fused output projection and the whole block on
 the kernels: test_kernels_fused.py.
 
-Without a GPU the kernels run in Triton's CPU interpreter (see scripts/devkit/triton_interpreter.py); with CUDA the same tests run
+Without a GPU the kernels run in Triton's CPU interpreter (see scripts/devkit/triton_interpreter.py); \
+with CUDA the same tests run
 compiled on the GPU. Sizes are tiny: the interpreter runs every program as Python.
 """
 import itertools

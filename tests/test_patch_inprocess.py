@@ -8,7 +8,6 @@ from comfy.ldm.modules.attention import CrossAttention
 from deltaconv_core.attention import infer_grid
 from deltaconv_core.weights import DeltaConvWeights, WeightFileError
 
-
 # ComfyUI before mid-2024 calls attn1 without transformer_options.
 LEGACY = "transformer_options" not in inspect.signature(CrossAttention.forward).parameters
 
@@ -38,7 +37,7 @@ def _sites(patching, model):
 def test_input_model_is_not_mutated(patching, sd15):
     before_patches, before_options = dict(sd15.object_patches), repr(sd15.model_options)
     weights = DeltaConvWeights.fresh(_sites(patching, sd15), seed=1)
-    clone, report, runtime = patching.patch_model(sd15, weights)
+    clone, report, _runtime = patching.patch_model(sd15, weights)
     assert sd15.object_patches == before_patches and repr(sd15.model_options) == before_options
     assert len(clone.object_patches) == 7
     live = sd15.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1
@@ -122,7 +121,7 @@ def test_missing_blocks_reported_or_refused_when_strict(patching, sd15):
     clone, report, _ = patching.patch_model(sd15, weights)
     assert len(clone.object_patches) == 6
     assert "1 sites have no block in the file and keep attention: mid_block.attentions.0" in report
-    with pytest.raises(ValueError, match="1 of 7 self-attention sites have no ΔConv block.*turn strict off"):
+    with pytest.raises(ValueError, match=r"1 of 7 self-attention sites have no ΔConv block.*turn strict off"):
         patching.patch_model(sd15, weights, strict=True)
 
 

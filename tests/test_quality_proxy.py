@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+
 from quality_proxy import data, report
 from quality_proxy.experiment import PRESETS, run
 
@@ -63,6 +64,7 @@ def test_locality_and_report(result, tmp_path):
         assert 0 <= site["mass_in_kernel"] <= 1 + 1e-6 and site["kernel"] % 2 == 1 and site["kernel"] >= 3
     paths = report.save(result, str(tmp_path), "test", "CPU test", "pytest")
     assert all(os.path.getsize(p) > 0 for p in paths)
-    md = open(paths[1]).read()
+    with open(paths[1]) as f:
+        md = f.read()
     assert "zero block" in md and "ΔConv (scales 1, ½ + pool)" in md
     assert "mediators dynamic" in md and "hybrid: ΔConv for" in md and "## Targets" in md

@@ -133,7 +133,7 @@ def test_bad_site_metadata_is_named(tmp_path, entry, match):
 
 def test_blocks_metadata_must_be_a_mapping(tmp_path):
     path = save_raw(tmp_path, [GOOD], mediator_tensors(MEDIATOR_SITE))
-    with pytest.raises(WeightFileError, match="damaged ΔConv metadata.*not a mapping"):
+    with pytest.raises(WeightFileError, match=r"damaged ΔConv metadata.*not a mapping"):
         load_weights(path)
 
 
@@ -166,7 +166,7 @@ def test_student_type_must_match_tensors(tmp_path):
 def test_site_with_both_kinds_of_tensors_refused(tmp_path):
     both = {**mediator_tensors(MEDIATOR_SITE),
             f"{MEDIATOR_SITE}.conv1.conv_up.weight": torch.zeros(8, 16)}
-    with pytest.raises(WeightFileError, match="both ΔConv .* and mediator .* tensors"):
+    with pytest.raises(WeightFileError, match=r"both ΔConv .* and mediator .* tensors"):
         load_weights(save_raw(tmp_path, {MEDIATOR_SITE: GOOD}, both))
 
 

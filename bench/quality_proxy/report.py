@@ -61,8 +61,8 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], title: str, x_
     y0, y1 = y0 - pad, y1 + pad
     canvas = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(canvas)
-    px = lambda x: left + (w - left - right) * ((math.log10(x) if log_x else x) - x0) / ((x1 - x0) or 1.0)  # noqa: E731
-    py = lambda y: h - bottom - (h - top - bottom) * (y - y0) / (y1 - y0)  # noqa: E731
+    px = lambda x: left + (w - left - right) * ((math.log10(x) if log_x else x) - x0) / ((x1 - x0) or 1.0)
+    py = lambda y: h - bottom - (h - top - bottom) * (y - y0) / (y1 - y0)
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for i in range(5):
         yv = y0 + (y1 - y0) * i / 4
@@ -191,7 +191,8 @@ def markdown(result: dict, device: str, command: str) -> str:
     cfg, models = result["config"], result["models"]
     sig = cfg["eval_sigmas"]
     lines = [f"# Quality proxy (a proxy, not Stable Diffusion): {device}", "",
-             f"Command: `{command}`  ", f"Total {result['total_s'] / 60:.1f} min (teacher {result['teacher_s'] / 60:.1f} min"
+             f"Command: `{command}`  ",
+             f"Total {result['total_s'] / 60:.1f} min (teacher {result['teacher_s'] / 60:.1f} min"
              f"{', cached' if result['teacher_s'] < 5 else ''}).", "",
              f"Teacher: {result['teacher_params'] / 1e6:.2f} M-parameter pixel UNet (EDM), self-attention at 16×16 and "
              f"8×8 ({len(result['sites'])} sites, {result['attention_params'] / 1e3:.0f} k attention parameters), "
@@ -209,7 +210,8 @@ def markdown(result: dict, device: str, command: str) -> str:
                      f"{s['uniform_fraction']:.2f} | {s['erf']} | {s['suggested_kernel']} |")
     lines += ["", "## Students vs teacher", "",
               f"Denoising MSE ratio = student MSE(x̂₀, x₀) / teacher's on {cfg['eval_crops']} held-out crops, mean over "
-              f"σ ∈ {{{', '.join(f'{s:g}' for s in sig)}}} (target ≤ 1.05). Same-seed samples: {cfg['samples']} images, "
+              f"σ ∈ {{{', '.join(f'{s:g}' for s in sig)}}} (target ≤ 1.05). "
+              f"Same-seed samples: {cfg['samples']} images, "
               f"deterministic Euler, {cfg['sample_steps']} steps, student vs teacher (target PSNR ≥ 28 dB).", "",
               "Cost = multiply-accumulates of the self-attention sites over one sampling run of one image (the rest "
               "of the UNet is the same for every model), mediators at their schedule's count per step, hybrids "

@@ -75,9 +75,9 @@ class ComfyServer:
 
     def start(self, timeout: float = 180):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "main.py", *self._flags(), *self.extra_flags], cwd=self.comfy_path,
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        with open(self.log_path, "w") as log:  # the child keeps its own copy of the handle
+            self.proc = subprocess.Popen([sys.executable, "main.py", *self._flags(), *self.extra_flags],
+                                         cwd=self.comfy_path, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -101,8 +101,6 @@ class ComfyServer:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        if getattr(self, "log", None):
-            self.log.close()
 
     def log_text(self) -> str:
         with open(self.log_path, errors="replace") as f:

@@ -5,6 +5,7 @@ import base64
 import itertools
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import tempfile
@@ -41,8 +42,8 @@ class Chromium:
         path = os.path.join(self.profile, "DevToolsActivePort")  # Chromium writes its chosen port here
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if os.path.exists(path) and open(path).read().strip():
-                return int(open(path).read().split()[0])
+            if os.path.exists(path) and pathlib.Path(path).read_text().strip():
+                return int(pathlib.Path(path).read_text().split()[0])
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Chromium exited with {self.proc.returncode}")
             time.sleep(0.1)

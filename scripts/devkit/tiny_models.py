@@ -107,7 +107,8 @@ def write_tiny_models(base) -> dict:
     unet_dir = os.path.join(base, "models", "unet")
     blocks_dir = os.path.join(base, "models", "deltaconv")
     out = {"base": base}
-    builders = [("tiny_sd15", lambda: build_unet(SD15_TINY, 1)), ("tiny_sd15_inpaint", lambda: build_unet(SD15_TINY, 2, 9)),
+    builders = [("tiny_sd15", lambda: build_unet(SD15_TINY, 1)),
+                ("tiny_sd15_inpaint", lambda: build_unet(SD15_TINY, 2, 9)),
                 ("tiny_sdxl", lambda: build_unet(KOALA_TINY, 3))]
     if has_pixart():
         builders.append(("tiny_pixart", lambda: build_pixart(4)))
