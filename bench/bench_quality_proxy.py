@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from device_info import device_name, device_slug
+
 from devkit.comfy_env import import_core
 
 import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path

@@ -63,7 +63,7 @@ class BlockConfig:
         return {**asdict(self), "scales": list(self.scales)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BlockConfig":
+    def from_dict(cls, d: dict) -> BlockConfig:
         return cls(**{**d, "scales": tuple(d.get("scales", (1.0, 0.5)))})
 
 

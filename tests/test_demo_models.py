@@ -34,7 +34,7 @@ def wait_for(predicate, proc, timeout=120):
 
 def test_killed_generation_is_repaired_by_the_next_run(comfy_path, tmp_path):
     models_dir = str(tmp_path / "models")
-    partial = lambda: glob.glob(str(tmp_path / "models.partial-*" / "unet" / "*.safetensors"))  # noqa: E731
+    partial = lambda: glob.glob(str(tmp_path / "models.partial-*" / "unet" / "*.safetensors"))
     proc = generate(comfy_path, models_dir)
     assert wait_for(partial, proc), f"generation never got under way:\n{proc.communicate()[0]}"
     proc.send_signal(signal.SIGKILL)  # midway: the UNet is written, the CLIP and TAESD are not

@@ -4,10 +4,9 @@ import os
 
 import pytest
 import torch
+from graphs import digest, txt2img, with_model_node
 from PIL import Image
 from safetensors.torch import save_file
-
-from graphs import digest, txt2img, with_model_node
 
 SITES = 7
 MIDDLE = "mid_block.attentions.0.transformer_blocks.0"

@@ -2,11 +2,11 @@
 in a real float dtype and cast per call like the model's own layers."""
 import pytest
 import torch
+from graphs import digest, txt2img
 
 from deltaconv_core.block import DeltaConvBlock
 from deltaconv_core.families import find_attention_sites
 from deltaconv_core.weights import DeltaConvWeights
-from graphs import digest, txt2img
 
 SITES, STEPS = 7, 2
 

@@ -10,9 +10,9 @@ import os
 import re
 
 import pytest
+from graphs import digest, txt2img
 
 from devkit.comfy_server import ComfyServer
-from graphs import digest, txt2img
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -295,22 +295,21 @@ def test_block_routing(monkeypatch):
     cfg = BlockConfig(dim=8, kernel_size=3, scales=(1.0, 0.5), gate="sigmoid", dw_bias=True)
     block = random_block(cfg, gen).to(device=DEVICE, dtype=torch.float32)
     x = torch.randn(1, 5, 6, 8, generator=gen).to(DEVICE)
-    with counting_kernel_calls() as calls:
-        with torch.no_grad():
-            on_kernels = block(x)
-            kernels.set_enabled(False)
-            try:
-                on_torch = block(x)
-            finally:
-                kernels.set_enabled(None)
-            assert calls == {"dwconv": 2, "projection": 1}, "set_enabled(False) must keep the block on torch"
-            monkeypatch.setenv("DELTACONV_TRITON", "0")
-            block(x)
-            assert calls == {"dwconv": 2, "projection": 1}, "DELTACONV_TRITON=0 must keep the block on torch"
-            monkeypatch.delenv("DELTACONV_TRITON")
-            many = BlockConfig(dim=8, kernel_size=3, scales=(1.0, 0.5, 0.25, 0.2, 0.1))
-            block_many = random_block(many, gen).to(device=DEVICE, dtype=torch.float32)
-            out_many = block_many(x)
+    with counting_kernel_calls() as calls, torch.no_grad():
+        on_kernels = block(x)
+        kernels.set_enabled(False)
+        try:
+            on_torch = block(x)
+        finally:
+            kernels.set_enabled(None)
+        assert calls == {"dwconv": 2, "projection": 1}, "set_enabled(False) must keep the block on torch"
+        monkeypatch.setenv("DELTACONV_TRITON", "0")
+        block(x)
+        assert calls == {"dwconv": 2, "projection": 1}, "DELTACONV_TRITON=0 must keep the block on torch"
+        monkeypatch.delenv("DELTACONV_TRITON")
+        many = BlockConfig(dim=8, kernel_size=3, scales=(1.0, 0.5, 0.25, 0.2, 0.1))
+        block_many = random_block(many, gen).to(device=DEVICE, dtype=torch.float32)
+        out_many = block_many(x)
     assert calls == {"dwconv": 2, "projection": 1} and kernels.failure() is None
     assert_close_rel(on_kernels, on_torch, 1e-5, "kernels vs torch path")
     ref = reference_block_forward(block_many.state_dict(), many, x.double().cpu())

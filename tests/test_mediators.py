@@ -14,8 +14,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import deltaconv_core.mediators as mediators_mod
 from deltaconv_core.mediator_schedule import MediatorSchedule, ScheduleError, SigmaCounts
-from deltaconv_core.mediators import (MediatorAttention, MediatorConfig, build_mediator_attention, mediator_grid,
-                                      mediator_macs)
+from deltaconv_core.mediators import (
+    MediatorAttention,
+    MediatorConfig,
+    build_mediator_attention,
+    mediator_grid,
+    mediator_macs,
+)
 from deltaconv_core.reference import reference_adaptive_avg_pool, reference_mediator_forward, reference_softmax
 
 GRIDS = [(7, 5), (9, 12), (13, 1), (16, 16), (1, 1)]

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltaconv_core.metrics import (INFERNO, abs_difference, colormap, difference_heatmap, psnr, ssim,
-                                    ssim_window_size)
+from deltaconv_core.metrics import INFERNO, abs_difference, colormap, difference_heatmap, psnr, ssim, ssim_window_size
 
 
 def reference_ssim(a: np.ndarray, b: np.ndarray, data_range=1.0) -> float:

@@ -33,7 +33,7 @@ _backward_checked: set = set()  # configurations whose backward kernels have run
 MAX_BRANCHES = 4  # pyramid scales the fused output projection takes (its pointer arguments); more go to torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when triton is installed (checked without importing it)."""
     try:
@@ -59,7 +59,7 @@ def enabled() -> bool:
     return os.environ.get("DELTACONV_TRITON", "1").lower() not in ("0", "false", "off", "no")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_capability_ok(device_index: int, needs_bf16: bool) -> bool:
     import torch
 
@@ -149,7 +149,7 @@ def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_
         return delta_conv_triton(u, gates, gate, gate_constant, weight, image_bias)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch is the same class
         raise
-    except Exception as e:  # noqa: BLE001  (compiler/driver/toolchain errors come in many types)
+    except Exception as e:  # compiler, driver and toolchain errors come in many types
         _failure = f"{type(e).__name__}: {e}"
         logging.getLogger(__name__).warning("ΔConv: Triton kernels switched off, using PyTorch ops (%s)", _failure)
         return None

@@ -243,7 +243,7 @@ def _grid(h, w, b, channels, blocks):
     return (triton.cdiv(h, blocks["TILE_H"]) * tiles_w, triton.cdiv(channels, blocks["BLOCK_C"]), b), tiles_w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_window(n_in: int, n_out: int) -> int:
     """Largest adaptive-pooling window along one axis (the window loop's extent)."""
     return max(-(-(i + 1) * n_in // n_out) - i * n_in // n_out for i in range(n_out))
