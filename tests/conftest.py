@@ -43,6 +43,26 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def load_tiny(pack, tiny_models):
+    """Loads a tiny model in-process as a ModelPatcher, with the pack's own version-independent loader."""
+    return lambda name: pack.nodes.compat.load_diffusion_model(tiny_models[name])
+
+
+@pytest.fixture()
+def patching(pack):
+    return pack.nodes.patching
+
+
+@pytest.fixture()
+def out_dir(tmp_path, monkeypatch):
+    """ComfyUI's output folder redirected to a fresh temporary one; returns its deltaconv subfolder."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
+    return tmp_path / "deltaconv"
+
+
+@pytest.fixture(scope="session")
 def comfy_server(tiny_models):
     """A headless ComfyUI server on loopback with this pack and the test-only nodes loaded."""
     from devkit.comfy_server import ComfyServer

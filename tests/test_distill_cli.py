@@ -41,20 +41,18 @@ def _blocks(path):
     return {f"{n}.{k}": v for n, (_, sd) in load_weights(path).blocks.items() for k, v in sd.items()}
 
 
-def _blocks_of_fresh_start(tiny_models, like):
+def _blocks_of_fresh_start(load_tiny, like):
     """The blocks both runs started from (same seed): fresh blocks for the tiny model."""
-    import comfy.sd
-
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights
 
-    load = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
-    sites = find_attention_sites(load(tiny_models["tiny_sd15"]).model.diffusion_model)
+    sites = find_attention_sites(load_tiny("tiny_sd15").model.diffusion_model)
     fresh = DeltaConvWeights.fresh(sites, 5)
     return {f"{n}.{k}": v for n, (_, sd) in fresh.blocks.items() for k, v in sd.items() if f"{n}.{k}" in like}
 
 
-def test_ddp_two_processes_equal_one_process_with_the_whole_batch(comfy_path, tiny_models, latents_file, tmp_path):
+def test_ddp_two_processes_equal_one_process_with_the_whole_batch(comfy_path, tiny_models, load_tiny, latents_file,
+                                                                  tmp_path):
     common = ["--unet", tiny_models["tiny_sd15"], "--latents", latents_file, "--stage", "A", "--steps", "3",
               "--batch-size", "4", "--lr", "1e-3", "--warmup", "0", "--save-every", "0", "--dtype", "fp32",
               "--seed", "5", "--cpu"]
@@ -65,7 +63,7 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(comfy_path, ti
               *common, "--out", str(tmp_path / "ddp"))
     assert "step 3/3" in ddp
     a, b = _blocks(str(tmp_path / "single_A_0000003.safetensors")), _blocks(str(tmp_path / "ddp_A_0000003.safetensors"))
-    start = _blocks_of_fresh_start(tiny_models, a)
+    start = _blocks_of_fresh_start(load_tiny, a)
     for k in a:
         # Adam turns float-summation-order noise in near-zero gradients into steps of up to ~lr/100 here; a wrong
         # split of the batch moves weights by ~lr per step (checked against the start below).

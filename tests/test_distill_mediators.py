@@ -13,19 +13,8 @@ SCHEDULE = "0.0:2,0.5:8"
 
 
 @pytest.fixture(scope="module")
-def sd15(tiny_models):
-    import comfy.sd
-
-    load = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
-    return load(tiny_models["tiny_sd15"])
-
-
-@pytest.fixture()
-def out_dir(tmp_path, monkeypatch):
-    import folder_paths
-
-    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path))
-    return tmp_path / "deltaconv"
+def sd15(load_tiny):
+    return load_tiny("tiny_sd15")
 
 
 @pytest.fixture(scope="module")

@@ -54,27 +54,19 @@ def test_fingerprints_round_trip_and_old_files_still_load(tmp_path):
         load_weights(save_weights(w, str(tmp_path / "bad.safetensors")))
 
 
-@pytest.fixture(scope="module")
-def load_sd15(tiny_models):
-    import comfy.sd
-
-    load = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
-    return lambda: load(tiny_models["tiny_sd15"])
-
-
-def test_patch_notes_another_checkpoint_but_not_another_dtype_or_missing_blocks(pack, load_sd15):
-    model = load_sd15()
+def test_patch_notes_another_checkpoint_but_not_another_dtype_or_missing_blocks(pack, load_tiny):
+    model = load_tiny("tiny_sd15")
     sites = find_attention_sites(model.model.diffusion_model)
     weights = DeltaConvWeights.fresh(sites, 0)
     weights.site_fingerprints = pack.nodes.distill_run.model_fingerprints(model, sites)  # what Distill stores
     del weights.blocks[sites.sites[0].name]  # a file without the first block
 
-    as_fp16 = load_sd15()
+    as_fp16 = load_tiny("tiny_sd15")
     as_fp16.model.diffusion_model.half()
     _, report, _ = pack.nodes.patching.patch_model(as_fp16, weights)
     assert MISMATCH not in report, report
 
-    other = load_sd15()
+    other = load_tiny("tiny_sd15")
     with torch.no_grad():
         for site in sites.sites:
             q = other.model.diffusion_model.get_submodule(site.path).to_q.weight

@@ -20,14 +20,8 @@ def comfy_sd():
 
 
 @pytest.fixture()
-def sd15(comfy_sd, tiny_models):
-    load = getattr(comfy_sd, "load_diffusion_model", None) or comfy_sd.load_unet
-    return load(tiny_models["tiny_sd15"])
-
-
-@pytest.fixture()
-def patching(pack):
-    return pack.nodes.patching
+def sd15(load_tiny):
+    return load_tiny("tiny_sd15")
 
 
 def _sites(patching, model):

@@ -16,16 +16,8 @@ SITE = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1"
 
 
 @pytest.fixture()
-def sd15(tiny_models):
-    import comfy.sd
-
-    load = getattr(comfy.sd, "load_diffusion_model", None) or comfy.sd.load_unet
-    return load(tiny_models["tiny_sd15"])
-
-
-@pytest.fixture()
-def patching(pack):
-    return pack.nodes.patching
+def sd15(load_tiny):
+    return load_tiny("tiny_sd15")
 
 
 def _sites(patching, model):
