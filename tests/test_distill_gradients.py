@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from test_distill_node import _tensors, data, out_dir, run, sd15  # noqa: F401 (fixtures)
+from test_distill_node import _tensors, data, run, sd15  # noqa: F401 (fixtures)
 
 from deltaconv_core import distill as engine
 from deltaconv_core.distill import DistillError
@@ -28,7 +28,7 @@ def inject_inf_gradient(monkeypatch, at_steps):
     monkeypatch.setattr(engine.Distiller, "step", step)
 
 
-def checkpoints(out_dir):  # noqa: F811
+def checkpoints(out_dir):
     return sorted(glob.glob(str(out_dir / "**" / "*.safetensors"), recursive=True))
 
 
