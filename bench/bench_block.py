@@ -37,7 +37,8 @@ import_core()  # deltaconv_core without the repository root (and its nodes/) on 
 from deltaconv_core import kernels  # noqa: E402
 from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
 from deltaconv_core.mediator_schedule import MediatorSchedule  # noqa: E402
-from deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig, build_mediator_attention, mediator_macs  # noqa: E402
+from deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig, mediator_macs  # noqa: E402
+from deltaconv_core.students import build_student  # noqa: E402
 
 # Self-attention sites per family (docs/design.md, the official layout): (label, channels C, official kernel k,
 # image pixels per token, attention heads). SD: latent = image/8, halved per level; PixArt: latent/8 in 2×2 patches.
@@ -226,7 +227,7 @@ def measure(families: dict, images, device: str, dtype, batch: int = 1, repeats:
         for family, label, c, k, per_token, heads in ((f, *site) for f, sites in families.items() for site in sites):
             block = build_block(BlockConfig(dim=c, kernel_size=k), device=device, dtype=dtype).eval()
             attn = SelfAttention(c, heads, device=device, dtype=dtype).eval()
-            student = build_mediator_attention(MediatorConfig(c, heads), device=device, dtype=dtype).eval()
+            student = build_student(MediatorConfig(c, heads), device=device, dtype=dtype).eval()
             block_compiled = torch.compile(block, dynamic=False) if compiled else None
             for image in images:
                 g = image // per_token

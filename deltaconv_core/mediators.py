@@ -184,14 +184,3 @@ class MediatorAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.config.dim}, heads={self.config.heads}, schedule={self.config.schedule.format()!r}"
-
-
-def build_mediator_attention(config: MediatorConfig, state_dict: dict | None = None, ops=TORCH_OPS, device=None,
-                             dtype=None) -> MediatorAttention:
-    """A student from a config: loaded from `state_dict` (strict) when given, freshly initialised otherwise."""
-    student = MediatorAttention(config, ops=ops, device=device, dtype=dtype)
-    if state_dict is None:
-        student.reset_parameters()
-    else:
-        student.load_state_dict(state_dict, strict=True)
-    return student

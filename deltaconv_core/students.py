@@ -4,8 +4,8 @@ deltaconv: ΔConvBlock (BlockConfig); mediators: MediatorAttention (MediatorConf
 """
 from __future__ import annotations
 
-from .block import TORCH_OPS, BlockConfig, build_block
-from .mediators import MediatorConfig, build_mediator_attention
+from .block import TORCH_OPS, BlockConfig, DeltaConvBlock
+from .mediators import MediatorAttention, MediatorConfig
 
 DELTACONV, MEDIATORS = "deltaconv", MediatorConfig.student
 STUDENT_TYPES = (DELTACONV, MEDIATORS)
@@ -31,5 +31,10 @@ def config_from_dict(d: dict) -> BlockConfig | MediatorConfig:
 def build_student(config: BlockConfig | MediatorConfig, state_dict: dict | None = None, ops=TORCH_OPS, device=None,
                   dtype=None):
     """The module for a site's config: loaded from `state_dict` (strict) when given, freshly initialised otherwise."""
-    build = build_mediator_attention if isinstance(config, MediatorConfig) else build_block
-    return build(config, state_dict, ops=ops, device=device, dtype=dtype)
+    cls = MediatorAttention if isinstance(config, MediatorConfig) else DeltaConvBlock
+    student = cls(config, ops=ops, device=device, dtype=dtype)
+    if state_dict is None:
+        student.reset_parameters()
+    else:
+        student.load_state_dict(state_dict, strict=True)
+    return student

@@ -16,11 +16,11 @@ from deltaconv_core.mediator_schedule import MediatorSchedule, ScheduleError, Si
 from deltaconv_core.mediators import (
     MediatorAttention,
     MediatorConfig,
-    build_mediator_attention,
     mediator_grid,
     mediator_macs,
 )
 from deltaconv_core.reference import reference_adaptive_avg_pool, reference_mediator_forward, reference_softmax
+from deltaconv_core.students import build_student
 
 GRIDS = [(7, 5), (9, 12), (13, 1), (16, 16), (1, 1)]
 COUNTS = [1, 4, 16, 64, 1000]  # 1000: more than the tokens of every grid here, clamps to the whole grid
@@ -36,7 +36,7 @@ def randomize_(module, gen, scale=0.5):
 
 def make_student(dim, heads, seed, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return randomize_(build_mediator_attention(MediatorConfig(dim, heads), dtype=dtype), gen), gen
+    return randomize_(build_student(MediatorConfig(dim, heads), dtype=dtype), gen), gen
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -162,7 +162,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_fresh_student_has_zero_dwc_and_still_learns_it():
-    student = build_mediator_attention(MediatorConfig(8, 2))
+    student = build_student(MediatorConfig(8, 2))
     assert not student.dwc.weight.any() and not student.dwc.bias.any()
     x = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(1))
     student(x, 4).sum().backward()

@@ -13,7 +13,7 @@ from torch import nn
 from deltaconv_core.block import BlockConfig, DeltaConvBlock, build_block
 from deltaconv_core.families import AttentionSite, ModelSites
 from deltaconv_core.mediator_schedule import MediatorSchedule
-from deltaconv_core.mediators import MediatorAttention, MediatorConfig, build_mediator_attention
+from deltaconv_core.mediators import MediatorAttention, MediatorConfig
 from deltaconv_core.students import build_student, config_from_dict, student_type
 from deltaconv_core.weights import DeltaConvWeights, WeightFileError, load_weights, match_sites, save_weights
 
@@ -101,7 +101,7 @@ def save_raw(tmp_path, entries, tensors):
 
 
 def mediator_tensors(name, dim=16, change=None):
-    sd = build_mediator_attention(MediatorConfig(dim, 4)).state_dict()
+    sd = build_student(MediatorConfig(dim, 4)).state_dict()
     for key, shape in (change or {}).items():
         if shape is None:
             sd.pop(key)
