@@ -196,12 +196,17 @@ def deltaconv_sdxl_hires_2048():
             "sd_xl_base_1.0; ConvFusion-sdxl-mjv5.\n" + DC_NOTE)
 
 
+def teacher_samples():
+    """Data-free distillation's training latents: the checkpoint's own samples of a few varied prompts."""
+    return {"ckpt": N("CheckpointLoaderSimple", ckpt_name=Model("dreamshaper")),
+            **prompts(("ckpt", 1), "a beautiful landscape, a portrait, an animal, a city street, best quality", ""),
+            "latent": N("EmptyLatentImage", width=512, height=512, batch_size=8),
+            "teacher": sampler(("ckpt", 0), ("latent", 0), Seed(1, "fixed"), steps=20, title="Teacher samples")}
+
+
 @workflow
 def deltaconv_distill_data_free():
-    g = {"ckpt": N("CheckpointLoaderSimple", ckpt_name=Model("dreamshaper")),
-         **prompts(("ckpt", 1), "a beautiful landscape, a portrait, an animal, a city street, best quality", ""),
-         "latent": N("EmptyLatentImage", width=512, height=512, batch_size=8),
-         "teacher": sampler(("ckpt", 0), ("latent", 0), Seed(1, "fixed"), steps=20, title="Teacher samples"),
+    g = {**teacher_samples(),
          **distill(("ckpt", 0), ("teacher", 0), "my_sd15_deltaconv")}
     return ("ΔConv Distill · data-free (teacher samples)", g,
             "Trains ΔConv blocks for your own checkpoint with no dataset: the model's own samples are the training "
@@ -213,10 +218,7 @@ def deltaconv_distill_data_free():
 
 @workflow
 def deltaconv_distill_simple():
-    g = {"ckpt": N("CheckpointLoaderSimple", ckpt_name=Model("dreamshaper")),
-         **prompts(("ckpt", 1), "a beautiful landscape, a portrait, an animal, a city street, best quality", ""),
-         "latent": N("EmptyLatentImage", width=512, height=512, batch_size=8),
-         "teacher": sampler(("ckpt", 0), ("latent", 0), Seed(1, "fixed"), steps=20, title="Teacher samples"),
+    g = {**teacher_samples(),
          **distill(("ckpt", 0), ("teacher", 0), "my_sd15_deltaconv_simple", preset="quick: stage A, 2000 steps")}
     return ("ΔConv Distill (simple) · pick a preset", g,
             "The easiest way to make ΔConv blocks for your own checkpoint: the model's own samples are the training "
