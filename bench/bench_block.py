@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 import torch
 import torch.nn.functional as F
 from device_info import device_name, device_slug

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 import torch
 from device_info import device_name, device_slug
 

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 from device_info import device_name, device_slug
 
 from devkit.comfy_env import load_pack, setup_comfy
@@ -29,8 +30,9 @@ SDXL_FULL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transforme
 
 
 def setup(cpu: bool):
-    """ComfyUI (COMFYUI_PATH) as a library with this pack loaded: (pack, the device ComfyUI runs on)."""
-    setup_comfy(os.environ.get("COMFYUI_PATH", ""), cpu=cpu)
+    """ComfyUI ($COMFYUI_PATH, else the one this pack is installed in) as a library with this pack loaded: (pack, the
+    device ComfyUI runs on)."""
+    setup_comfy(None, cpu=cpu)
     pack = load_pack()
     import comfy.model_management
 

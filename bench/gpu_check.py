@@ -1,7 +1,10 @@
 """GPU check: one command that measures, on one CUDA GPU in about 8 minutes, what this pack claims.
 
-    COMFYUI_PATH=... .venv/bin/python bench/gpu_check.py [--only kernels,block,unet,distill] [--out bench/results]
-    COMFYUI_PATH=... .venv/bin/python bench/gpu_check.py --smoke --out /tmp/check   # CPU, tiny shapes, seconds
+    python bench/gpu_check.py [--only kernels,block,unet,distill] [--out bench/results]
+    python bench/gpu_check.py --smoke --out /tmp/check   # CPU, tiny shapes, seconds
+
+Any Python with torch (and triton for the kernels) runs it: ComfyUI's own, for one; nothing to install. ComfyUI is
+$COMFYUI_PATH, else the one whose custom_nodes folder holds this pack.
 
 Random weights only, nothing downloaded. The environment (GPU, driver, CUDA, torch, triton, ComfyUI) is always
 recorded; the stages are
@@ -40,10 +43,13 @@ from pathlib import Path
 import bench_block
 import bench_distill
 import bench_unet
+import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 import gpu_report
 import kernel_check
 import torch
 from device_info import device_name, device_slug
+
+from devkit.comfy_env import find_comfyui
 
 STAGES = ("kernels", "block", "unet", "distill")
 
@@ -113,17 +119,25 @@ def guarded(cell: dict, measure) -> dict:
         return {**cell, "error": f"{type(e).__name__}: {e}"}
 
 
+class OptionalPackageMissing(Exception):
+    """A stage that needs an optional package (triton) is skipped with this note, not failed."""
+
+
 def run_stage(name: str, stage, plan: Plan) -> dict:
     """A stage's rows and notes with its status and time; whatever it raises is its failure, not the run's."""
-    t0, notes, trace = time.monotonic(), [], None
+    t0, notes, trace, skipped = time.monotonic(), [], None, None
     try:
         rows, error = stage(plan, t0 + plan.budgets[name], notes), None
+    except OptionalPackageMissing as e:
+        rows, error, skipped = [], None, str(e)
+        notes.append(f"skipped: {e}")
     except (Exception, SystemExit) as e:  # SystemExit: no ComfyUI at COMFYUI_PATH, say
         rows, error, trace = [], f"{type(e).__name__}: {e}", traceback.format_exc(limit=-4)
     unmeasured = [r for r in rows if "error" in r or "skipped" in r]
-    status = ("failed" if error or any("error" in r for r in rows) else
+    status = ("skipped" if skipped else "failed" if error or any("error" in r for r in rows) else
               "partial" if unmeasured else "ok")
-    print(f"[{name}] {status} in {time.monotonic() - t0:.0f} s" + (f": {error}" if error else ""), flush=True)
+    print(f"[{name}] {status} in {time.monotonic() - t0:.0f} s" + (f": {error or skipped}" if error or skipped
+                                                                   else ""), flush=True)
     return {"status": status, "seconds": time.monotonic() - t0, "error": error, "traceback": trace, "notes": notes,
             "rows": rows}
 
@@ -137,7 +151,8 @@ def comfy_setup(cpu: bool):
 # ---------------------------------------------------------------------------------------------------- the stages
 def stage_kernels(plan: Plan, deadline: float, notes: list) -> list[dict]:
     if not kernel_check.kernels.triton_available():
-        raise RuntimeError("triton is not installed")
+        raise OptionalPackageMissing("triton is not installed, so there are no fused kernels to check; the block "
+                                     "stage times ΔConv on PyTorch ops")
     cases = kernel_check.cases(plan.smoke)
     notes.append("forward vs deltaconv_core/reference.py in float64; gradients (input and every parameter) vs the "
                  "block's PyTorch path in float64; errors relative to the largest |reference|")
@@ -240,9 +255,10 @@ STAGE_FUNCTIONS = {"kernels": stage_kernels, "block": stage_block, "unet": stage
 
 # ---------------------------------------------------------------------------------------------------- the report
 def comfyui_version() -> str:
-    if not os.environ.get("COMFYUI_PATH"):
-        return "COMFYUI_PATH unset"
-    path = Path(os.environ["COMFYUI_PATH"]) / "comfyui_version.py"
+    try:
+        path = Path(find_comfyui()) / "comfyui_version.py"
+    except SystemExit as e:
+        return f"not found ({e})"
     if not path.is_file():
         return "unknown (no comfyui_version.py: older than 0.3)"
     return next((line.split("=", 1)[1].strip().strip("\"'") for line in path.read_text().splitlines()

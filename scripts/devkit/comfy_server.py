@@ -31,10 +31,12 @@ class ComfyError(RuntimeError):
 
 class ComfyServer:
     def __init__(self, comfy_path, models: dict, pack_dir: str, test_nodes_dir: str | None = None, cpu=True,
-                 extra_flags=(), env=None, name="server"):
+                 extra_flags=(), env=None, name="server", python=sys.executable, own_folders=False):
         """`extra_flags`: more ComfyUI command-line flags; `env`: more environment variables; `name`: of the log
-        file in the base folder, so that several servers can share one base."""
-        self.comfy_path, self.cpu = comfy_path, cpu
+        file in the base folder, so that several servers can share one base; `python`: the interpreter that runs
+        main.py; `own_folders`: started as a user starts it, on ComfyUI's own folders (models/, custom_nodes/,
+        output/ in comfy_path), with no extra paths and the pack and test nodes already in its custom_nodes."""
+        self.comfy_path, self.cpu, self.python, self.own_folders = comfy_path, cpu, python, own_folders
         self.base = models["base"]
         self.pack_dir, self.test_nodes_dir = pack_dir, test_nodes_dir
         self.extra_flags, self.extra_env = list(extra_flags), dict(env or {})
@@ -47,8 +49,10 @@ class ComfyServer:
         with open(os.path.join(self.comfy_path, "comfy", "cli_args.py")) as f:
             known = f.read()
         flags = ["--cpu"] if self.cpu else []
-        flags += ["--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-                  "--extra-model-paths-config", self._write_yaml()]
+        flags += ["--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch"]
+        if self.own_folders:
+            return flags
+        flags += ["--extra-model-paths-config", self._write_yaml()]
         for flag, folder in (("--output-directory", "output"), ("--input-directory", "input"),
                              ("--temp-directory", "temp")):
             if flag in known:
@@ -59,10 +63,18 @@ class ComfyServer:
                 flags += [flag] + ([value] if value else [])
         return flags
 
+    def pack_installed(self) -> bool:
+        """Whether the pack already sits in this ComfyUI's own custom_nodes folder, as users install it."""
+        custom = os.path.realpath(os.path.join(self.comfy_path, "custom_nodes"))
+        return os.path.dirname(os.path.realpath(self.pack_dir)) == custom
+
     def _write_yaml(self) -> str:
         custom = os.path.join(self.base, "custom_nodes")
         os.makedirs(custom, exist_ok=True)
-        for name, target in ((PACK_NAME, self.pack_dir), (TEST_PACK_NAME, self.test_nodes_dir)):
+        links = [(TEST_PACK_NAME, self.test_nodes_dir)]
+        if not self.pack_installed():  # else ComfyUI loads it from its own custom_nodes: a link would load it twice
+            links.append((PACK_NAME, self.pack_dir))
+        for name, target in links:
             link = os.path.join(custom, name)
             if target and not os.path.islink(link):
                 os.symlink(target, link)
@@ -76,7 +88,7 @@ class ComfyServer:
     def start(self, timeout: float = 180):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         with open(self.log_path, "w") as log:  # the child keeps its own copy of the handle
-            self.proc = subprocess.Popen([sys.executable, "main.py", *self._flags(), *self.extra_flags],
+            self.proc = subprocess.Popen([self.python, "main.py", *self._flags(), *self.extra_flags],
                                          cwd=self.comfy_path, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -91,7 +103,8 @@ class ComfyServer:
             self.stop()
             raise ComfyError(f"ComfyUI did not come up in {timeout}s:\n{self.log_text()[-4000:]}")
         text = self.log_text()
-        if "IMPORT FAILED" in text and PACK_NAME in text.split("IMPORT FAILED")[1][:300]:
+        folder = os.path.basename(os.path.realpath(self.pack_dir)) if self.pack_installed() else PACK_NAME
+        if "IMPORT FAILED" in text and folder in text.split("IMPORT FAILED")[1][:300]:
             raise ComfyError(f"the pack failed to import:\n{text[-4000:]}")
 
     def stop(self):
