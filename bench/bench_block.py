@@ -1,6 +1,6 @@
 """Block-level benchmark: one ΔConvBlock vs. the self-attention it replaces, SD1.5, SDXL and PixArt layer shapes.
 
-    .venv/bin/python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R]
+    python bench/bench_block.py [--device cpu|cuda] [--threads N] [--repeats R]
         [--families sd15,sdxl,pixart] [--images 512,1024,2048,4096] [--out bench/results]
 
 Attention = q/k/v projections (no bias) + scaled_dot_product_attention (the family's heads) + output projection

@@ -1,7 +1,7 @@
 """Distillation throughput and peak memory, stage A and stage B, through the same code the node runs.
 
-    COMFYUI_PATH=... .venv/bin/python bench/bench_distill.py --model tiny [--steps 20] [--batch-size 4] [--size 8]
-    COMFYUI_PATH=... .venv/bin/python bench/bench_distill.py --model sd15-full --batch-size 16 --size 64 --dtype fp16
+    python bench/bench_distill.py --model tiny [--steps 20] [--batch-size 4] [--size 8]
+    python bench/bench_distill.py --model sd15-full --batch-size 16 --size 64 --dtype fp16
 
 tiny: the tests' small SD1.5-architecture UNet (320 channels, 2 levels); sd15-full: a full-size SD1.5 UNet with
 random weights (speed does not depend on the values). Results: bench/results/distill_<model>_<device>.{json,md}.

@@ -1,6 +1,6 @@
 """Quality proxy: how close do distilled students get to their teacher? (No Stable Diffusion weights here.)
 
-    .venv/bin/python bench/bench_quality_proxy.py [--preset cpu|small|smoke] [--threads 2] [--out bench/results]
+    python bench/bench_quality_proxy.py [--preset cpu|small|smoke] [--threads 2] [--out bench/results]
 
 Trains a small pixel-space diffusion UNet with self-attention on crops of scikit-image's sample photos (the wheel is
 downloaded once into .cache/proxy, not installed), measures its attention locality, distils the official ΔConvBlock

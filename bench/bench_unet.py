@@ -1,7 +1,7 @@
 """One UNet step (apply_model) in ComfyUI, self-attention vs ΔConv vs mediator attention, for random-weight SD1.5 /
 SDXL / tiny models.
 
-    COMFYUI_PATH=... .venv/bin/python bench/bench_unet.py --models sd15 --sizes 512 1024 [--dtype fp16] [--mediators 64]
+    python bench/bench_unet.py --models sd15 --sizes 512 1024 [--dtype fp16] [--mediators 64]
 
 Mediator attention runs at one fixed count at every site (default 64, the default schedule's largest, that of its
 final steps: the dearest step).

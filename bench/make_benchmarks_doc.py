@@ -1,7 +1,7 @@
 """docs/benchmarks.md from bench/results/*.json and bench/benchmarks_template.md, so its numbers never drift by hand.
 
-    .venv/bin/python bench/make_benchmarks_doc.py            # (re)write docs/benchmarks.md
-    .venv/bin/python bench/make_benchmarks_doc.py --check    # exit 1 when docs/benchmarks.md is out of date
+    python bench/make_benchmarks_doc.py            # (re)write docs/benchmarks.md
+    python bench/make_benchmarks_doc.py --check    # exit 1 when docs/benchmarks.md is out of date
 
 Reads, in file-name order: block_*.json (bench_block.py; its command and date from the .md written beside it),
 unet_*.json, distill_*.json, quality_proxy_*.json (+ its PNG figures) and gpu_*.json (gpu_check.py, rendered with
@@ -357,8 +357,8 @@ def gpu_report_module():
 def gpu_section(results: Path) -> str:
     files = load("gpu_*.json", results)
     how = ("Run it on a machine with one CUDA GPU (H100/H200 class: about 8 minutes; random weights, nothing "
-           "downloaded):\n\n```bash\nCOMFYUI_PATH=/path/to/ComfyUI .venv/bin/python bench/gpu_check.py\n"
-           ".venv/bin/python bench/make_benchmarks_doc.py   # then regenerate this page\n```\n\n"
+           "downloaded; ComfyUI's own Python will do):\n\n```bash\npython bench/gpu_check.py\n"
+           "python bench/make_benchmarks_doc.py   # then regenerate this page\n```\n\n"
            "It records the environment (GPU, driver, CUDA, torch, triton, ComfyUI), checks the fused kernels "
            "against float64 (forward and backward), times the block against ComfyUI's own attention (and "
            "SageAttention where it imports) at 512²–4096², one step of full-size SD1.5 and SDXL UNets in fp16, and "
@@ -426,7 +426,7 @@ def main() -> int:
     if args.check:
         current = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
         if current != text:
-            print(f"{rel_path(args.out)} is out of date: run .venv/bin/python bench/make_benchmarks_doc.py",
+            print(f"{rel_path(args.out)} is out of date: run python bench/make_benchmarks_doc.py",
                   file=sys.stderr)
             return 1
         print(f"{rel_path(args.out)} is up to date")

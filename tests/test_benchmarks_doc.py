@@ -26,7 +26,7 @@ def load_script():
 def test_committed_page_equals_what_the_results_generate():
     result = subprocess.run([sys.executable, str(SCRIPT), "--check"], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 0, (result.stderr + "\nRegenerate it: .venv/bin/python bench/make_benchmarks_doc.py "
+    assert result.returncode == 0, (result.stderr + "\nRegenerate it: python bench/make_benchmarks_doc.py "
                                     "(never edit docs/benchmarks.md by hand)")
 
 
