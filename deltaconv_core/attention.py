@@ -19,6 +19,7 @@ from torch import nn
 from .block import DeltaConvBlock
 from .mediator_schedule import SigmaCounts
 from .mediators import MediatorAttention
+from .speed_policy import SpeedPolicy
 from .students import student_type
 
 log = logging.getLogger("deltaconv")
@@ -60,10 +61,11 @@ class TeacherSwitch:
 
 class PatchRuntime:
     """Sampling-time state shared by all wrappers of one patched model: the active sigma range, what the model
-    hooks captured for them, and call counters; plus the teacher switch that distillation flips."""
+    hooks captured for them, the speed policy and call counters; plus the teacher switch that distillation flips."""
 
-    def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0):
+    def __init__(self, sigma_start: float = math.inf, sigma_end: float = 0.0, speed: SpeedPolicy | None = None):
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
+        self.speed = speed or SpeedPolicy("always")
         self.counts: Counter = Counter()  # "delta", "mediators:<count>" and "attention:<reason>" per call
         self.site_counts: Counter = Counter()  # student calls per site name
         self.teacher = TeacherSwitch()
@@ -166,14 +168,21 @@ class _Wrapper(nn.Module):
         if route.grid is None:
             self.runtime.fallback(self.site, route.reason)
             return self.original(x, **kwargs)
+        key, student = self._student_call(x, route)
+        if not self.runtime.speed.student_is_faster(self.site, key, x, student, lambda: self.original(x, **kwargs)):
+            self.runtime.fallback(self.site, "slower")
+            return self.original(x, **kwargs)
+        self.runtime.ran_student(self.site, key)
+        return student()
+
+    def _student_call(self, x, route: Route):
+        """(counter key, the student's call on x): "delta", or "mediators:<count>" at the step's count."""
         b, n, c = x.shape
         tokens = x.reshape(b, *route.grid, c)
         if self.sigma_counts is None:
-            self.runtime.ran_student(self.site, "delta")
-            return self.student(tokens).reshape(b, n, c)
+            return "delta", lambda: self.student(tokens).reshape(b, n, c)
         count = self.runtime.mediator_count(self.sigma_counts, route.sigmas)
-        self.runtime.ran_student(self.site, f"mediators:{count}")
-        return self.student(tokens, count).reshape(b, n, c)
+        return f"mediators:{count}", lambda: self.student(tokens, count).reshape(b, n, c)
 
 
 class DeltaConvSelfAttention(_Wrapper):

@@ -104,8 +104,8 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     sites = find_attention_sites(model.model.diffusion_model)
     fingerprints = model_fingerprints(model, sites)
     mediators = mediator_training(start, config, model)
-    patched, _, runtime = patch_model(model, start, block_dtype=torch.float32,
-                                      mediator_schedule=mediators and mediators.schedule)
+    patched, _, runtime = patch_model(model, start, block_dtype=torch.float32,  # training runs the students
+                                      mediator_schedule=mediators and mediators.schedule, speed_policy="always")
     compat.load_for_training(patched)
     device = comfy.model_management.get_torch_device()
     if config.stage == "B":

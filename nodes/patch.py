@@ -1,12 +1,19 @@
 """ΔConv Patch: MODEL + DELTACONV → MODEL whose self-attention runs ΔConv blocks or mediator attention."""
 from ..deltaconv_core.families import LEVEL_CHOICES
 from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
+from ..deltaconv_core.speed_policy import MODES as SPEED_MODES
 from .patching import patch_model
 from .validation import check_widgets, require_widgets
 
 SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, overriding the schedule stored with "
                     f"the weights. start:count pairs over sampling progress (0 = first step, 1 = last), e.g. "
                     f"'{EXAMPLE}', or one count such as '16'. Empty: the weights' schedule. ΔConv blocks ignore it.")
+
+
+SPEED_TOOLTIP = ("Never slower than attention. auto: on a GPU, each site times its student against the model's "
+                 "own attention on its first call at each image size and runs the faster one (attention is the "
+                 "teacher, so falling back never costs fidelity; the log shows the timings); on the CPU the "
+                 "student. always: the student at every call.")
 
 
 def parse_schedule_override(text: str) -> MediatorSchedule | None:
@@ -35,9 +42,9 @@ class DeltaConvPatch:
     FUNCTION = "patch"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, levels=None, strict=None):
+    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, levels=None, strict=None, speed_policy=None):
         checked = check_widgets(cls, start_percent=start_percent, end_percent=end_percent, levels=levels,
-                                strict=strict)
+                                strict=strict, speed_policy=speed_policy)
         if checked is True and None not in (start_percent, end_percent) and start_percent > end_percent:
             return (f"start_percent = {start_percent} is after end_percent = {end_percent}: allowed is "
                     "start_percent ≤ end_percent")
@@ -61,12 +68,14 @@ class DeltaConvPatch:
                                                                 "attention."}),
         }, "optional": {
             "mediator_schedule": ("STRING", {"default": "", "tooltip": SCHEDULE_TOOLTIP}),
+            "speed_policy": (list(SPEED_MODES), {"default": SPEED_MODES[0], "tooltip": SPEED_TOOLTIP}),
         }}
 
-    def patch(self, model, deltaconv, start_percent, end_percent, levels, strict, mediator_schedule=""):
+    def patch(self, model, deltaconv, start_percent, end_percent, levels, strict, mediator_schedule="",
+              speed_policy=SPEED_MODES[0]):
         schedule = parse_schedule_override(mediator_schedule)
         require_widgets(type(self), start_percent=start_percent, end_percent=end_percent, levels=levels,
-                        strict=strict)
+                        strict=strict, speed_policy=speed_policy)
         patched, report, _ = patch_model(model, deltaconv, start_percent, end_percent, levels, strict,
-                                         mediator_schedule=schedule)
+                                         mediator_schedule=schedule, speed_policy=speed_policy)
         return (patched, report)

@@ -24,14 +24,17 @@ def schedule_lines(schedules, percent_to_sigma, overridden) -> list[str]:
 
 
 def patch_report(model_sites, weights, sites, match, start, end, levels, notes, schedules=None,
-                 percent_to_sigma=None, overridden=False) -> str:
-    """`schedules`: mediator site name → the schedule it runs; percent_to_sigma: the model's sampling method."""
+                 percent_to_sigma=None, overridden=False, speed=None) -> str:
+    """`schedules`: mediator site name → the schedule it runs; percent_to_sigma: the model's sampling method;
+    `speed`: the SpeedPolicy."""
     schedules = schedules or {}
     lines = [f"ΔConv patch: {len(match.present)} of {len(model_sites.sites)} self-attention sites replaced "
              f"({model_sites.variant})",
              student_line(match, schedules),
              f"  weights: {weights.summary()}",
              f"  active from {start:.0%} to {end:.0%} of sampling; levels: {levels}"]
+    if speed is not None:
+        lines.append(f"  speed policy: {speed.describe()}")
     if schedules:
         lines += schedule_lines(schedules, percent_to_sigma, overridden)
     skipped = len(model_sites.sites) - len(sites)

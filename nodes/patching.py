@@ -8,6 +8,7 @@ import torch
 from ..deltaconv_core.attention import PatchRuntime
 from ..deltaconv_core.families import find_attention_sites, select_levels
 from ..deltaconv_core.mediators import MediatorConfig
+from ..deltaconv_core.speed_policy import SpeedPolicy
 from ..deltaconv_core.students import build_student
 from ..deltaconv_core.weights import DeltaConvWeights, match_sites
 from . import compat
@@ -30,11 +31,12 @@ def projection_weight(original, family: str) -> torch.Tensor:
 
 
 def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent=1.0, levels="all",
-                strict=False, block_dtype=None, mediator_schedule=None):
+                strict=False, block_dtype=None, mediator_schedule=None, speed_policy="auto"):
     """A clone of `model` whose selected self-attention sites run their students; returns (clone, report, runtime).
 
     Students are stored like the model's weights unless `block_dtype` says otherwise (fp32 masters for training).
     Mediator sites follow `mediator_schedule` (a MediatorSchedule) when given, else the schedule in the weights.
+    `speed_policy`: "auto" (per site and shape, the student or attention, whichever is faster on a GPU) or "always".
     """
     if not 0.0 <= start_percent <= end_percent <= 1.0:
         raise ValueError(f"need 0 ≤ start_percent ≤ end_percent ≤ 1, got {start_percent} and {end_percent}")
@@ -52,7 +54,7 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
     sampling = compat.model_sampling(model)
     # percent_to_sigma(0) is a large finite number, not inf: without this the full range would look partial
     start_sigma = math.inf if start_percent <= 0 else sampling.percent_to_sigma(start_percent)
-    runtime = PatchRuntime(start_sigma, sampling.percent_to_sigma(end_percent))
+    runtime = PatchRuntime(start_sigma, sampling.percent_to_sigma(end_percent), SpeedPolicy(speed_policy))
     clone = model.clone()
     notes = conflicts(model, sites)
     references = {}  # site name → its q/qkv weight: the dtype of its student, and the base-model fingerprint
@@ -72,7 +74,8 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
     if mediator_schedule is not None and not schedules:
         notes.append("mediator_schedule is ignored: no patched site runs mediator attention")
     report = patch_report(model_sites, weights, sites, match, start_percent, end_percent, levels, notes,
-                          schedules, sampling.percent_to_sigma, overridden=mediator_schedule is not None)
+                          schedules, sampling.percent_to_sigma, overridden=mediator_schedule is not None,
+                          speed=runtime.speed)
     for line in report.splitlines():
         log.info("ΔConv: %s", line.strip())
     return clone, report, runtime
