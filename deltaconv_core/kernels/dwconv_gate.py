@@ -3,8 +3,8 @@
     v [B, h, w, C] (channel-last, C = C_i) --dwconv k×k, zero padding k//2, weight [k, k, C] (+bias [C])--> [a | b]
     y = a·b·gate_constant ("scaled")  or  a·sigmoid(b) ("sigmoid")                              y: [B, h, w, C/2]
 
-With `pool_to=(h, w)` the input is the full-resolution u [B, H, W, C] and v = adaptive_avg_pool(u, (h, w)) is
-never materialised: every conv tap averages u over its pooled pixel's window (torch's [⌊i·H/h⌋, ⌈(i+1)·H/h⌉)).
+With `pool_to=(h, w)` the input is the full-resolution u [B, H, W, C], pooled once by torch's
+adaptive_avg_pool2d (differentiable, channel-last) before the plain conv runs on the pooled tensor.
 The conv output (C channels) never reaches memory either: each program computes the a-half and the b-half of the
 same channels for a tile of pixels and writes only the gated C/2 channels.
 
@@ -19,31 +19,36 @@ Design notes (why, not what):
   were rounded first.
 * The tap loops are runtime `range` loops (not unrolled): k is up to 17 here, and unrolling k² bodies would only
   bloat compile time for a memory-bound kernel.
-* Pooling inside the taps re-reads each window once per tap (k² times per pooled pixel) instead of writing and
-  re-reading a pooled tensor; those reads hit cache, and a pooled pixel costs about what a full-res one does.
-  The window loops run to the largest window (2 or 3 at scale ½), masked per window; runtime loops, because
-  unrolling them (9 tile loads live at once for 3×3) made the compiled kernel spill registers.
+* Pooling runs once, before the conv, not inside it. Pooling inside every tap (an earlier design) re-read each
+  window k² times and, compiled for sm_90, cost ~6.4× the instructions per pixel of the plain conv: the ½-scale
+  branch then took ~1.5× the full-resolution one on a quarter of the pixels. One pooling pass moves a quarter of u.
+* Launch parameters are plain integer maths cached per shape (launch.py).
+* Tiles fill the GPU: at least 2 programs per SM where the grid allows (small SDXL/SD1.5 levels at 512² had
+  10–96 programs on 132 SMs), shrinking pixel tiles before channel blocks; channel blocks divide the gated channel
+  count where a power of two ≥ 16 does (80 → 16, 160 → 32), so no lane idles.
 * Backward recomputes a and b (one more conv) rather than saving the C-channel pre-activation from the forward:
   the forward stays a single C/2-channel write, which matters for inference, the main use.
   1. _bwd_gate_kernel:   recompute a, b; dL/da, dL/db → dvc [B, h, w, C] in fp32 (gradient of the conv output).
   2. _bwd_input_kernel:  dL/dv = dvc correlated with the flipped kernel (same tile loop, taps mirrored).
   3. _bwd_weight_kernel: dL/dw[i,j,c] = Σ_pixels dvc·v(shifted by tap); one program per (tap, channel block,
      pixel chunk) with fp32 partial sums [chunks, k·k, C] reduced by torch: deterministic, no atomics.
-  dL/dbias = Σ_pixels dvc, by torch. With pooling, the backward pools u with torch, runs these kernels on the
-  pooled tensor and maps dL/dv back to u through torch's pooling backward (a transient pooled-size tensor; its
-  rounding to fp16/bf16, which the forward's fp32 window means skip, is the only difference).
+  dL/dbias = Σ_pixels dvc, by torch. The pooling's gradient is torch's.
+* Without gradients (sampling) the kernel is launched directly, not through autograd.Function.
 * Offsets: the per-image base is computed in int64 (B·h·w·C may exceed 2³¹ on large batches); offsets inside one
   image stay int32 (h·w·C < 2³¹ is checked on the host; `use_triton` leaves larger images to torch).
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from .launch import cdiv, pow2, sm_count
 
 # Tests may set this to e.g. dict(TILE_H=4, TILE_W=4, BLOCK_C=4) to force many tiles and partial tiles.
 BLOCK_OVERRIDE: dict | None = None
@@ -78,65 +83,39 @@ def _tile_pixels(pid, tiles_w, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr)
 
 
 @triton.jit
-def _window_mean(img, r0, r1, q0, q1, ok, c, cm, W_in, C, win_h, win_w, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Mean of img [H_in, W_in, C] over rows [r0, r1) × columns [q0, q1) per pixel, fp32, 0 where not `ok`."""
-    total = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
-    for dy in range(win_h):
-        row_ok = ok & (r0 + dy < r1)
-        row = img + (((r0 + dy) * W_in + q0) * C)[:, None] + c[None, :]
-        for dx in range(win_w):
-            inside = row_ok & (q0 + dx < q1)
-            total += tl.load(row + dx * C, mask=inside[:, None] & cm, other=0.0).to(tl.float32)
-    return total / tl.maximum((r1 - r0) * (q1 - q0), 1).to(tl.float32)[:, None]
-
-
-@triton.jit
-def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, H_in, W_in, win_h, win_w,
-                 K: tl.constexpr, SIGN: tl.constexpr, POOL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C,
+                 K: tl.constexpr, SIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Σ_{i,j} img[py + SIGN·(i-K//2), px + SIGN·(j-K//2), c] · w[i, j, c] in fp32, zero outside the H×W image.
-    SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input). POOL: img is
-    [H_in, W_in, C] and each tap reads the adaptive-average-pool value of its pixel instead (forward only):
-    torch's windows, rows [⌊sy·H_in/H⌋, ⌈(sy+1)·H_in/H⌉), columns alike."""
+    SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input)."""
     acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
     cm = cmask[None, :]
     w_taps = w_ptr + c
     for i in range(K):
         sy = py + SIGN * (i - K // 2)
         row_ok = pmask & (sy >= 0) & (sy < H)
-        if POOL:
-            r0 = (sy * H_in) // H
-            r1 = ((sy + 1) * H_in + H - 1) // H
-        else:
-            row = img + ((sy * W + px) * C)[:, None] + c[None, :]  # tap (i, centre column); columns shift by ±C
+        row = img + ((sy * W + px) * C)[:, None] + c[None, :]  # tap (i, centre column); columns shift by ±C
         for j in range(K):
             dx = SIGN * (j - K // 2)
             sx = px + dx
             ok = row_ok & (sx >= 0) & (sx < W)
-            if POOL:
-                x = _window_mean(img, r0, r1, (sx * W_in) // W, ((sx + 1) * W_in + W - 1) // W, ok, c, cm, W_in, C,
-                                 win_h, win_w, BLOCK_P, BLOCK_C)
-            else:
-                x = tl.load(row + dx * C, mask=ok[:, None] & cm, other=0.0).to(tl.float32)
+            x = tl.load(row + dx * C, mask=ok[:, None] & cm, other=0.0).to(tl.float32)
             wt = tl.load(w_taps + (i * K + j) * C, mask=cmask, other=0.0)
             acc += x * wt.to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H_in, W_in, win_h, win_w,
-                 K: tl.constexpr, HAS_BIAS: tl.constexpr, POOL: tl.constexpr, TILE_H: tl.constexpr,
-                 TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile of the conv output, both halves: a (channels c) and b (channels c + C/2), fp32.
-    v is [B, H_in, W_in, C]: the conv input itself (H_in, W_in = H, W) or, with POOL, the image to pool from."""
+def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
+                 K: tl.constexpr, HAS_BIAS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """This program's tile of the conv output of v [B, H, W, C], both halves: a (channels c) and b (c + C/2), fp32."""
     BLOCK_P: tl.constexpr = TILE_H * TILE_W
     py, px, pmask = _tile_pixels(tl.program_id(0), tiles_w, H, W, TILE_H, TILE_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HALF
-    img = v_ptr + tl.program_id(2).to(tl.int64) * H_in * W_in * C
-    a = _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, H_in, W_in, win_h, win_w, K, 1, POOL,
-                     BLOCK_P, BLOCK_C)
-    b = _dwconv_tile(img, w_ptr, py, px, pmask, c + HALF, cmask, H, W, C, H_in, W_in, win_h, win_w, K, 1, POOL,
-                     BLOCK_P, BLOCK_C)
+    img = v_ptr + tl.program_id(2).to(tl.int64) * H * W * C
+    a = _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
+    b = _dwconv_tile(img, w_ptr, py, px, pmask, c + HALF, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         a += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         b += tl.load(bias_ptr + HALF + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -144,11 +123,11 @@ def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H_in, W_in, win
 
 
 @triton.jit
-def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_constant, H_in, W_in, win_h, win_w,
-                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, POOL: tl.constexpr,
+def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_constant,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H_in, W_in,
-                                                 win_h, win_w, K, HAS_BIAS, POOL, TILE_H, TILE_W, BLOCK_C)
+    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, K, HAS_BIAS,
+                                                 TILE_H, TILE_W, BLOCK_C)
     if SIGMOID:
         y = a * _sigmoid(b)
     else:
@@ -163,8 +142,8 @@ def _bwd_gate_kernel(v_ptr, w_ptr, bias_ptr, gy_ptr, dvc_ptr, H, W, C, HALF, til
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """dvc = dL/d(conv output), both halves, fp32, from the recomputed a, b and the incoming gradient gy."""
-    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, H, W, 1, 1,
-                                                 K, HAS_BIAS, False, TILE_H, TILE_W, BLOCK_C)
+    a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, K, HAS_BIAS,
+                                                 TILE_H, TILE_W, BLOCK_C)
     mask = pmask[:, None] & cmask[None, :]
     pix = (py * W + px)[:, None]
     image = tl.program_id(2).to(tl.int64) * H * W
@@ -189,8 +168,7 @@ def _bwd_input_kernel(dvc_ptr, w_ptr, dv_ptr, H, W, C, tiles_w,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     image = tl.program_id(2).to(tl.int64) * H * W * C
-    acc = _dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, H, W, 1, 1, K, -1, False,
-                       TILE_H * TILE_W, BLOCK_C)
+    acc = _dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, K, -1, TILE_H * TILE_W, BLOCK_C)
     tl.store(dv_ptr + image + (py * W + px)[:, None] * C + c[None, :], acc.to(dv_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
 
@@ -223,30 +201,62 @@ def _bwd_weight_kernel(v_ptr, dvc_ptr, part_ptr, N, H, W, C, chunk,
 
 
 # ----------------------------------------------------------------------------------------------------- host code
-def _blocks(h: int, w: int, channels: int, on_gpu: bool) -> dict:
-    """GPU tile: ~64 pixels (a 16-wide row strip, fewer rows for narrow images) × up to 64 channels (128 B of fp16
-    per pixel: full cache lines); small images get small tiles rather than mostly-masked ones. Under the CPU
-    interpreter every program is slow Python, so there the tiles cover up to 32×32 pixels (fewest programs)."""
-    if BLOCK_OVERRIDE is not None:
-        return dict(BLOCK_OVERRIDE)
-    tile_w = min(16 if on_gpu else 32, triton.next_power_of_2(w))
-    tile_h = min(max(64 // tile_w, 1) if on_gpu else 32, triton.next_power_of_2(h))
-    return dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=min(64, triton.next_power_of_2(channels)))
+MIN_PROGRAMS_PER_SM = 2  # below this a launch's time is one program's latency, not the GPU's throughput
 
 
-def _num_warps(blocks: dict) -> int:
-    return 4 if blocks["TILE_H"] * blocks["TILE_W"] * blocks["BLOCK_C"] >= 2048 else 2
+class Launch(NamedTuple):
+    blocks: dict  # TILE_H, TILE_W, BLOCK_C
+    grid: tuple  # (pixel tiles, channel blocks, images)
+    tiles_w: int
+    num_warps: int
+    sms: int  # of the GPU planned for; 0: Triton's CPU interpreter
 
 
-def _grid(h, w, b, channels, blocks):
-    tiles_w = triton.cdiv(w, blocks["TILE_W"])
-    return (triton.cdiv(h, blocks["TILE_H"]) * tiles_w, triton.cdiv(channels, blocks["BLOCK_C"]), b), tiles_w
+def _channel_block(channels: int, on_gpu: bool) -> int:
+    """GPU: the largest power of two ≤ 64 that divides `channels`, when it is ≥ 16 (80 → 16, 160 → 32, 320 → 64:
+    no idle lanes); otherwise, and under the interpreter, up to 64 with the tail masked."""
+    divisor = min(64, channels & -channels)  # the lowest set bit: the largest power-of-two divisor
+    return divisor if on_gpu and divisor >= 16 else min(64, pow2(channels))
 
 
 @functools.cache
-def _max_window(n_in: int, n_out: int) -> int:
-    """Largest adaptive-pooling window along one axis (the window loop's extent)."""
-    return max(-(-(i + 1) * n_in // n_out) - i * n_in // n_out for i in range(n_out))
+def _planned_launch(h: int, w: int, channels: int, images: int, sms: int) -> Launch:
+    """GPU tiles: a 16-wide strip of up to 64 pixels × the channel block (128 B of fp16 per pixel at 64 channels),
+    shrunk (pixels first, to 16; then channels, to 16) until there are MIN_PROGRAMS_PER_SM programs per SM.
+    sms = 0: Triton's CPU interpreter, where every program is slow Python: tiles up to 32×32 pixels, fewest programs."""
+    on_gpu = sms > 0
+    tile_w = min(16 if on_gpu else 32, pow2(w))
+    tile_h = min(max(64 // tile_w, 1) if on_gpu else 32, pow2(h))
+    block_c = _channel_block(channels, on_gpu)
+
+    def programs():
+        return cdiv(h, tile_h) * cdiv(w, tile_w) * cdiv(channels, block_c) * images
+
+    while on_gpu and programs() < MIN_PROGRAMS_PER_SM * sms:
+        if tile_h * tile_w > 16:
+            tile_h, tile_w = (tile_h // 2, tile_w) if tile_h > 1 else (tile_h, tile_w // 2)
+        elif block_c > 16:
+            block_c //= 2
+        else:
+            break
+    return _launch(h, w, channels, images, dict(TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c), sms)
+
+
+def _launch(h: int, w: int, channels: int, images: int, blocks: dict, sms: int) -> Launch:
+    tiles_w = cdiv(w, blocks["TILE_W"])
+    grid = (cdiv(h, blocks["TILE_H"]) * tiles_w, cdiv(channels, blocks["BLOCK_C"]), images)
+    # ≥ 16 elements per thread where the tile has them: fewer spread thinner pay address and mask maths per FMA
+    # (sm_90: 7.9 SASS instructions per FMA at 4 per thread, 4.4 at 16)
+    warps = max(1, min(4, blocks["TILE_H"] * blocks["TILE_W"] * blocks["BLOCK_C"] // 512))
+    return Launch(blocks, grid, tiles_w, warps, sms)
+
+
+def plan_launch(h: int, w: int, channels: int, images: int, device: torch.device) -> Launch:
+    """Tiles, grid and warps for an h×w image of `channels` (gated) channels; BLOCK_OVERRIDE wins (tests)."""
+    sms = sm_count(device.index or 0) if device.type == "cuda" else 0
+    if BLOCK_OVERRIDE is not None:
+        return _launch(h, w, channels, images, dict(BLOCK_OVERRIDE), sms)
+    return _planned_launch(h, w, channels, images, sms)
 
 
 def _check(v, weight, bias, gate, pool_to):
@@ -277,26 +287,26 @@ def _backward(v, weight, bias, gy, sigmoid, gate_constant, need_v, need_w, need_
     if dvc.numel() == 0:
         return (torch.zeros_like(v) if need_v else None, torch.zeros_like(weight) if need_w else None,
                 torch.zeros_like(bias) if need_b else None)
-    blocks = _blocks(H, W, half, v.is_cuda)
-    grid, tiles_w = _grid(H, W, B, half, blocks)
-    _bwd_gate_kernel[grid](v, weight, v if bias is None else bias, gy, dvc, H, W, C, half, tiles_w, gate_constant,
-                           K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid, num_warps=_num_warps(blocks), **blocks)
+    gate = plan_launch(H, W, half, B, v.device)
+    _bwd_gate_kernel[gate.grid](v, weight, v if bias is None else bias, gy, dvc, H, W, C, half, gate.tiles_w,
+                                gate_constant, K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid,
+                                num_warps=gate.num_warps, **gate.blocks)
     dv = dw = db = None
+    full = plan_launch(H, W, C, B, v.device)
     if need_v:
         dv = torch.empty_like(v)
-        blocks = _blocks(H, W, C, v.is_cuda)
-        grid, tiles_w = _grid(H, W, B, C, blocks)
-        _bwd_input_kernel[grid](dvc, weight, dv, H, W, C, tiles_w, K=k, num_warps=_num_warps(blocks), **blocks)
+        _bwd_input_kernel[full.grid](dvc, weight, dv, H, W, C, full.tiles_w, K=k, num_warps=full.num_warps,
+                                     **full.blocks)
     if need_w:
         n = B * H * W
-        block_n, block_c = 64 if v.is_cuda else 256, _blocks(H, W, C, v.is_cuda)["BLOCK_C"]
-        c_blocks = triton.cdiv(C, block_c)
+        block_n, block_c = 64 if full.sms else 256, full.blocks["BLOCK_C"]
+        c_blocks = cdiv(C, block_c)
         # Enough programs to fill the GPU (~4 per SM), never a chunk smaller than one pixel block; one chunk
         # under the interpreter (each program is slow Python there).
-        target = 1 if not v.is_cuda else 4 * torch.cuda.get_device_properties(v.device).multi_processor_count
-        chunks = max(1, min(triton.cdiv(n, block_n), triton.cdiv(target, k * k * c_blocks)))
-        chunk = triton.cdiv(triton.cdiv(n, chunks), block_n) * block_n
-        chunks = triton.cdiv(n, chunk)
+        target = 4 * full.sms or 1
+        chunks = max(1, min(cdiv(n, block_n), cdiv(target, k * k * c_blocks)))
+        chunk = cdiv(cdiv(n, chunks), block_n) * block_n
+        chunks = cdiv(n, chunk)
         part = torch.empty(chunks, k * k, C, device=v.device, dtype=torch.float32)
         _bwd_weight_kernel[(k * k, c_blocks, chunks)](v, dvc, part, n, H, W, C, chunk, K=k, BLOCK_N=block_n,
                                                       BLOCK_C=block_c, num_warps=4)
@@ -306,41 +316,32 @@ def _backward(v, weight, bias, gy, sigmoid, gate_constant, need_v, need_w, need_
     return dv, dw, db
 
 
+def _forward(v, weight, bias, sigmoid: bool, gate_constant: float):
+    """y [B, H, W, C/2] of the dwconv + gate on contiguous v [B, H, W, C]."""
+    B, H, W, C = v.shape
+    half = C // 2
+    y = torch.empty(B, H, W, half, device=v.device, dtype=v.dtype)
+    if y.numel():
+        launch = plan_launch(H, W, half, B, v.device)
+        _fwd_kernel[launch.grid](v, weight, v if bias is None else bias, y, H, W, C, half, launch.tiles_w,
+                                 float(gate_constant), K=weight.shape[0], HAS_BIAS=bias is not None,
+                                 SIGMOID=sigmoid, num_warps=launch.num_warps, **launch.blocks)
+    return y
+
+
 class _FusedDwconvGate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, v, weight, bias, sigmoid: bool, gate_constant: float, pool_to):
-        v, weight = v.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        B, H_in, W_in, C = v.shape
-        H, W = (H_in, W_in) if pool_to is None else pool_to
-        k, half = weight.shape[0], C // 2
-        y = torch.empty(B, H, W, half, device=v.device, dtype=v.dtype)
-        blocks = _blocks(H, W, half, v.is_cuda)
-        grid, tiles_w = _grid(H, W, B, half, blocks)
-        windows = (1, 1) if pool_to is None else (_max_window(H_in, H), _max_window(W_in, W))
-        if y.numel():
-            _fwd_kernel[grid](v, weight, v if bias is None else bias, y, H, W, C, half, tiles_w, float(gate_constant),
-                              H_in, W_in, *windows, K=k, HAS_BIAS=bias is not None, SIGMOID=sigmoid,
-                              POOL=pool_to is not None, num_warps=_num_warps(blocks), **blocks)
-        ctx.save_for_backward(v, weight, bias)  # the unpooled input: the full-res branch keeps it alive anyway
-        ctx.sigmoid, ctx.gate_constant, ctx.pool_to = sigmoid, float(gate_constant), pool_to
-        return y
+    def forward(ctx, v, weight, bias, sigmoid: bool, gate_constant: float):
+        ctx.save_for_backward(v, weight, bias)
+        ctx.sigmoid, ctx.gate_constant = sigmoid, float(gate_constant)
+        return _forward(v, weight, bias, sigmoid, gate_constant)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         v, weight, bias = ctx.saved_tensors
-        need_v, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.pool_to is None:
-            return (*_backward(v, weight, bias, gy, ctx.sigmoid, ctx.gate_constant, need_v, need_w, need_b),
-                    None, None, None)
-        with torch.enable_grad():
-            u = v.detach().requires_grad_(need_v)
-            pooled = F.adaptive_avg_pool2d(u.permute(0, 3, 1, 2), ctx.pool_to).permute(0, 2, 3, 1).contiguous()
-        dp, dw, db = _backward(pooled.detach(), weight, bias, gy, ctx.sigmoid, ctx.gate_constant, need_v, need_w,
-                               need_b)
-        du = torch.autograd.grad(pooled, u, dp)[0] if need_v else None
-        return du, dw, db, None, None, None
+        return (*_backward(v, weight, bias, gy, ctx.sigmoid, ctx.gate_constant, *ctx.needs_input_grad[:3]),
+                None, None)
 
 
 def fused_dwconv_gate(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: str,
@@ -349,13 +350,20 @@ def fused_dwconv_gate(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     v: [B, H, W, C] channel-last (made contiguous if it is not); weight: [k, k, C], k odd; bias: [C] or None;
     gate: "scaled" (a·b·gate_constant) or "sigmoid" (a·sigmoid(b), gate_constant ignored); pool_to: (h, w) to
-    convolve adaptive_avg_pool2d(v, (h, w)) instead of v (computed inside the kernel), or None.
+    convolve adaptive_avg_pool2d(v, (h, w)) instead of v, or None.
     Returns y: [B, h, w, C/2] ((h, w) = pool_to or (H, W)) in v's dtype (fp32 accumulation inside); gradients
     come back in each input's dtype.
     """
     pool_to = None if pool_to is None else tuple(int(n) for n in pool_to)
     _check(v, weight, bias, gate, pool_to)
-    return _FusedDwconvGate.apply(v, weight, bias, gate == "sigmoid", gate_constant, pool_to)
+    if pool_to is not None:  # torch pools channel-last in one pass (fp32 accumulation), with its own gradient
+        v = F.adaptive_avg_pool2d(v.permute(0, 3, 1, 2), pool_to).permute(0, 2, 3, 1)
+    v, weight = v.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    sigmoid = gate == "sigmoid"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, weight, bias)):
+        return _FusedDwconvGate.apply(v, weight, bias, sigmoid, gate_constant)
+    return _forward(v, weight, bias, sigmoid, gate_constant)
 
 
 __all__ = ["fused_dwconv_gate"]

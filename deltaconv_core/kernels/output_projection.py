@@ -27,12 +27,15 @@ Design notes (why, not what):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from . import MAX_BRANCHES, interpreter_mode
+from .launch import capability, cdiv, pow2
 
 # Tests may set this to e.g. dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) to force many tiles and partial tiles.
 BLOCK_OVERRIDE: dict | None = None
@@ -123,15 +126,25 @@ def _launch_config(pixels: int, c: int, cb: int, branches: int, dtype: torch.dty
     accumulator). Interpreter: one program per image where it fits (each program is slow Python there)."""
     if BLOCK_OVERRIDE is not None:
         return dict(BLOCK_OVERRIDE), 4, 2
+    return _planned_config(pixels, c, cb, branches, dtype, arch)
+
+
+@functools.cache
+def _planned_config(pixels: int, c: int, cb: int, branches: int, dtype: torch.dtype, arch: tuple[int, int] | None):
     if arch is None:
-        return dict(BLOCK_M=max(16, min(1024, triton.next_power_of_2(pixels))),
-                    BLOCK_N=max(16, triton.next_power_of_2(c)), BLOCK_K=max(16, triton.next_power_of_2(cb))), 4, 2
+        return dict(BLOCK_M=max(16, min(1024, pow2(pixels))), BLOCK_N=max(16, pow2(c)),
+                    BLOCK_K=max(16, pow2(cb))), 4, 2
     if arch < (8, 0):
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16), 4, 2
     fp32 = dtype == torch.float32
     max_k = 32 if branches <= 2 and not fp32 else 16
-    return dict(BLOCK_M=64, BLOCK_N=max(16, min(64 if fp32 else 128, triton.next_power_of_2(c))),
+    return dict(BLOCK_M=64, BLOCK_N=max(16, min(64 if fp32 else 128, pow2(c))),
                 BLOCK_K=max(16, min(max_k, cb & -cb))), 8, 3
+
+
+def device_arch(t: torch.Tensor) -> tuple[int, int] | None:
+    """The compute capability the launch is planned for; None: Triton's CPU interpreter."""
+    return capability(t.device.index or 0) if t.is_cuda else None
 
 
 def _check(ys, weight, image_bias):
@@ -152,33 +165,34 @@ def _check(ys, weight, image_bias):
         raise ValueError("branches, weight and image_bias must be on the same device")
 
 
+def _forward(weight, image_bias, ys):
+    """[B, H, W, C] from contiguous branches, weight and image_bias (see fused_output_projection)."""
+    B, H, W, cb = ys[0].shape
+    C = weight.shape[0]
+    out = torch.empty(B, H, W, C, device=ys[0].device, dtype=ys[0].dtype)
+    if out.numel():
+        blocks, num_warps, num_stages = _launch_config(H * W, C, cb, len(ys), ys[0].dtype, device_arch(ys[0]))
+        n_blocks = cdiv(C, blocks["BLOCK_N"])
+        low = ys[1:] + [ys[0]] * (MAX_BRANCHES - len(ys))  # unused pointer slots: any valid tensor
+        sizes = [n for y in ys[1:] for n in y.shape[1:3]] + [1] * 2 * (MAX_BRANCHES - len(ys))
+        scales = [n_in / n_out for y in ys[1:] for n_in, n_out in zip(y.shape[1:3], (H, W))]
+        scales += [1.0] * 2 * (MAX_BRANCHES - len(ys))
+        exact = ys[0].dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+        grid = (cdiv(H * W, blocks["BLOCK_M"]) * n_blocks, B)
+        _projection_kernel[grid](ys[0], *low, weight, image_bias, out, H, W, C, cb, weight.shape[1], n_blocks,
+                                 *sizes, *scales, BRANCHES=len(ys),
+                                 UPCAST=interpreter_mode() and ys[0].dtype == torch.bfloat16,
+                                 PRECISION="ieee" if exact else "tf32", num_warps=num_warps,
+                                 num_stages=num_stages, **blocks)
+    return out
+
+
 class _FusedProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, image_bias, *ys):
-        ys = [y.contiguous() for y in ys]
-        weight, image_bias = weight.contiguous(), image_bias.contiguous()
-        B, H, W, cb = ys[0].shape
-        C = weight.shape[0]
-        out = torch.empty(B, H, W, C, device=ys[0].device, dtype=ys[0].dtype)
-        if out.numel():
-            arch = None if not ys[0].is_cuda else (9, 0) if torch.version.hip else \
-                torch.cuda.get_device_capability(ys[0].device)
-            blocks, num_warps, num_stages = _launch_config(H * W, C, cb, len(ys), ys[0].dtype, arch)
-            n_blocks = triton.cdiv(C, blocks["BLOCK_N"])
-            low = ys[1:] + [ys[0]] * (MAX_BRANCHES - len(ys))  # unused pointer slots: any valid tensor
-            sizes = [n for y in ys[1:] for n in y.shape[1:3]] + [1] * 2 * (MAX_BRANCHES - len(ys))
-            scales = [n_in / n_out for y in ys[1:] for n_in, n_out in zip(y.shape[1:3], (H, W))]
-            scales += [1.0] * 2 * (MAX_BRANCHES - len(ys))
-            exact = ys[0].dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-            grid = (triton.cdiv(H * W, blocks["BLOCK_M"]) * n_blocks, B)
-            _projection_kernel[grid](ys[0], *low, weight, image_bias, out, H, W, C, cb, weight.shape[1], n_blocks,
-                                     *sizes, *scales, BRANCHES=len(ys),
-                                     UPCAST=interpreter_mode() and ys[0].dtype == torch.bfloat16,
-                                     PRECISION="ieee" if exact else "tf32", num_warps=num_warps,
-                                     num_stages=num_stages, **blocks)
         ctx.save_for_backward(weight, *ys)
         ctx.bias_dtype = image_bias.dtype
-        return out
+        return _forward(weight, image_bias, list(ys))
 
     @staticmethod
     @once_differentiable
@@ -212,9 +226,12 @@ def fused_output_projection(ys, weight: torch.Tensor, image_bias: torch.Tensor) 
     upsampled bilinearly, align_corners=False); weight: [C, len(ys)·Cb] in the branches' dtype; image_bias: [B, C].
     Returns [B, H, W, C] in the branches' dtype (fp32 accumulation), differentiable w.r.t. everything.
     """
-    ys = list(ys)
+    ys = [y.contiguous() for y in ys]
     _check(ys, weight, image_bias)
-    return _FusedProjection.apply(weight, image_bias, *ys)
+    weight, image_bias = weight.contiguous(), image_bias.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, image_bias, *ys)):
+        return _FusedProjection.apply(weight, image_bias, *ys)
+    return _forward(weight, image_bias, ys)  # sampling: no autograd.Function on the host path
 
 
 __all__ = ["fused_output_projection"]
