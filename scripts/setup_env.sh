@@ -85,12 +85,16 @@ else
 fi
 [ -f "$COMFYUI_PATH/comfy/model_patcher.py" ] || { say "No ComfyUI at $COMFYUI_PATH (COMFYUI_PATH must be a ComfyUI checkout)"; exit 2; }
 
-# ComfyUI's requirements without the torch family (pinned above) and spandrel (it would pull another torch).
+# ComfyUI's requirements without the torch family (pinned above) and spandrel (its dependencies would pull another
+# torch).
 stamp="$VENV/.deps-$(cat "$COMFYUI_PATH/requirements.txt" requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   grep -v -E '^\s*(torch|torchvision|torchaudio|spandrel)\s*$' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfy-req.txt"
   echo requests >> "$VENV/comfy-req.txt"  # ComfyUI's server imports it without listing it
   pip_quietly install -r "$VENV/comfy-req.txt" -r requirements.txt -r requirements-dev.txt
+  # spandrel without its dependencies (all installed above): ComfyUI's UpscaleModelLoader needs it, and the web
+  # frontend draws every loader in error when one core loader is missing.
+  pip_quietly install --no-deps spandrel
   touch "$stamp"
 fi
 # The quality proxy's photos (scikit-image's wheel, downloaded into .cache/proxy); without them that test skips.

@@ -22,6 +22,12 @@ LOADERS = {"CheckpointLoaderSimple", "UNETLoader", "CLIPLoader", "VAELoader", "L
            "DeltaConvLoad", "IPAdapterUnifiedLoader"}
 # Workflows whose API twins run on tiny models, and why the others do not.
 NOT_RUN = {"deltaconv_sd15_ipadapter": "ComfyUI_IPAdapter_plus is not installed in the test server"}
+# What a user reads after a run: these outputs of these nodes must each feed a core display node (Preview Any, core
+# since ComfyUI of May 2025; display-only, so on an older ComfyUI the rest of a workflow is checked without it).
+SHOWN = {"DeltaConvPatch": {"report"}, "DeltaConvCompare": {"report", "psnr", "ssim"},
+         "DeltaConvAttentionLocality": {"report"}}
+DISPLAY = "PreviewAny"
+NO_DISPLAY = f"this ComfyUI has no {DISPLAY} (core since May 2025): the tiny runs leave the display nodes out"
 
 
 def load(name):
@@ -61,7 +67,9 @@ def test_ui_format_links_and_twin(name):
     assert len(links) == len(ui["links"]) and ui["last_link_id"] == max(links)
     for lid, origin, o_slot, target, t_slot, kind in ui["links"]:
         out, inp = nodes[origin]["outputs"][o_slot], nodes[target]["inputs"][t_slot]
-        assert lid in out["links"] and inp["link"] == lid and out["type"] == inp["type"] == kind, (name, lid)
+        # the frontend types a link by its input, and an any-type ("*") input takes every output type
+        assert lid in out["links"] and inp["link"] == lid and inp["type"] == kind, (name, lid)
+        assert out["type"] == kind or kind == "*", (name, lid)
         assert api[str(target)]["inputs"][inp["name"]] == [str(origin), o_slot]
     for n in ui["nodes"]:
         assert {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties"} <= set(n)
@@ -84,6 +92,29 @@ def test_ui_format_links_and_twin(name):
 
     with Image.open(os.path.join(WORKFLOWS, f"{name}.jpg")) as im:
         assert im.format == "JPEG" and im.size == (512, 384)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_results_are_displayed(name):
+    ui, api = load(name)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {lk[0]: lk for lk in ui["links"]}
+    shown = [(n, slot, out) for n in ui["nodes"] for slot, out in enumerate(n["outputs"])
+             if out["name"] in SHOWN.get(n["type"], ())]
+    assert shown or not any(n["type"] in SHOWN for n in ui["nodes"])
+    for node, slot, out in shown:
+        where = f"{name}: {node.get('title') or node['type']} (node {node['id']}) output {out['name']}"
+        assert out["links"], f"{where} is not connected: nothing shows it after a run"
+        for lid in out["links"]:
+            target = nodes[links[lid][3]]
+            assert target["type"] == DISPLAY, f"{where} feeds {target['type']}, not a {DISPLAY}"
+            assert api[str(target["id"])]["inputs"]["source"] == [str(node["id"]), slot], where
+
+
+def test_shown_outputs_exist(object_info):
+    """The names SHOWN lists are real outputs (a renamed output would make test_results_are_displayed vacuous)."""
+    for kind, names in SHOWN.items():
+        assert names <= set(object_info[kind]["output_name"]), kind
 
 
 def check_node(node, api_inputs, schema, exact):
@@ -119,7 +150,8 @@ def test_nodes_match_server_schema(name, object_info):
         kind = node["type"]
         if kind.startswith("DeltaConv") or (kind in THIRD_PARTY and kind not in object_info):
             check_node(node, api[str(node["id"])]["inputs"], object_info.get(kind) or THIRD_PARTY[kind], exact=True)
-    core = [n for n in nodes if not n["type"].startswith("DeltaConv") and n["type"] not in THIRD_PARTY]
+    core = [n for n in nodes if not n["type"].startswith("DeltaConv") and n["type"] not in THIRD_PARTY
+            and (n["type"] != DISPLAY or DISPLAY in object_info)]  # test_display_nodes_show_results says why
     missing = sorted({n["type"] for n in core} - set(object_info))
     if missing:  # made for a newer ComfyUI: its other core nodes may have newer widgets too
         pytest.skip(f"this ComfyUI has no {missing} (ΔConv nodes of {name} matched)")
@@ -225,7 +257,7 @@ def tiny_graph(name, api, info):
         if kind not in info and nid in g:
             if nid in consumed:
                 pytest.skip(f"this ComfyUI has no {kind}")
-            del g[nid]  # an output-only node this ComfyUI lacks (Plot Loss Graph before 2025)
+            del g[nid]  # an output-only node this ComfyUI lacks (Plot Loss Graph before 2025, Preview Any)
     for inp in (node["inputs"] for node in g.values()):
         inp.update({k: redirect[tuple(v)] for k, v in inp.items() if isinstance(v, list) and tuple(v) in redirect})
     for nid in [n for n, node in g.items() if node["class_type"] == "KSampler"]:
@@ -239,16 +271,53 @@ def patched(g, ref):
     return node["class_type"] == "DeltaConvPatch" or ("model" in node["inputs"] and patched(g, node["inputs"]["model"]))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_workflow_runs_on_tiny_models(name, comfy_server, object_info, tiny_inputs, pack):
-    from devkit.tiny_models import SITE_COUNTS, has_pixart
+@pytest.fixture(scope="module")
+def tiny_run(comfy_server, object_info, tiny_inputs, pack):
+    """run(name): the workflow's API twin run once on tiny models, for every test that reads it: {graph, unet,
+    outputs, written}; `written`: node id → the files a ΔConv Save or Distill node wrote, removed again so the
+    shared server's folders stay as other tests expect them."""
+    from devkit.tiny_models import has_pixart
 
-    if name in NOT_RUN or (family(name) == "pixart" and not has_pixart()):
-        pytest.skip(NOT_RUN.get(name, "this ComfyUI has no PixArt"))
-    g, unet = tiny_graph(name, load(name)[1], object_info)
-    if any(n["class_type"] == "DeltaConvDistillSimple" for n in g.values()) and pack.nodes.compat.LEGACY_ATTN1_CALL:
-        pytest.skip("ΔConv Distill (simple) runs its check preset here, whose stage B needs ComfyUI from mid-2024 on")
-    outputs = comfy_server.run(g, timeout=300)["outputs"]
+    runs = {}
+
+    def run(name):
+        if name in NOT_RUN or (family(name) == "pixart" and not has_pixart()):
+            pytest.skip(NOT_RUN.get(name, "this ComfyUI has no PixArt"))
+        if name not in runs:
+            g, unet = tiny_graph(name, load(name)[1], object_info)
+            if (any(n["class_type"] == "DeltaConvDistillSimple" for n in g.values())
+                    and pack.nodes.compat.LEGACY_ATTN1_CALL):
+                pytest.skip("ΔConv Distill (simple) runs its check preset here, whose stage B needs ComfyUI from "
+                            "mid-2024 on")
+            outputs = comfy_server.run(g, timeout=300)["outputs"]
+            runs[name] = {"graph": g, "unet": unet, "outputs": outputs, "written": written_files(g, outputs,
+                                                                                                 comfy_server.base)}
+        return runs[name]
+
+    return run
+
+
+def written_files(g, outputs, base):
+    """{node id: files} a ΔConv Save (its path output) or Distill (its run-numbered checkpoints) wrote; removed."""
+    written = {}
+    for nid, node in g.items():
+        if node["class_type"] == "DeltaConvSave":
+            written[nid] = [p for p in outputs[nid]["text"][:1] if os.path.isfile(p)]
+        if node["class_type"] in ("DeltaConvDistill", "DeltaConvDistillSimple"):
+            folder = os.path.join(base, "output", "deltaconv")
+            run = re.compile(re.escape(node["inputs"]["filename_prefix"]) + r"(_\d{5})?_[AB]_")
+            written[nid] = [os.path.join(folder, f) for f in os.listdir(folder) if run.match(f)]
+    for path in (p for files in written.values() for p in files):
+        os.remove(path)
+    return written
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_on_tiny_models(name, tiny_run):
+    from devkit.tiny_models import SITE_COUNTS
+
+    run = tiny_run(name)
+    g, unet, outputs = run["graph"], run["unet"], run["outputs"]
     digests = {k[len("digest"):]: outputs[k]["digest"][0] for k in outputs if k.startswith("digest")}
     # ΔConv Compare samples inside the node: its report gives the ΔConv calls, and PSNR when the images differ
     compares = [outputs[nid]["text"][0] for nid, node in g.items() if node["class_type"] == "DeltaConvCompare"]
@@ -269,16 +338,29 @@ def test_workflow_runs_on_tiny_models(name, comfy_server, object_info, tiny_inpu
     for nid, node in g.items():
         if node["class_type"] == "SaveImage":
             assert outputs[nid]["images"], nid
-        if node["class_type"] == "DeltaConvSave":
-            assert os.path.isfile(outputs[nid]["text"][0])
-            os.remove(outputs[nid]["text"][0])  # leave the shared server's folders as other tests expect them
-        if node["class_type"] in ("DeltaConvDistill", "DeltaConvDistillSimple"):  # its checkpoints, run-numbered
-            folder = os.path.join(comfy_server.base, "output", "deltaconv")
-            run = re.compile(re.escape(node["inputs"]["filename_prefix"]) + r"(_\d{5})?_[AB]_")
-            made = [f for f in os.listdir(folder) if run.match(f)]
-            assert made
-            for f in made:
-                os.remove(os.path.join(folder, f))
+    assert all(run["written"].values()), run["written"]  # each Save wrote its file, each Distill its checkpoints
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_display_nodes_show_results(name, tiny_run, object_info):
+    """After a run, each Preview Any holds what its ΔConv node reported: the report text, or PSNR/SSIM as numbers."""
+    from devkit.tiny_models import SITE_COUNTS
+
+    if DISPLAY not in object_info:
+        pytest.skip(NO_DISPLAY)
+    run = tiny_run(name)
+    g, outputs = run["graph"], run["outputs"]
+    displays = {nid: node["inputs"]["source"] for nid, node in g.items() if node["class_type"] == DISPLAY}
+    assert displays
+    for nid, (src, slot) in displays.items():
+        shown, output = outputs[nid]["text"][0], object_info[g[src]["class_type"]]["output_name"][slot]
+        own = outputs.get(src, {}).get("text", [""])[0]  # output nodes (Compare, Locality) show their report too
+        if output == "report" and own:
+            assert shown == own, nid
+        elif output == "report":  # ΔConv Patch's report: the history has no other copy
+            assert shown.startswith(f"ΔConv patch: {SITE_COUNTS[run['unet']]} of "), shown
+        else:  # the numbers the Compare report states
+            assert f"{output.upper()} {float(shown):{'.2f' if output == 'psnr' else '.4f'}}" in own, (shown, own)
 
 
 # --- templates --------------------------------------------------------------------------------------------------

@@ -87,6 +87,14 @@ class Chromium:
     def navigate(self, url: str):
         self.send("Page.navigate", {"url": url})
 
+    def set_viewport(self, size: tuple[int, int] | None):
+        """The page as if on a screen of `size` CSS pixels (scale 1); None: back to the window's own size."""
+        if size is None:
+            self.send("Emulation.clearDeviceMetricsOverride")
+        else:
+            self.send("Emulation.setDeviceMetricsOverride", {"width": size[0], "height": size[1],
+                                                             "deviceScaleFactor": 1, "mobile": False})
+
     def screenshot(self, path: str):
         data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
         with open(path, "wb") as f:

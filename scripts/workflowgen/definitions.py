@@ -41,8 +41,8 @@ def deltaconv_sd15_compare_psnr_ssim():
             "ΔConv Compare samples the original model and the ΔConv-patched clone from the same seed and settings "
             "(as KSampler does), decodes both and measures what the patch costs on your prompt: PSNR and SSIM per "
             "image, a heat map of the per-pixel difference (its scale is in the report) and both sampling times. "
-            "The report is printed to the console and is the node's report output.\nModels: DreamShaper 8 in "
-            "models/checkpoints; ConvFusion-sd15-mjv5 in models/deltaconv.\n" + DC_NOTE)
+            "The report, PSNR and SSIM show in the Preview Any nodes after a run (the report is in the console too)."
+            "\nModels: DreamShaper 8 in models/checkpoints; ConvFusion-sd15-mjv5 in models/deltaconv.\n" + DC_NOTE)
 
 
 @workflow

@@ -1,7 +1,8 @@
 """The compact graph description the workflows are written in, and the node groups they share.
 
 A graph is {key: N(class_type, title, color, **inputs)}; an input is a literal or a (node key, output slot) link.
-Widget order, sockets and layout come later from the real node schemas (ui_format.py).
+Widget order, sockets and layout come later from the real node schemas (ui_format.py); a node may also carry "models"
+(its files for the missing-models dialog) and "size" (its box in the editor, else one fitted to its widgets).
 """
 from .models import MODELS
 
@@ -28,6 +29,12 @@ def N(class_type, title=None, color=None, **inputs):
     """A node: inputs are literals or (node key, output slot) links."""
     return {"class_type": class_type, "title": title, "color": color, "inputs": inputs}
 
+
+# Outputs a user reads after a run, each shown on the canvas by a core Preview Any (in ComfyUI since May 2025),
+# and per output name the display's title label and size (a report wraps to ~12 lines of the 10 px font).
+DISPLAYED = {"DeltaConvPatch": ("report",), "DeltaConvCompare": ("psnr", "ssim", "report"),
+             "DeltaConvAttentionLocality": ("report",)}
+DISPLAY_STYLE = {"report": ("report", [400, 230]), "psnr": ("PSNR (dB)", [315, 100]), "ssim": ("SSIM", [315, 100])}
 
 NEG = "blurry, lowres, deformed, watermark, text"
 DC_NOTE = ("ΔConv Load/Patch: the official ΔConvFusion blocks (https://huggingface.co/7eu7d7/ConvFusion) go in "
@@ -82,3 +89,16 @@ def distill(model, latents, prefix, preset=None):
         "try_decode": N("VAEDecode", samples=("try", 0), vae=("ckpt", 2)),
         "try_preview": N("PreviewImage", images=("try_decode", 0)),
     }
+
+
+def with_displays(graph, info):
+    """The graph with a Preview Any right after each DISPLAYED output's node; `info`: node schemas (output slots)."""
+    out = {}
+    for key, node in graph.items():
+        out[key] = node
+        for name in DISPLAYED.get(node["class_type"], ()):
+            schema, (label, size) = info[node["class_type"]], DISPLAY_STYLE[name]
+            title = f"{node['title'] or schema['display_name']} · {label}"
+            out[f"{key}_{name}"] = {**N("PreviewAny", title, source=(key, schema["output_name"].index(name))),
+                                    "size": size}
+    return out

@@ -160,8 +160,8 @@ def to_ui(name, title, graph, note, info, versions):
         models = node.get("models") or [m for v in node["inputs"].values() for m in getattr(v, "models", [])]
         if models:
             props["models"] = models
-        ui = {"id": ids[k], "type": node["class_type"], "pos": [0, 0],
-              "size": node_size(schema, inputs, len(widgets), node["class_type"]), "flags": {}, "order": order[k] + 1,
+        size = node.get("size") or node_size(schema, inputs, len(widgets), node["class_type"])
+        ui = {"id": ids[k], "type": node["class_type"], "pos": [0, 0], "size": size, "flags": {}, "order": order[k] + 1,
               "mode": 0, "inputs": inputs,
               "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                           for i, (t, n) in enumerate(zip(schema["output"], schema["output_name"], strict=False))],
