@@ -15,9 +15,11 @@ import contextlib
 import functools
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -140,6 +142,31 @@ def record_site(site: Site, sms: int, arch: int) -> list[Launch]:
     return out
 
 
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def host_microseconds(site: Site, sms: int, arch: int, repeats: int = 200) -> float:
+    """Python time of the kernel path's host code for one block forward at `site` (both dwconv scales and the
+    projection: checks, planning, allocations), with the launches themselves stubbed out; median of `repeats`."""
+    b, (h, w), ci = site.batch, site.grid, site.channels // 2
+    u, low = torch.zeros(b, h, w, ci, dtype=site.dtype), torch.zeros(b, h // 2, w // 2, ci, dtype=site.dtype)
+    weight = torch.zeros(site.k, site.k, ci, dtype=site.dtype)
+    proj = torch.zeros(site.channels, site.scales * ci // 2, dtype=site.dtype)
+    image_bias = torch.zeros(b, site.channels, dtype=site.dtype)
+    times = []
+    with recording([], sms, arch):
+        for name, module in KERNELS.items():
+            setattr(module, name, _NoLaunch())
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ys = [dwconv_gate.fused_dwconv_gate(v, weight, None, site.gate, 8.0) for v in (u, low)]
+            output_projection.fused_output_projection(ys, proj, image_bias)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
 def _cuobjdump(cubin: bytes, *flags: str) -> str:
     import triton.backends.nvidia as nvidia
 
@@ -235,6 +262,9 @@ def main() -> int:
         print(f"| {launch.site} | {launch.kernel} | {launch.grid} | {n / args.sms:.1f} | {shown} | "
               + (f"{c['registers']} | {c['spills']} | {c['shared']} | {c['occupancy']:.0%} |" if "error" not in c
                  else f"error: {c['error']} | | | |"))
+    site = sites((512,))[0]
+    print(f"\nhost time of the kernel path per block ({site.label}, launches stubbed, this CPU): "
+          f"{host_microseconds(site, args.sms, args.arch):.0f} µs")
     return 1 if any("error" in launch.compiled for launch in launches) else 0
 
 
