@@ -200,19 +200,31 @@ def unet_kernels(plan: Plan):
     return unittest.mock.patch.dict(os.environ, {} if plan.model_kernels else {"DELTACONV_TRITON": "0"})
 
 
+def model_predictions(device: str) -> dict:
+    """(model, image) → the performance model's ΔConv step speed-up for this GPU class (bench/gpu_model.py's
+    committed results), shown beside each measurement so that the first GPU run also checks the model."""
+    path = Path(__file__).resolve().parent / "results" / f"gpu_model_{'h100' if 'H100' in device else 'h200'}.json"
+    if not path.is_file():
+        return {}
+    steps = json.loads(path.read_text())["steps"]
+    return {(s["family"], s["image"]): f"{min(s['speedup']):.2f}–{max(s['speedup']):.2f}×" for s in steps}
+
+
 def unet_rows(plan: Plan):
     """Rows of the UNet stage in plan order: one model at a time, built, patched, measured, then let go (also when
     the stage stops early and the generator is closed)."""
     pack, device = comfy_setup(plan.device == "cpu")
     import comfy.model_management
 
+    predicted = model_predictions(device_name(plan.device))
     for name, sizes in plan.unet_runs:
         model, ctx = bench_unet.build(name, device, plan.unet_dtype)
         try:
             patched, sites = bench_unet.patch(pack, model)
             mediators = bench_unet.patch_mediators(pack, model, plan.unet_mediators)
             for size in sizes:
-                cell = {"model": name, "size": size, "sites": sites}
+                cell = {"model": name, "size": size, "sites": sites,
+                        **({"model_speedup": predicted[name, size]} if (name, size) in predicted else {})}
                 yield {**cell, **guarded(cell, functools.partial(bench_unet.measure_size, name, model, patched, ctx,
                                                                  size, 2, plan.unet_repeats, device, plan.unet_dtype,
                                                                  mediators))}

@@ -123,6 +123,7 @@ COLUMNS = {
     "unet": (2, [("model", lambda r: r["model"]), ("image", lambda r: f"{r['size']}²"),
                  ("sites", lambda r: str(r["sites"])), ("attention step s", times("attention_s")),
                  ("ΔConv step s", times("deltaconv_s")), ("speed-up", times("speedup", "×")),
+                 ("model's speed-up (estimate)", lambda r: r.get("model_speedup", "")),
                  ("mediators step s", times("mediators_s")), ("mediators speed-up", times("mediators_speedup", "×")),
                  ("peak MiB attention", mib("attention_peak_mib", 1)),
                  ("peak MiB ΔConv", mib("deltaconv_peak_mib", 1)),

@@ -355,7 +355,7 @@ def gpu_report_module():
 
 
 def gpu_section(results: Path) -> str:
-    files = load("gpu_*.json", results)
+    files = [(path, data) for path, data in load("gpu_*.json", results) if not path.stem.startswith("gpu_model")]
     how = ("Run it on a machine with one CUDA GPU (H100/H200 class: about 8 minutes; random weights, nothing "
            "downloaded; ComfyUI's own Python will do):\n\n```bash\npython bench/gpu_check.py\n"
            "python bench/make_benchmarks_doc.py   # then regenerate this page\n```\n\n"
@@ -387,11 +387,45 @@ def gpu_section(results: Path) -> str:
     return "\n".join([*parts, "", "To run it again: " + how])
 
 
+def gpu_model_section(results: Path) -> str:
+    files = load("gpu_model_*.json", results)
+    if not files:
+        return ""
+    parts = ["## GPU performance model (ESTIMATES, no GPU)", "",
+             "Computed on the CPU by `bench/gpu_model.py` from the kernels as compiled for sm_90 "
+             "(`bench/kernel_static.py`), stated constants and FLOP/byte counts of ComfyUI's own UNet on the meta "
+             "device: a prediction for the GPU check to confirm or correct, not a measurement. Attention times are a "
+             "range (flash attention at head dim 40 runs at about half the rate of 64+); the ceiling is the same "
+             "step with self-attention removed entirely. Batch 2 (CFG), fp16."]
+    for path, data in files:
+        d, loads = data["device"], data["meta"]["load average before / after (host times)"]
+        parts += ["", f"### {d['name']} ({link(path)})", "",
+                  f"- command: {command_line(data['meta']['command'])}; {data['meta']['date']}",
+                  f"- constants: {d['sms']} SMs at {d['clock_ghz']} GHz, {d['bandwidth_tbs']} TB/s, GEMM "
+                  f"{d['gemm_tflops']:g} TFLOP/s (fused projection {d['fused_gemm_tflops']:g}), SDPA "
+                  f"{d['sdpa_tflops'][0]:g}–{d['sdpa_tflops'][1]:g} TFLOP/s, launch floor {d['launch_floor_us']} µs, "
+                  f"host {d['host_us_per_op']} µs per eager op; issue efficiency {d['issue_efficiency']} at ≤ 1, "
+                  f"≤ 2, > 2 warps per scheduler",
+                  f"- host time of the kernel path per block, launches stubbed (a {data['meta']['cpu cores']}-core "
+                  f"CPU at load average {' → '.join(f'{v:.1f}' for v in loads)}): "
+                  + ", ".join(f"C={c}: {us:.0f} µs" for c, us in data["host_kernel_path_us"].items()), "",
+                  "| model | image | sites | step without attn1 ms | attention step ms | ΔConv step ms | attn1 share "
+                  "| ΔConv speed-up | with `auto` | ceiling |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in data["steps"]:
+            span = lambda v, fmt: fmt.format(min(v)) if abs(v[0] - v[1]) < 1e-9 else \
+                f"{fmt.format(min(v))}–{fmt.format(max(v))}"
+            parts.append(f"| {r['family']} | {r['image']}² | {r['sites']} | {r['rest_ms']:.1f} | "
+                         f"{span(r['attention_ms'], '{:.1f}')} | {span(r['deltaconv_ms'], '{:.1f}')} | "
+                         f"{span(r['attn1_share'], '{:.0%}')} | {span(r['speedup'], '{:.2f}×')} | "
+                         f"{span(r['auto_speedup'], '{:.2f}×')} | {span(r['ceiling'], '{:.2f}×')} |")
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------------------------- render
 def sources_note(results: Path) -> str:
     devices = []
     for pattern in ("block_*.json", "unet_*.json", "distill_*.json", "quality_proxy_*.json", "gpu_*.json"):
-        devices += [p.stem.rsplit("_", 1)[-1] for p in results.glob(pattern)]
+        devices += [p.stem.rsplit("_", 1)[-1] for p in results.glob(pattern) if not p.stem.startswith("gpu_model")]
     has_gpu = any(not d.startswith("cpu") for d in devices)
     return ("Results so far: " + ", ".join(f"`{d}`" for d in dict.fromkeys(sorted(devices))) + "." +
             ("" if has_gpu else " **All of them are CPU measurements**: GPU figures are still to be taken (see "
@@ -405,6 +439,7 @@ def render(results: Path = RESULTS, template: Path = TEMPLATE) -> str:
     unet, unet_files = unet_section(results)
     sections = {"sources_note": sources_note(results), "glance": glance_section(block_files, unet_files),
                 "block": block, "unet": unet, "distill": distill_section(results), "gpu": gpu_section(results),
+                "gpu_model": gpu_model_section(results),
                 "quality_proxy": proxy_section(results)}
     text = template.read_text(encoding="utf-8")
     unknown = set(re.findall(r"\{\{(\w+)\}\}", text)) - set(sections)

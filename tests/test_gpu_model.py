@@ -1,0 +1,41 @@
+"""bench/gpu_model.py: its issue-time arithmetic on exact values, and the committed predictions consistent with
+themselves (no speed-up above its own ceiling, `auto` never below the student where the student is faster)."""
+import json
+from pathlib import Path
+
+import gpu_model
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+
+
+def test_issue_time_arithmetic():
+    d = gpu_model.DEVICES["h200"]
+    rate = d.clock_ghz * 1e3  # warp-instructions per µs of one scheduler at full efficiency
+    # 264 programs of 2 warps on 132 SMs: 2 per SM, 4 warps resident, one per scheduler (efficiency 0.6)
+    assert gpu_model.issue_us(264, 2, 1000, 16, d) == pytest.approx(2 * 2 * 1000 / (4 * 0.6 * rate))
+    # fewer programs than SMs: one program's latency, its single warp on one scheduler
+    assert gpu_model.issue_us(10, 1, 1000, 16, d) == pytest.approx(1000 / (0.6 * rate))
+    # 12 warps per SM resident (3 per scheduler): efficiency 0.9, two waves of 6 programs
+    assert gpu_model.issue_us(132 * 12, 2, 1000, 6, d) == pytest.approx(12 * 2 * 1000 / (4 * 0.9 * rate))
+
+
+def test_committed_predictions_are_consistent():
+    files = sorted(RESULTS.glob("gpu_model_*.json"))
+    assert files, "bench/results has no gpu_model_*.json: run python bench/gpu_model.py"
+    for path in files:
+        data = json.loads(path.read_text())
+        assert data["meta"]["estimate"] is True
+        for s in data["steps"]:
+            for speedup, auto, ceiling in zip(s["speedup"], s["auto_speedup"], s["ceiling"]):
+                assert speedup <= ceiling + 1e-9 and auto <= ceiling + 1e-9, (path.name, s)
+
+
+def test_gpu_check_shows_the_models_prediction_beside_each_step():
+    import gpu_check
+
+    predicted = gpu_check.model_predictions("NVIDIA H200")
+    steps = json.loads((RESULTS / "gpu_model_h200.json").read_text())["steps"]
+    sd15 = next(s for s in steps if (s["family"], s["image"]) == ("sd15", 1024))
+    assert predicted["sd15", 1024] == f"{min(sd15['speedup']):.2f}–{max(sd15['speedup']):.2f}×"
+    assert gpu_check.model_predictions("NVIDIA H100 80GB HBM3") != predicted
