@@ -99,3 +99,16 @@ def test_script_imports_neither_torch_nor_comfyui():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_run_on_a_loaded_host_is_marked_and_never_a_headline(tmp_path):
+    module = load_script()
+    for path in RESULTS.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    md = tmp_path / "block_mediators_cpu-amd-epyc-2c.md"
+    assert module.foreign_load(md) > module.MAX_FOREIGN_LOAD  # recorded in its header: 88.8 %
+    glance, rest = module.render(tmp_path).split("## What is measured", 1)
+    assert md.with_suffix(".json").name not in glance and "block_cpu-amd-epyc-2c.json" in glance
+    assert "**loaded host**" in rest.split(md.with_suffix(".json").name, 1)[1].split("###", 1)[0]
+    md.write_text(md.read_text().replace("(88.8% of all cores", "(3.0% of all cores"))
+    assert md.with_suffix(".json").name in module.render(tmp_path).split("## What is measured", 1)[0]
