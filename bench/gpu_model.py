@@ -71,7 +71,7 @@ def issue_us(programs: int, warps: int, instructions_per_warp: float, blocks_per
 
 def dwconv_us(launch: ks.Launch, site: ks.Site, d: Device) -> dict:
     c, k = launch.compiled, launch.constexprs["K"]
-    per_warp = 2 * k * k * c["instructions"] + KERNEL_PROLOGUE  # the a and b halves are two k×k loop nests
+    per_warp = k * k * c["instructions"] + KERNEL_PROLOGUE  # one k×k loop nest computes both gate halves
     programs = math.prod(launch.grid)
     issue = issue_us(programs, launch.options["num_warps"], per_warp, c["blocks_per_sm"], d)
     pixels = launch.grid[2] * launch_pixels(launch)

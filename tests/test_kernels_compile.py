@@ -19,8 +19,9 @@ import pytest
 from devkit.comfy_env import REPO, child_env
 
 SMS = {80: 108, 90: 132}  # A100, H100/H200
-MAX_FWD_INSTRUCTIONS_PER_FMA = 7.0  # measured 3.9–6.3 on sm_90 (Triton 3.8; the dearest at the smallest tiles);
-# the design before this one ran 3.6 per lane-FMA but left 37.5 % of its lanes idle at C = 320 (5.8 per useful FMA)
+MAX_FWD_INSTRUCTIONS_PER_FMA = 6.5  # measured 3.8–5.6 on sm_90 (Triton 3.8; the dearest at the smallest tiles);
+# the design before this one ran 3.6 per lane-FMA but left 37.5 % of its lanes idle at C = 320 (5.8 per useful FMA),
+# and before the gate halves shared one loop nest, 4.4–6.3
 RECORD_AND_COMPILE = r'''
 import json, sys
 import torch
@@ -63,10 +64,10 @@ def test_every_launch_compiles_without_spills_in_its_loops(compiled):
                                                "_bwd_weight_kernel", "_projection_kernel"}
         failed = [f"sm_{arch} {r['site']} {r['kernel']}: {r['error']}" for r in rows if "error" in r]
         assert not failed, "\n".join(failed)
-        # A spill in the FMA loop is a slowdown; one outside it (seen: 4 bytes in the bf16 backward gate kernel
-        # on sm_80) costs a couple of instructions per program.
+        # A spill in the FMA loop is a slowdown; outside it (seen: 2–4 instructions in the bf16 backward gate
+        # kernel, which keeps both gate halves live) it costs a few instructions per program.
         spilled = [f"sm_{arch} {r['site']} {r['kernel']} {r['blocks']}: {r['spills']} spill instructions, "
-                   f"{r.get('loop_spills')} in the loop" for r in rows if r.get("loop_spills") or r["spills"] > 2]
+                   f"{r.get('loop_spills')} in the loop" for r in rows if r.get("loop_spills") or r["spills"] > 4]
         assert not spilled, "register spills:\n" + "\n".join(spilled)
 
 

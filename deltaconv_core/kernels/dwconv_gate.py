@@ -83,25 +83,51 @@ def _tile_pixels(pid, tiles_w, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr)
 
 
 @triton.jit
-def _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C,
-                 K: tl.constexpr, SIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Σ_{i,j} img[py + SIGN·(i-K//2), px + SIGN·(j-K//2), c] · w[i, j, c] in fp32, zero outside the H×W image.
-    SIGN=1 is the forward cross-correlation; SIGN=-1 mirrors the taps (gradient w.r.t. the input)."""
+def _transposed_dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C,
+                            K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ_{i,j} img[py - (i-K//2), px - (j-K//2), c] · w[i, j, c] in fp32, zero outside the H×W image: the depthwise
+    conv with mirrored taps (the gradient w.r.t. its input)."""
     acc = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
     cm = cmask[None, :]
     w_taps = w_ptr + c
     for i in range(K):
-        sy = py + SIGN * (i - K // 2)
+        sy = py - (i - K // 2)
         row_ok = pmask & (sy >= 0) & (sy < H)
         row = img + ((sy * W + px) * C)[:, None] + c[None, :]  # tap (i, centre column); columns shift by ±C
         for j in range(K):
-            dx = SIGN * (j - K // 2)
+            dx = K // 2 - j
             sx = px + dx
             ok = row_ok & (sx >= 0) & (sx < W)
             x = tl.load(row + dx * C, mask=ok[:, None] & cm, other=0.0).to(tl.float32)
             wt = tl.load(w_taps + (i * K + j) * C, mask=cmask, other=0.0)
             acc += x * wt.to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _dwconv_tile_halves(img, w_ptr, py, px, pmask, c, cmask, H, W, C, HALF,
+                        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward conv of channels c (a) and c + HALF (b) in one loop nest: each tap's masks and addresses serve
+    both halves (two nests recomputed them: ~30 % more SASS per FMA)."""
+    acc_a = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    acc_b = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    cm = cmask[None, :]
+    w_taps = w_ptr + c
+    for i in range(K):
+        sy = py + (i - K // 2)
+        row_ok = pmask & (sy >= 0) & (sy < H)
+        row = img + ((sy * W + px) * C)[:, None] + c[None, :]
+        for j in range(K):
+            dx = j - K // 2
+            sx = px + dx
+            mask = (row_ok & (sx >= 0) & (sx < W))[:, None] & cm
+            src = row + dx * C
+            taps = w_taps + (i * K + j) * C
+            xa = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+            xb = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+            acc_a += xa * tl.load(taps, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc_b += xb * tl.load(taps + HALF, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc_a, acc_b
 
 
 @triton.jit
@@ -114,8 +140,7 @@ def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < HALF
     img = v_ptr + tl.program_id(2).to(tl.int64) * H * W * C
-    a = _dwconv_tile(img, w_ptr, py, px, pmask, c, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
-    b = _dwconv_tile(img, w_ptr, py, px, pmask, c + HALF, cmask, H, W, C, K, 1, BLOCK_P, BLOCK_C)
+    a, b = _dwconv_tile_halves(img, w_ptr, py, px, pmask, c, cmask, H, W, C, HALF, K, BLOCK_P, BLOCK_C)
     if HAS_BIAS:
         a += tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         b += tl.load(bias_ptr + HALF + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -168,7 +193,8 @@ def _bwd_input_kernel(dvc_ptr, w_ptr, dv_ptr, H, W, C, tiles_w,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     image = tl.program_id(2).to(tl.int64) * H * W * C
-    acc = _dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, K, -1, TILE_H * TILE_W, BLOCK_C)
+    acc = _transposed_dwconv_tile(dvc_ptr + image, w_ptr, py, px, pmask, c, cmask, H, W, C, K, TILE_H * TILE_W,
+                                  BLOCK_C)
     tl.store(dv_ptr + image + (py * W + px)[:, None] * C + c[None, :], acc.to(dv_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
 
