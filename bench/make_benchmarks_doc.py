@@ -295,7 +295,7 @@ def proxy_section(results: Path) -> str:
                       "at their schedule's count per step, hybrids on attention after their threshold), over the "
                       "teacher's; the rest of the UNet is the same for every model."]
         if q.get("targets"):
-            parts += ["", "Targets of the second student (issue 12):", "",
+            parts += ["", "Targets of the second student:", "",
                       table(["target", "measured", "status"],
                             [[t["target"], t["measured"], t["status"]] for t in q["targets"]])]
         parts += ["", proxy_reading(q), ""]

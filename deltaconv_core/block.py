@@ -11,7 +11,7 @@ official block state dict loads with no renaming:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .quoting import quoted
 
 GATES = ("scaled", "sigmoid")
 # Largest kernel size accepted: the fused kernels are compiled per k and tested up to this (official files use ≤ 13).
@@ -39,20 +40,21 @@ class BlockConfig:
         # Types first: configs also come from weight-file metadata, where 320.0 or "7" must not get through.
         for name in ("dim", "kernel_size"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be an integer, got {quoted(getattr(self, name))}")
         if not isinstance(self.dw_bias, bool):
-            raise ValueError(f"dw_bias must be true or false, got {self.dw_bias!r}")
+            raise ValueError(f"dw_bias must be true or false, got {quoted(self.dw_bias)}")
         if not isinstance(self.scales, (tuple, list)) or any(
                 isinstance(s, bool) or not isinstance(s, (int, float)) for s in self.scales):
-            raise ValueError(f"scales must be a list of numbers, got {self.scales!r}")
+            raise ValueError(f"scales must be a list of numbers, got {quoted(self.scales)}")
         if self.dim < 4 or self.dim % 4:
-            raise ValueError(f"ΔConvBlock needs a channel count divisible by 4, got {self.dim}")
+            raise ValueError(f"ΔConvBlock needs a channel count divisible by 4, got {quoted(self.dim)}")
         if not 1 <= self.kernel_size <= MAX_KERNEL_SIZE or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd number from 1 to {MAX_KERNEL_SIZE}, got {self.kernel_size}")
+            raise ValueError(f"kernel_size must be an odd number from 1 to {MAX_KERNEL_SIZE}, got "
+                             f"{quoted(self.kernel_size)}")
         if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+            raise ValueError(f"gate must be one of {GATES}, got {quoted(self.gate)}")
         if not self.scales or self.scales[0] != 1.0 or any(not 0 < s <= 1 for s in self.scales):
-            raise ValueError(f"scales must start with 1.0 and lie in (0, 1], got {self.scales}")
+            raise ValueError(f"scales must start with 1.0 and lie in (0, 1], got {quoted(self.scales)}")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
     @property
@@ -64,6 +66,9 @@ class BlockConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BlockConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:  # named here, cut: as a keyword argument it would be quoted whole
+            raise ValueError(f"unknown block setting(s) {quoted(unknown)}")
         return cls(**{**d, "scales": tuple(d.get("scales", (1.0, 0.5)))})
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from .attention import TeacherSwitch
 from .mediator_schedule import MediatorSchedule, ScheduleError, SigmaCounts
 from .mediators import MediatorAttention
+from .quoting import quoted
 from .students import DELTACONV, STUDENT_TYPES
 
 STAGES = ("A", "B")
@@ -66,16 +67,16 @@ class DistillConfig:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise DistillError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise DistillError(f"stage must be one of {STAGES}, got {quoted(self.stage)}")
         if self.training_dtype not in TRAINING_DTYPES:
-            raise DistillError(f"training_dtype must be one of {TRAINING_DTYPES}, got {self.training_dtype!r}")
+            raise DistillError(f"training_dtype must be one of {TRAINING_DTYPES}, got {quoted(self.training_dtype)}")
         if self.student not in STUDENT_TYPES:
-            raise DistillError(f"student must be one of {STUDENT_TYPES}, got {self.student!r}")
+            raise DistillError(f"student must be one of {STUDENT_TYPES}, got {quoted(self.student)}")
         if self.mediator_schedule.strip():
             try:
                 MediatorSchedule.parse(self.mediator_schedule)
             except ScheduleError as e:
-                raise DistillError(f"mediator_schedule {self.mediator_schedule!r}: {e}") from e
+                raise DistillError(f"mediator_schedule = {quoted(self.mediator_schedule)}: {e}") from e
         for name in ("steps", "batch_size", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise DistillError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -372,13 +373,23 @@ class Distiller:
     def load_training_state(self, tensors: dict, info: dict):
         if info.get("block_names") != self.bank.names:
             raise DistillError("the checkpoint was trained for other sites than this run; resume on the same model")
-        self.generator.set_state(tensors["rng"])
         params = dict(self.bank.named_parameters())
+        moments = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
-                pname, slot = key[len("optim."):].rsplit(".", 1)
-                p = params[pname]
-                self.optimizer.state.setdefault(p, {})[slot] = value.to(p.device) if slot != "step" else value
+                pname, _, slot = key[len("optim."):].rpartition(".")
+                p = params.get(pname)
+                if p is None or (slot != "step" and value.shape != p.shape):
+                    raise DistillError(f"the checkpoint's optimiser state {quoted(key)} fits no parameter of its "
+                                       "blocks: the training state is damaged; resume from an earlier checkpoint")
+                moments.setdefault(p, {})[slot] = value.to(p.device) if slot != "step" else value
+        try:
+            self.generator.set_state(tensors["rng"])
+        except RuntimeError as e:  # wrong length for this device's generator
+            raise DistillError(f"the checkpoint's random-number state does not fit this run's generator "
+                               f"({quoted(e)}); resume on the same device type, or from an earlier checkpoint") from e
+        for p, state in moments.items():
+            self.optimizer.state.setdefault(p, {}).update(state)
         self.state = TrainState(int(info["step"]), list(info.get("losses", [])), int(info.get("skipped_steps", 0)))
         if self.scaler and info.get("grad_scaler"):  # older checkpoints (and other dtypes) start a fresh scale
             self.scaler.load_state_dict(info["grad_scaler"])

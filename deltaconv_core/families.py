@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .quoting import quoted
+
 # Kernel sizes of the released blocks (the authors' model classes), keyed by (direction, resolution level); level 0
 # is the finest grid. Chosen there as ≈0.6 × the measured effective receptive field, rounded to odd; SD2.x and
 # unknown UNets reuse the SD1.x table.
@@ -171,7 +173,7 @@ def select_levels(model_sites: ModelSites, choice: str) -> set[int]:
         return set(levels[:1])
     if choice == "finest two":
         return set(levels[:2])
-    raise ValueError(f"levels must be one of {LEVEL_CHOICES}, got {choice!r}")
+    raise ValueError(f"levels must be one of {LEVEL_CHOICES}, got {quoted(choice)}")
 
 
 def feature_tap_path(site_path: str) -> str:

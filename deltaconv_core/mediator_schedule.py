@@ -1,13 +1,15 @@
-"""Step-wise dynamic mediator counts: which count runs at which point of sampling.
+"""Mediator counts that follow the noise level: which count runs at which sigma.
 
 One set of mediator weights serves every count; the count follows the noise level. The paper switches counts on
 batch-level statistics of the sampler's updates, which ties a CFG batch or a whole batch together and is not
-reproducible across batch sizes. Here the count depends only on the sampling-progress fraction (ComfyUI's
-`percent`: 0 = first step, highest sigma; 1 = last step), resolved to sigmas once per model, so every call with
-the same sigma gets the same count.
+reproducible across batch sizes. Here the count depends only on sigma. Each start is a timestep percent, the scale
+of ComfyUI's start_percent/end_percent (0 = the highest noise level, 1 = none), resolved to a sigma once per model
+(model_sampling.percent_to_sigma), so every call with the same sigma gets the same count. A percent is not a share
+of the steps: how many steps each count runs depends on the scheduler and the step count.
 
-Text form: `start:count` pairs, e.g. "0.0:4,0.5:16,0.8:64" (4 mediators for the first half of sampling, 16 until
-80 %, then 64); a bare number ("16") is a fixed count.
+Text form: `start:count` pairs, e.g. "0.0:4,0.5:16,0.8:64": 4 mediators down to the sigma at 50 % of the timesteps,
+16 down to the sigma at 80 %, then 64. For SD1.5 at 20 steps that is 10/6/4 steps with the `normal` scheduler but
+9/3/8 with `karras`. A bare number ("16") is a fixed count.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import bisect
 import math
 import random
 from dataclasses import dataclass
+
+from .quoting import quoted
 
 
 class ScheduleError(ValueError):
@@ -26,7 +30,7 @@ EXAMPLE = "0.0:4,0.5:16,0.8:64"
 
 @dataclass(frozen=True)
 class MediatorSchedule:
-    """Entry i runs from sampling-progress fraction starts[i] up to starts[i+1] (the last one to the end)."""
+    """Entry i runs from timestep percent starts[i] up to starts[i+1] (the last one to the end)."""
 
     starts: tuple[float, ...]
     counts: tuple[int, ...]
@@ -34,19 +38,20 @@ class MediatorSchedule:
     def __post_init__(self):
         starts, counts = tuple(self.starts), tuple(self.counts)
         if not starts or len(starts) != len(counts):
-            raise ScheduleError(f"a schedule needs one count per start (e.g. {EXAMPLE!r}), got starts {starts} "
-                                f"and counts {counts}")
+            raise ScheduleError(f"a schedule needs one count per start (e.g. {EXAMPLE!r}), got starts {quoted(starts)} "
+                                f"and counts {quoted(counts)}")
         for s in starts:
             if not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:  # NaN fails the comparison too
-                raise ScheduleError(f"start {s!r} is outside [0, 1): starts are fractions of sampling progress")
+                raise ScheduleError(f"start {quoted(s)} is outside [0, 1): starts are timestep percents (as "
+                                    "start_percent)")
         if starts[0] != 0.0:
-            raise ScheduleError(f"the first entry must start at 0.0 (the first step), got {starts[0]!r}")
+            raise ScheduleError(f"the first entry must start at 0.0 (the highest noise level), got {quoted(starts[0])}")
         for a, b in zip(starts, starts[1:]):
             if b <= a:
-                raise ScheduleError(f"starts must increase strictly: {a!r} is followed by {b!r}")
+                raise ScheduleError(f"starts must increase strictly: {quoted(a)} is followed by {quoted(b)}")
         for n in counts:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ScheduleError(f"mediator count {n!r} must be a whole number ≥ 1")
+                raise ScheduleError(f"mediator count {quoted(n)} must be a whole number ≥ 1")
         object.__setattr__(self, "starts", tuple(float(s) for s in starts))
         object.__setattr__(self, "counts", counts)
 
@@ -65,12 +70,13 @@ class MediatorSchedule:
         for entry in text.split(","):
             parts = entry.strip().split(":")
             if len(parts) != 2:
-                raise ScheduleError(f"schedule entry {entry.strip()!r} is not start:count (e.g. {EXAMPLE!r})")
+                raise ScheduleError(f"schedule entry {quoted(entry.strip())} is not start:count (e.g. {EXAMPLE!r})")
             try:
                 start = float(parts[0])
             except ValueError as err:
                 raise ScheduleError(
-                    f"schedule entry {entry.strip()!r}: start {parts[0].strip()!r} is not a number") from err
+                    f"schedule entry {quoted(entry.strip())}: start {quoted(parts[0].strip())} is not a "
+                    "number") from err
             starts.append(start)
             counts.append(_count(parts[1], entry.strip()))
         return cls(tuple(starts), tuple(counts))
@@ -79,7 +85,7 @@ class MediatorSchedule:
         return ",".join(f"{s!r}:{n}" for s, n in zip(self.starts, self.counts))
 
     def count_at(self, percent: float) -> int:
-        """Mediator count at a sampling-progress fraction (clamped to [0, 1])."""
+        """Mediator count at a timestep percent (clamped to [0, 1])."""
         return self.counts[max(0, bisect.bisect_right(self.starts, percent) - 1)]
 
     def segments(self) -> list[tuple[float, float, int]]:
@@ -114,9 +120,10 @@ def _count(text: str, entry: str) -> int:
     try:
         value = float(text)
     except ValueError as err:
-        raise ScheduleError(f"schedule entry {entry!r}: count {text.strip()!r} is not a number") from err
+        raise ScheduleError(f"schedule entry {quoted(entry)}: count {quoted(text.strip())} is not a number") from err
     if not math.isfinite(value) or value != int(value) or value < 1:
-        raise ScheduleError(f"schedule entry {entry!r}: mediator count {text.strip()!r} must be a whole number ≥ 1")
+        raise ScheduleError(f"schedule entry {quoted(entry)}: mediator count {quoted(text.strip())} must be a whole "
+                             "number ≥ 1")
     return int(value)
 
 

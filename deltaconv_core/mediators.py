@@ -30,6 +30,7 @@ from torch import nn
 
 from .block import TORCH_OPS
 from .mediator_schedule import MediatorSchedule
+from .quoting import quoted
 
 DEFAULT_SCHEDULE = MediatorSchedule.parse("0.0:4,0.5:16,0.8:64")  # few mediators at high noise, more later
 DWC_KERNEL = 3
@@ -77,14 +78,15 @@ class MediatorConfig:
     def __post_init__(self):
         for name in ("dim", "heads"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise ValueError(f"mediator attention: {name} must be an integer, got {getattr(self, name)!r}")
+                raise ValueError(f"mediator attention: {name} must be an integer, got "
+                                 f"{quoted(getattr(self, name))}")
         if self.dim < 1 or self.heads < 1 or self.dim % self.heads:
-            raise ValueError(f"mediator attention needs a channel count divisible by the heads, got dim={self.dim}, "
-                             f"heads={self.heads}")
+            raise ValueError(f"mediator attention needs a channel count divisible by the heads, got "
+                             f"dim={quoted(self.dim)}, heads={quoted(self.heads)}")
         if isinstance(self.schedule, str):
             object.__setattr__(self, "schedule", MediatorSchedule.parse(self.schedule))
         elif not isinstance(self.schedule, MediatorSchedule):
-            raise ValueError(f"schedule must be a MediatorSchedule or its text form, got {self.schedule!r}")
+            raise ValueError(f"schedule must be a MediatorSchedule or its text form, got {quoted(self.schedule)}")
 
     def to_dict(self) -> dict:
         return {"student": self.student, "dim": self.dim, "heads": self.heads, "schedule": self.schedule.format()}
@@ -94,8 +96,8 @@ class MediatorConfig:
         fields = {k: v for k, v in d.items() if k != "student"}
         missing, extra = {"dim", "heads", "schedule"} - set(fields), set(fields) - {"dim", "heads", "schedule"}
         if missing or extra:
-            raise ValueError(f"mediator config needs exactly dim, heads and schedule; missing {sorted(missing)}, "
-                             f"unexpected {sorted(extra)}")
+            raise ValueError(f"mediator config needs exactly dim, heads and schedule; missing "
+                             f"{quoted(sorted(missing))}, unexpected {quoted(sorted(extra))}")
         return cls(**fields)
 
 

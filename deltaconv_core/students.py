@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .block import TORCH_OPS, BlockConfig, DeltaConvBlock
 from .mediators import MediatorAttention, MediatorConfig
+from .quoting import quoted
 
 DELTACONV, MEDIATORS = "deltaconv", MediatorConfig.student
 STUDENT_TYPES = (DELTACONV, MEDIATORS)
@@ -19,13 +20,13 @@ def config_from_dict(d: dict) -> BlockConfig | MediatorConfig:
     """A site's config from our metadata. Entries without a student type are ΔConv: files written before
     mediators existed, and ΔConv entries still, so that ΔConv-only files stay readable by older versions."""
     if not isinstance(d, dict):
-        raise ValueError(f"expected a JSON object, got {d!r}")
+        raise ValueError(f"expected a JSON object, got {quoted(d)}")
     kind = d.get("student", DELTACONV)
     if kind == MEDIATORS:
         return MediatorConfig.from_dict(d)
     if kind == DELTACONV:
         return BlockConfig.from_dict({k: v for k, v in d.items() if k != "student"})
-    raise ValueError(f"unknown student type {kind!r}; known: {', '.join(STUDENT_TYPES)}")
+    raise ValueError(f"unknown student type {quoted(kind)}; known: {', '.join(STUDENT_TYPES)}")
 
 
 def build_student(config: BlockConfig | MediatorConfig, state_dict: dict | None = None, ops=TORCH_OPS, device=None,

@@ -24,6 +24,7 @@ from .block import BlockConfig, build_block
 from .families import FAMILY_LABELS, ModelSites
 from .mediator_schedule import MediatorSchedule
 from .mediators import DEFAULT_SCHEDULE, DWC_KERNEL, MediatorAttention, MediatorConfig
+from .quoting import quoted
 from .students import DELTACONV, MEDIATORS, config_from_dict, student_type
 
 FORMAT_VERSION = "1"
@@ -32,10 +33,12 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: the short form ComfyUI lists too
 # Scales implied by the number of pyramid gates in an official file (3 gates: the released PixArt-1024-laion).
 OFFICIAL_SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
-# ΔConv tensors only: resnets in the official SD files also have `*.conv1.weight` keys.
-_KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.conv1\."
+# ΔConv tensors only: resnets in the official SD files also have `*.conv1.weight` keys. Block names are bounded
+# word characters and dots, so a name from a hostile file can neither flood nor garble a message.
+_NAME = r"(?P<name>(?:[\w.]{1,200}\.)?transformer_blocks\.\d{1,4})"
+_KEY = re.compile(rf"^{_NAME}\.conv1\."
                   r"(?P<param>(?:conv_up|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias))$")
-_MEDIATOR_KEY = re.compile(r"^(?P<name>(?:.+\.)?transformer_blocks\.\d+)\.mediators\."
+_MEDIATOR_KEY = re.compile(rf"^{_NAME}\.mediators\."
                            r"(?P<param>(?:qkv|proj|dwc)\.(?:weight|bias))$")
 TENSOR_GROUP = {DELTACONV: "conv1", MEDIATORS: "mediators"}  # `<name>.<group>.<param>` per student type
 # Temp files of an atomic save: `.deltaconv-<pid>-<random>.tmp` in the target folder (older ones lack the pid).
@@ -43,6 +46,7 @@ TEMP_PREFIX, TEMP_SUFFIX = ".deltaconv-", ".tmp"
 _TEMP_NAME = re.compile(r"^\.deltaconv-(?:(?P<pid>\d+)-)?[^/\\]*\.tmp$")
 TEMP_GRACE_SECONDS = 300
 TEMP_MAX_AGE_SECONDS = 24 * 3600
+BLOCK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class WeightFileError(ValueError):
@@ -187,7 +191,7 @@ def load_weights(path: str) -> DeltaConvWeights:
     try:
         handle = safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises several types for truncated or foreign files
-        raise WeightFileError(f"{os.path.basename(path)} is not a readable safetensors file ({e})") from e
+        raise WeightFileError(f"{os.path.basename(path)} is not a readable safetensors file ({quoted(e)})") from e
     with handle as f:
         meta = f.metadata() or {}
         grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -203,7 +207,8 @@ def load_weights(path: str) -> DeltaConvWeights:
             if kinds.setdefault(m["name"], kind) != kind:
                 raise WeightFileError(f"{os.path.basename(path)}: block {m['name']} has both ΔConv (.conv1.) and "
                                       "mediator (.mediators.) tensors; a site has one student")
-            grouped.setdefault(m["name"], {})[m["param"]] = f.get_tensor(key)
+            grouped.setdefault(m["name"], {})[m["param"]] = _block_tensor(os.path.basename(path), key,
+                                                                          f.get_tensor(key))
     if not grouped:
         raise WeightFileError(f"{os.path.basename(path)} holds no ΔConv blocks (no '*.conv1.*' or '*.mediators.*' "
                               f"tensors among its {ignored} tensors); is it a model checkpoint rather than a ΔConv "
@@ -213,14 +218,15 @@ def load_weights(path: str) -> DeltaConvWeights:
         configs, family, training = _read_metadata(os.path.basename(path), meta)
         missing = sorted(set(names) ^ set(configs))
         if missing:
-            raise WeightFileError(f"{os.path.basename(path)}: metadata and tensors disagree on blocks {missing[:4]}")
+            raise WeightFileError(f"{os.path.basename(path)}: metadata and tensors disagree on blocks "
+                                  f"{quoted(missing[:4])}")
         for n in names:
             if student_type(configs[n]) != kinds[n]:
                 raise WeightFileError(f"{os.path.basename(path)}: block {n} is a {student_type(configs[n])} student "
                                       f"in the metadata, but its tensors are {kinds[n]} tensors "
                                       f"({n}.{TENSOR_GROUP[kinds[n]]}.*)")
             _check_shapes(n, grouped[n], configs[n])
-        fmt, fingerprint = f"deltaconv v{meta['deltaconv_format']}", meta.get("base_fingerprint") or None
+        fmt, fingerprint = f"deltaconv v{int(meta['deltaconv_format'])}", meta.get("base_fingerprint") or None
         site_fingerprints = _read_site_fingerprints(os.path.basename(path), meta)
     else:
         mediators = sorted(n for n in names if kinds[n] == MEDIATORS)
@@ -236,12 +242,31 @@ def load_weights(path: str) -> DeltaConvWeights:
                             base_fingerprint=fingerprint, site_fingerprints=site_fingerprints, training=training)
 
 
+def _block_tensor(filename: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A block tensor as read, refused when it could only give wrong images: not floating point, or not finite."""
+    if tensor.dtype not in BLOCK_DTYPES:
+        raise WeightFileError(f"{filename}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                              "block tensors must be float32, float16, bfloat16 or float64. The file is not a ΔConv "
+                              "weights file as written by ΔConv Save or Distill: re-download or re-save it")
+    if not torch.isfinite(tensor).all():
+        raise WeightFileError(f"{filename}: tensor {key} holds NaN or infinite values (the first such tensor in "
+                              "the file), which would turn every image into NaN. The file is damaged (e.g. a "
+                              "diverged training run): use an earlier checkpoint or re-download it")
+    return tensor
+
+
+def _json(filename: str, meta: dict, key: str, default: str):
+    """One JSON value of our metadata; malformed, huge or too deeply nested text is damaged metadata."""
+    try:
+        return json.loads(meta.get(key) or default)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise WeightFileError(f"{filename}: damaged ΔConv metadata ({key} is not valid JSON: "
+                              f"{quoted(e)})") from None
+
+
 def _read_site_fingerprints(filename: str, meta: dict) -> dict[str, str]:
     """Per-site base-model fingerprints ({} in files written before them)."""
-    try:
-        value = json.loads(meta.get("site_fingerprints") or "{}")
-    except ValueError as e:
-        raise WeightFileError(f"{filename}: damaged ΔConv metadata (site_fingerprints: {e})") from e
+    value = _json(filename, meta, "site_fingerprints", "{}")
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise WeightFileError(f"{filename}: damaged ΔConv metadata (site_fingerprints is not a mapping of block "
                               "names to fingerprints)")
@@ -250,24 +275,27 @@ def _read_site_fingerprints(filename: str, meta: dict) -> dict[str, str]:
 
 def _read_metadata(filename: str, meta: dict) -> tuple[dict, str, dict]:
     """(configs by block name, family, training info) from our metadata, each site's entry validated."""
-    try:
-        family = meta["family"]
-        entries = json.loads(meta["blocks"])
-        training = json.loads(meta.get("training") or "{}")
-        if not isinstance(entries, dict):
-            raise TypeError(f"blocks is {type(entries).__name__}, not a mapping of block names")
-        if family not in FAMILY_LABELS:
-            raise ValueError(f"family {family!r} is not one of {', '.join(FAMILY_LABELS)}")
-        if not isinstance(training, dict):
-            raise TypeError(f"training is {type(training).__name__}, not a mapping")
-    except (KeyError, TypeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise WeightFileError(f"{filename}: damaged ΔConv metadata ({e!r})") from e
+    def damaged(what: str):
+        return WeightFileError(f"{filename}: damaged ΔConv metadata ({what})")
+
+    if not meta["deltaconv_format"].isdigit() or len(meta["deltaconv_format"]) > 4:
+        raise damaged(f"deltaconv_format = {quoted(meta['deltaconv_format'])} is not a version number")
+    family = meta.get("family")
+    if family not in FAMILY_LABELS:
+        raise damaged(f"family = {quoted(family)} is not one of {', '.join(FAMILY_LABELS)}")
+    if "blocks" not in meta:
+        raise damaged("no blocks entry")
+    entries, training = _json(filename, meta, "blocks", "{}"), _json(filename, meta, "training", "{}")
+    if not isinstance(entries, dict):
+        raise damaged(f"blocks is {type(entries).__name__}, not a mapping of block names")
+    if not isinstance(training, dict):
+        raise damaged(f"training is {type(training).__name__}, not a mapping")
     configs = {}
     for name, entry in entries.items():
         try:
             configs[name] = config_from_dict(entry)
-        except (TypeError, ValueError) as e:  # ScheduleError is a ValueError
-            raise WeightFileError(f"{filename}: damaged ΔConv metadata for block {name}: {e}") from e
+        except (TypeError, ValueError, RecursionError) as e:  # ScheduleError is a ValueError
+            raise WeightFileError(f"{filename}: damaged ΔConv metadata for block {quoted(name)}: {e}") from None
     return configs, family, training
 
 
@@ -354,15 +382,42 @@ def _process_alive(pid: int | None) -> bool:
 
 
 def read_training_state(path: str) -> tuple[dict, dict] | None:
-    """(tensors, info) saved by a distillation checkpoint, or None for a file without training state."""
+    """(tensors, info) saved by a distillation checkpoint, or None for a file without training state; a damaged
+    state is refused here, before a run resumes from it."""
+    filename = os.path.basename(path)
     with safe_open(path, framework="pt", device="cpu") as f:
         file_keys = f.keys()  # a safe_open handle: keys() only, no iteration
         keys = [k for k in file_keys if k.startswith(TRAIN_PREFIX)]
         if not keys:
             return None
         tensors = {k[len(TRAIN_PREFIX):]: f.get_tensor(k) for k in keys}
-        info = json.loads((f.metadata() or {}).get("training") or "{}")
+        info = _json(filename, f.metadata() or {}, "training", "{}")
+    problem = _training_state_problem(tensors, info)
+    if problem:
+        raise WeightFileError(f"{filename}: damaged training state, cannot resume from it: {problem}. Connect an "
+                              "earlier checkpoint of the run, or save these blocks with ΔConv Save (which keeps no "
+                              "training state) to fine-tune them from a fresh optimiser")
     return tensors, info
+
+
+def _training_state_problem(tensors: dict, info) -> str | None:
+    """What a checkpoint's training state lacks (None: complete), as Distiller.load_training_state needs it."""
+    if not isinstance(info, dict):
+        return f"the training info is {type(info).__name__}, not a mapping"
+    step, config, names = info.get("step"), info.get("config"), info.get("block_names")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"the training info has no step count (step = {quoted(step)})"
+    if not isinstance(config, dict) or not isinstance(config.get("stage"), str):
+        return f"the training info has no configuration with a stage (config = {quoted(config)})"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"the training info has no list of block names (block_names = {quoted(names)})"
+    if not isinstance(info.get("losses", []), list) or isinstance(info.get("skipped_steps", 0), bool) or \
+            not isinstance(info.get("skipped_steps", 0), int):
+        return "the training info's losses or skipped_steps have the wrong type"
+    rng = tensors.get("rng")
+    if rng is None or rng.dtype != torch.uint8 or rng.ndim != 1:
+        return f"the random-number state {TRAIN_PREFIX}rng is missing or not a uint8 vector"
+    return None
 
 
 @dataclass

@@ -6,6 +6,7 @@ from collections import Counter
 import comfy.model_management
 import comfy.samplers
 
+from ..deltaconv_core.families import UnsupportedModelError, find_attention_sites
 from ..deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
 from ..deltaconv_core.students import DELTACONV, MEDIATORS
 from .validation import check_widgets, require_widgets
@@ -14,6 +15,23 @@ from .wrappers import delta_runtimes, student_wrappers
 log = logging.getLogger("deltaconv")
 NOT_PATCHED = ("patched_model carries no ΔConv patch, so both images would come from the same model: connect the "
                "MODEL output of ΔConv Patch to patched_model (and the model before it to model)")
+
+
+def model_kind(model) -> str:
+    """The model's family for messages: ΔConv's description (e.g. 'SDXL (70 self-attention sites)'), else
+    ComfyUI's configuration class."""
+    try:
+        return find_attention_sites(model.model.diffusion_model).variant
+    except UnsupportedModelError:
+        return type(model.model.model_config).__name__
+
+
+def check_same_family(model, patched_model):
+    """Both models sample from one latent and conditioning: another family fails mid-sampling, so refuse it now."""
+    if type(model.model.model_config) is not type(patched_model.model.model_config):
+        raise ValueError(f"model is {model_kind(model)} but patched_model is {model_kind(patched_model)}: ΔConv "
+                         "Compare samples both from the same latent and prompts, so they must be one family. Connect "
+                         "the model that went into ΔConv Patch to model")
 
 
 def sample(model, latent, seed, steps, cfg, sampler_name, scheduler, positive, negative, denoise):
@@ -127,6 +145,7 @@ class DeltaConvCompare:
         runtimes = delta_runtimes(patched_model)
         if not runtimes:
             raise ValueError(NOT_PATCHED)
+        check_same_family(model, patched_model)
         notes = []
         if delta_runtimes(model):
             notes.append("model carries a ΔConv patch too: this compares two patches, not attention with ΔConv")

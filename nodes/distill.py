@@ -10,7 +10,8 @@ import torch
 
 from ..deltaconv_core.distill import TRAINING_DTYPES, DistillConfig, DistillError
 from ..deltaconv_core.families import find_attention_sites
-from ..deltaconv_core.mediator_schedule import EXAMPLE
+from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
+from ..deltaconv_core.quoting import quoted
 from ..deltaconv_core.students import DELTACONV, MEDIATORS
 from . import compat
 from .distill_run import Interrupted, check_latents, fresh_students, train_blocks
@@ -18,11 +19,11 @@ from .folders import FOLDER
 from .validation import (
     check_widgets,
     kernel_preset_error,
-    next_run_prefix,
     output_path,
     output_path_error,
     parse_kernel_preset,
     require_widgets,
+    reserved_run,
 )
 
 log = logging.getLogger("deltaconv")
@@ -30,7 +31,21 @@ STAGE_CHOICES = ("A: block-local", "B: end-to-end")
 STUDENT_CHOICES = {"ΔConv block": DELTACONV, "mediator attention": MEDIATORS}  # shown name → weight-file type
 # Widgets checked by VALIDATE_INPUTS and again when the node runs (filename_prefix and kernel_preset separately).
 CHECKED_WIDGETS = ("stage", "steps", "learning_rate", "batch_size", "seed", "save_every", "warmup_steps",
-                   "grad_accumulation", "training_dtype", "gradient_checkpointing", "min_snr_gamma", "allow_cpu")
+                   "grad_accumulation", "training_dtype", "gradient_checkpointing", "min_snr_gamma", "allow_cpu",
+                   "student")
+# What a checkpoint's name adds to filename_prefix, at most: `_<run>_<stage>_<step>.safetensors`.
+CHECKPOINT_SUFFIX_BYTES = len("_000001_A_00000001.safetensors")
+
+
+def schedule_error(text) -> bool | str:
+    """mediator_schedule's verdict in VALIDATE_INPUTS form (None: connected; empty: the default or the weights')."""
+    if not isinstance(text, str) or not text.strip():
+        return True
+    try:
+        MediatorSchedule.parse(text)
+    except ScheduleError as e:
+        return f"mediator_schedule = {quoted(text)}: {e}"
+    return True
 
 
 def output_dir() -> str:
@@ -57,13 +72,14 @@ class DeltaConvDistill:
     @classmethod
     def VALIDATE_INPUTS(cls, stage=None, steps=None, learning_rate=None, batch_size=None, seed=None, save_every=None,
                         filename_prefix=None, warmup_steps=None, grad_accumulation=None, training_dtype=None,
-                        gradient_checkpointing=None, min_snr_gamma=None, kernel_preset=None, allow_cpu=None):
+                        gradient_checkpointing=None, min_snr_gamma=None, kernel_preset=None, allow_cpu=None,
+                        student=None, mediator_schedule=None):
         values = dict(zip(CHECKED_WIDGETS, (stage, steps, learning_rate, batch_size, seed, save_every, warmup_steps,
                                             grad_accumulation, training_dtype, gradient_checkpointing, min_snr_gamma,
-                                            allow_cpu), strict=True))
-        for verdict in (check_widgets(cls, **values), output_path_error(output_dir(), filename_prefix,
-                                                                        "filename_prefix"),
-                        kernel_preset_error(kernel_preset)):
+                                            allow_cpu, student), strict=True))
+        for verdict in (check_widgets(cls, **values),
+                        output_path_error(output_dir(), filename_prefix, "filename_prefix", CHECKPOINT_SUFFIX_BYTES),
+                        kernel_preset_error(kernel_preset), schedule_error(mediator_schedule)):
             if verdict is not True:
                 return verdict
         return True
@@ -83,8 +99,8 @@ class DeltaConvDistill:
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000,
                                   "tooltip": "Total optimiser steps (a resumed run continues up to this)."}),
                 "learning_rate": ("FLOAT", {"default": 3e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
-                                            "tooltip": "Peak AdamW learning rate (after warm-up, then cosine "
-                                                       "decay)."}),
+                                            "tooltip": "AdamW learning rate: reached by the linear warm-up, "
+                                                       "then held constant (no decay)."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 1024,
                                        "tooltip": "Latents per optimiser step; lower it on out-of-memory."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1,
@@ -128,11 +144,12 @@ class DeltaConvDistill:
                                "Ignored when deltaconv is connected (its students are trained)."}),
                 "mediator_schedule": ("STRING", {
                     "default": "",
-                    "tooltip": f"Mediator attention: how many mediators run when, as start:count pairs over "
-                               f"sampling progress (0 = first step), e.g. '{EXAMPLE}' (the default when empty), or "
-                               f"one count such as '16'. Every count is trained at the noise levels where it runs; "
-                               f"the schedule is saved with the weights. Empty with deltaconv connected: its "
-                               f"schedule."}),
+                    "tooltip": f"Mediator attention: how many mediators run when, as start:count pairs where start "
+                               f"is a timestep percent as in start_percent (0 = most noise, 1 = none; the steps "
+                               f"each count gets depend on the scheduler), e.g. '{EXAMPLE}' (the default when "
+                               f"empty), or one count such as '16'. Every count is trained at the noise levels "
+                               f"where it runs; the schedule is saved with the weights. Empty with deltaconv "
+                               f"connected: its schedule."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -142,9 +159,9 @@ class DeltaConvDistill:
                 training_dtype="bf16", gradient_checkpointing=False, min_snr_gamma=0.0, kernel_preset="",
                 allow_cpu=False, student="ΔConv block", mediator_schedule="", unique_id=None):
         values = (stage, steps, learning_rate, batch_size, seed, save_every, warmup_steps, grad_accumulation,
-                  training_dtype, gradient_checkpointing, min_snr_gamma, allow_cpu)
+                  training_dtype, gradient_checkpointing, min_snr_gamma, allow_cpu, student)
         require_widgets(type(self), **dict(zip(CHECKED_WIDGETS, values, strict=True)))
-        run_prefix = next_run_prefix(output_path(output_dir(), filename_prefix, "filename_prefix"))
+        prefix_path = output_path(output_dir(), filename_prefix, "filename_prefix", CHECKPOINT_SUFFIX_BYTES)
         if deltaconv is not None and (kernel_preset or "").strip():
             ignored = "kernel_preset is ignored: deltaconv is connected, and its blocks keep their kernel sizes"
             log.warning("ΔConv Distill: %s", ignored)
@@ -175,7 +192,8 @@ class DeltaConvDistill:
                 raise Interrupted from e
 
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
+            # ComfyUI runs nodes under inference mode; the run number is held until the last checkpoint is written
+            with reserved_run(prefix_path) as run_prefix, torch.inference_mode(False), torch.enable_grad():
                 result = train_blocks(model, latents["samples"], positive, negative, start, config,
                                       os.path.dirname(run_prefix), os.path.basename(run_prefix),
                                       should_stop=should_stop, on_step=on_step)

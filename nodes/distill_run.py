@@ -1,6 +1,7 @@
 """One distillation run on a ComfyUI model, shared by the ΔConv Distill node and the headless CLI."""
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 
 import comfy.model_management
@@ -11,6 +12,7 @@ from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.fingerprint import site_fingerprint
 from ..deltaconv_core.mediator_schedule import MediatorSchedule
 from ..deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig
+from ..deltaconv_core.quoting import quoted
 from ..deltaconv_core.students import MEDIATORS
 from ..deltaconv_core.weights import DeltaConvWeights, read_training_state, save_weights
 from . import compat
@@ -90,6 +92,21 @@ def trained_config(config, training: MediatorTraining | None):
     return config
 
 
+def save_or_rescue(weights: DeltaConvWeights, path: str, training_tensors: dict) -> str:
+    """Write a checkpoint; when the file system refuses its name (too long, not representable, …), write it under
+    a short name in the same folder and log where: a save at the end of training must not lose the training."""
+    try:
+        return save_weights(weights, path, overwrite=True, training_tensors=training_tensors)
+    except OSError as e:
+        stage, step = weights.training.get("config", {}).get("stage", "X"), weights.training.get("step", 0)
+        rescue = os.path.join(os.path.dirname(path), f"deltaconv_rescued_{stage}_{step:07d}_{time.time_ns()}"
+                                                     ".safetensors")
+        saved = save_weights(weights, rescue, training_tensors=training_tensors)
+        log.warning("ΔConv Distill: could not write %s (%s); the blocks are saved as %s instead (it resumes the "
+                    "run like the checkpoint would)", quoted(path), quoted(e.strerror or e), saved)
+        return saved
+
+
 def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config: DistillConfig, save_dir: str,
                  prefix: str, *, should_stop=None, on_step=None, processes: Processes = ONE_PROCESS) -> RunResult:
     """Train `start`'s blocks on `model` (raw VAE latents x0, CONDITIONING) up to `config.steps`.
@@ -123,7 +140,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     if resumed and resumed[1].get("config", {}).get("stage") == config.stage:
         distiller.load_training_state(*resumed)
         last_saved = start.source
-        log.info("ΔConv Distill: resuming %s at step %d", start.source, distiller.state.step)
+        log.info("ΔConv Distill: resuming %s at step %d", quoted(start.source), distiller.state.step)
 
     def snapshot() -> DeltaConvWeights:
         tensors = {n: {k: v.detach().cpu().clone() for k, v in blocks[n].state_dict().items()} for n in blocks}
@@ -138,7 +155,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
         weights = snapshot()
         weights.training = info
         path = os.path.join(save_dir, f"{prefix}_{config.stage}_{distiller.state.step:07d}.safetensors")
-        return save_weights(weights, path, overwrite=True, training_tensors=tensors)
+        return save_or_rescue(weights, path, tensors)
 
     cancelled = False
     try:

@@ -11,8 +11,9 @@ import comfy.model_management
 import torch
 
 from ..deltaconv_core.distill import DistillError
+from ..deltaconv_core.quoting import quoted
 from . import compat
-from .distill import STAGE_CHOICES, DeltaConvDistill, output_dir
+from .distill import CHECKPOINT_SUFFIX_BYTES, STAGE_CHOICES, DeltaConvDistill, output_dir
 from .validation import check_widgets, output_path_error
 
 log = logging.getLogger("deltaconv")
@@ -111,13 +112,14 @@ class DeltaConvDistillSimple:
     @classmethod
     def VALIDATE_INPUTS(cls, preset=None, filename_prefix=None):
         verdict = check_widgets(cls, preset=preset)
-        return verdict if verdict is not True else output_path_error(output_dir(), filename_prefix,
-                                                                      "filename_prefix")
+        if verdict is not True:
+            return verdict
+        return output_path_error(output_dir(), filename_prefix, "filename_prefix", CHECKPOINT_SUFFIX_BYTES)
 
     def distill(self, model, latents, positive, preset, filename_prefix, negative=None, deltaconv=None,
                 unique_id=None):
         if preset not in PRESETS:
-            raise ValueError(f"preset = {preset!r} is not one of {list(PRESETS)}")
+            raise ValueError(f"preset = {quoted(preset)} is not one of {list(PRESETS)}")
         if preset == FINE_TUNE_PRESET and deltaconv is None:
             raise DistillError("the fine-tune preset trains the blocks connected as deltaconv (ΔConv Load): "
                                "connect them, or choose quick or full for fresh blocks")

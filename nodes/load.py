@@ -1,6 +1,7 @@
 """ΔConv Load: a weights file from models/deltaconv → DELTACONV."""
 import folder_paths
 
+from ..deltaconv_core.quoting import quoted
 from ..deltaconv_core.weights import load_weights
 from .folders import FOLDER
 
@@ -27,6 +28,6 @@ class DeltaConvLoad:
     def load(self, weights_name):
         path = folder_paths.get_full_path(FOLDER, weights_name)
         if path is None:
-            raise FileNotFoundError(f"{weights_name} is not in the deltaconv model folders "
+            raise FileNotFoundError(f"{quoted(weights_name)} is not in the deltaconv model folders "
                                     f"{folder_paths.get_folder_paths(FOLDER)}")
         return (load_weights(path),)

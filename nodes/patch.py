@@ -1,13 +1,15 @@
 """ΔConv Patch: MODEL + DELTACONV → MODEL whose self-attention runs ΔConv blocks or mediator attention."""
 from ..deltaconv_core.families import LEVEL_CHOICES
 from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
+from ..deltaconv_core.quoting import quoted
 from ..deltaconv_core.speed_policy import MODES as SPEED_MODES
 from .patching import patch_model
 from .validation import check_widgets, require_widgets
 
 SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, overriding the schedule stored with "
-                    f"the weights. start:count pairs over sampling progress (0 = first step, 1 = last), e.g. "
-                    f"'{EXAMPLE}', or one count such as '16'. Empty: the weights' schedule. ΔConv blocks ignore it.")
+                    f"the weights. start:count pairs where start is a timestep percent as in start_percent (0 = most "
+                    f"noise, 1 = none; the steps each count gets depend on the scheduler), e.g. '{EXAMPLE}', or one "
+                    f"count such as '16'. Empty: the weights' schedule. ΔConv blocks ignore it.")
 
 
 SPEED_TOOLTIP = ("Never slower than attention. auto: on a GPU, each site times its student against the model's "
@@ -23,7 +25,7 @@ def parse_schedule_override(text: str) -> MediatorSchedule | None:
     try:
         return MediatorSchedule.parse(text)
     except ScheduleError as e:
-        raise ValueError(f"mediator_schedule {text!r}: {e}. Write start:count pairs such as '{EXAMPLE}', one "
+        raise ValueError(f"mediator_schedule = {quoted(text)}: {e}. Write start:count pairs such as '{EXAMPLE}', one "
                          "count such as '16', or leave it empty for the schedule stored with the weights") from e
 
 
@@ -57,9 +59,10 @@ class DeltaConvPatch:
             "model": ("MODEL", {"tooltip": "The model to speed up (SD1.x/2.x, SDXL, PixArt)."}),
             "deltaconv": ("DELTACONV", {"tooltip": "Blocks from ΔConv Load (or ΔConv Distill) made for this "
                                                    "model family."}),
-            "start_percent": ("FLOAT", {**pct, "tooltip": "ΔConv runs from this point of sampling on "
-                                                          "(0 = first step)."}),
-            "end_percent": ("FLOAT", {**pct, "default": 1.0, "tooltip": "…until this point (1 = last step)."}),
+            "start_percent": ("FLOAT", {**pct, "tooltip": "ΔConv runs from this timestep percent on (0 = most "
+                                                          "noise, the first step)."}),
+            "end_percent": ("FLOAT", {**pct, "default": 1.0, "tooltip": "…until this timestep percent (1 = no "
+                                                                        "noise, past the last step)."}),
             "levels": (list(LEVEL_CHOICES), {"default": LEVEL_CHOICES[0],
                                              "tooltip": "Replace every level, or only the finest one or two "
                                                         "resolution levels (where attention costs most)."}),

@@ -12,6 +12,12 @@ def save_folder() -> str:
     return folder_paths.get_folder_paths(FOLDER)[0]
 
 
+def suffix_bytes(filename) -> int:
+    """What save adds to the name: '.safetensors' unless it ends so already."""
+    done = isinstance(filename, str) and filename.strip().lower().endswith(SAFETENSORS_SUFFIXES)
+    return 0 if done else len(".safetensors")
+
+
 class DeltaConvSave:
     DESCRIPTION = "Saves ΔConv blocks (e.g. from ΔConv Distill) to models/deltaconv, where ΔConv Load finds them."
     CATEGORY = "ΔConv/training"
@@ -36,11 +42,13 @@ class DeltaConvSave:
     @classmethod
     def VALIDATE_INPUTS(cls, filename=None, overwrite=None):
         checked = check_widgets(cls, filename=filename, overwrite=overwrite)
-        return output_path_error(save_folder(), filename, "filename") if checked is True else checked
+        if checked is not True:
+            return checked
+        return output_path_error(save_folder(), filename, "filename", suffix_bytes(filename))
 
     def save(self, deltaconv, filename, overwrite):
         require_widgets(type(self), overwrite=overwrite)
-        path = output_path(save_folder(), filename, "filename")
+        path = output_path(save_folder(), filename, "filename", suffix_bytes(filename))
         if not path.lower().endswith(SAFETENSORS_SUFFIXES):
             path += ".safetensors"
         if os.path.exists(path) and not overwrite:

@@ -99,7 +99,7 @@ def test_mixed_students_train_together(pack, sd15, data, out_dir):
 
 @pytest.mark.parametrize("settings, message", [
     ({"student": "linear"}, "student must be one of"),
-    ({"mediator_schedule": "0.5:4"}, r"mediator_schedule '0.5:4': the first entry must start at 0.0"),
+    ({"mediator_schedule": "0.5:4"}, r"mediator_schedule = '0.5:4': the first entry must start at 0.0"),
 ])
 def test_bad_student_settings_refused(settings, message):
     with pytest.raises(DistillError, match=message):

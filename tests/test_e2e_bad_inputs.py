@@ -2,7 +2,8 @@
 
 Each case must be refused with a clear error (at validation, or when the node runs, with our message), the server
 must keep serving, the next good prompt must give the result a fresh run gives, bit for bit, and no file may be
-left behind. Graphs are the tiny SD1.5 model's and run one step; cases refused at validation run nothing.
+left behind; every message stays short and holds no raw control character, whatever the input or file holds.
+Graphs are the tiny SD1.5 model's and run one step; cases refused at validation run nothing.
 """
 import copy
 import json
@@ -10,6 +11,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,7 +23,19 @@ from devkit.comfy_server import ComfyError
 NAN, MISSING = float("nan"), object()
 COND = {"tokens": 16, "dim": 768, "pooled_dim": 0}
 WEIGHTS = "tiny_sd15_random.safetensors"
-BAD_FILES = ("corrupt", "truncated", "pickle", "no_blocks", "float_dim")
+BAD_FILES = ("corrupt", "truncated", "pickle", "no_blocks", "float_dim", "nan", "inf", "int8", "int64", "bool",
+             "fp8", "nested_blocks", "huge_family", "huge_setting", "huge_format", "escape_names",
+             "nested_training", "nested_fingerprints", "list_training", "resume_no_step", "resume_config_text",
+             "resume_no_rng", "resume_names_text")
+MAX_MESSAGE = 1000  # characters of any one message: ours take a few hundred, whatever the input holds
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested far past Python's recursion limit
+
+
+@dataclass
+class Via:
+    """A bad input that is another node's output: `nodes` are added to the graph, the input linked to `output`."""
+    nodes: dict
+    output: list
 
 
 def common(unet_inputs):
@@ -64,9 +78,17 @@ def base_graphs(unet_inputs):
     }
 
 
-def cases(outside):
+def loaded(name: str) -> Via:
+    return Via({"bad_load": {"class_type": "DeltaConvLoad", "inputs": {"weights_name": name}}}, ["bad_load", 0])
+
+
+def cases(outside, unet_inputs):
     """(node, input, value, what the error must say): bad types, ranges, empties, huge values, bad files, escapes."""
-    huge = "x" * 100_000
+    huge, mega = "x" * 100_000, "x" * 1_000_000
+    deep_path = "/".join(["d" * 200] * 21)  # each name allowed, the whole path beyond PATH_MAX (4096 bytes)
+    too_long = "over the file system's limit of"
+    sdxl = Via({"unet_xl": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sdxl.safetensors",
+                                                                   **unet_inputs}}}, ["unet_xl", 0])
     escapes = [("../escaped", "'..' leads out"), ("sub/../../escaped", "'..' leads out"),
                (os.path.join(outside, "escaped"), "absolute path"), ("bad_inputs_link/escaped", "symbolic link"),
                ("", "is empty"), ("   ", "is empty"), (".hidden", "hidden name"), (huge, "longer than 200")]
@@ -100,7 +122,8 @@ def cases(outside):
         ("DeltaConvAttentionLocality", "max_queries", 0, "max_queries"),
         ("DeltaConvAttentionLocality", "seed", -1, "seed"),
         ("DeltaConvAttentionLocality", "positive", MISSING, "positive"),
-        ("DeltaConvAttentionLocality", "model", ["copykv", 0], "nothing to measure"),  # every call falls back
+        ("DeltaConvAttentionLocality", "model", Via({"copykv": {"class_type": "DeltaConvTestCopyKV", "inputs": {
+            "model": ["unet", 0]}}}, ["copykv", 0]), "nothing to measure"),  # every call falls back
         ("DeltaConvCompare", "patched_model", ["unet", 0], "carries no ΔConv patch"),
         ("DeltaConvCompare", "cfg", NAN, "cfg = nan"),
         ("DeltaConvCompare", "steps", 0, "steps"),
@@ -125,6 +148,62 @@ def cases(outside):
         ("DeltaConvDistill", "stage", "C: everything", "stage"),
         ("DeltaConvDistill", "training_dtype", "fp64", "training_dtype"),
         ("DeltaConvDistill", "latents", MISSING, "latents"),
+        # Names whose characters pass but whose bytes do not fit the file system: refused before anything runs.
+        ("DeltaConvDistill", "filename_prefix", "é" * 120, too_long),
+        ("DeltaConvDistill", "filename_prefix", "日" * 80, too_long),
+        ("DeltaConvDistill", "filename_prefix", "runs/" + "é" * 150 + "/a", too_long),  # a subfolder
+        ("DeltaConvDistill", "filename_prefix", deep_path, "bytes per path"),
+        ("DeltaConvDistill", "filename_prefix", "a\nb", "characters that are not allowed"),
+        ("DeltaConvDistill", "filename_prefix", "\x1b[31mred", "characters that are not allowed"),
+        ("DeltaConvSave", "filename", "é" * 125, too_long),
+        ("DeltaConvSave", "filename", "ж" * 130, too_long),
+        ("DeltaConvSave", "filename", deep_path, "bytes per path"),
+        ("DeltaConvSave", "filename", "a\x00b", "characters that are not allowed"),
+        # Block tensors that would only give NaN images, or are no floating-point weights at all.
+        ("DeltaConvLoad", "weights_name", "bad_inputs_nan.safetensors", "holds NaN or infinite values"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_inf.safetensors", "holds NaN or infinite values"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_int8.safetensors", "has dtype int8"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_int64.safetensors", "has dtype int64"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_bool.safetensors", "has dtype bool"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_fp8.safetensors", "has dtype float8_e4m3fn"),
+        ("DeltaConvPatch", "deltaconv", loaded("bad_inputs_nan.safetensors"), "holds NaN or infinite values"),
+        # Metadata damaged, nested past the recursion limit, megabytes long or full of terminal escapes.
+        ("DeltaConvLoad", "weights_name", "bad_inputs_nested_blocks.safetensors", "damaged ΔConv metadata"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_huge_family.safetensors", "damaged ΔConv metadata (family"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_huge_setting.safetensors", "unknown block setting"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_huge_format.safetensors", "is not a version number"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_escape_names.safetensors", "disagree on blocks ['\\x1b"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_nested_training.safetensors", "training is not valid JSON"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_nested_fingerprints.safetensors", "site_fingerprints is not"),
+        ("DeltaConvLoad", "weights_name", "bad_inputs_list_training.safetensors", "training is list"),
+        # A damaged checkpoint connected to resume: refused naming the file and what is missing, before training.
+        ("DeltaConvDistill", "deltaconv", loaded("bad_inputs_resume_no_step.safetensors"),
+         "bad_inputs_resume_no_step.safetensors: damaged training state, cannot resume from it: the training info "
+         "has no step count"),
+        ("DeltaConvDistill", "deltaconv", loaded("bad_inputs_resume_config_text.safetensors"),
+         "has no configuration with a stage"),
+        ("DeltaConvDistill", "deltaconv", loaded("bad_inputs_resume_no_rng.safetensors"), "random-number state"),
+        ("DeltaConvDistill", "deltaconv", loaded("bad_inputs_resume_names_text.safetensors"),
+         "no list of block names"),
+        # Compare of two families: refused before sampling, naming both.
+        ("DeltaConvCompare", "model", sdxl, "model is SDXL"),
+        # Megabyte inputs and escapes: short messages, every value quoted.
+        ("DeltaConvDistill", "mediator_schedule", mega, "mediator_schedule = 'xxx"),
+        ("DeltaConvDistill", "mediator_schedule", ",".join(["0.0:4"] * 200_000), "starts must increase strictly"),
+        ("DeltaConvDistill", "mediator_schedule", "0.0:4,0.5:\x1b[2J16", "\\x1b[2J16"),
+        ("DeltaConvDistill", "mediator_schedule", "0.0:0", "must be a whole number ≥ 1"),
+        ("DeltaConvDistill", "mediator_schedule", "0.5:4", "must start at 0.0"),
+        ("DeltaConvDistill", "kernel_preset", mega, "neither a number nor JSON"),
+        ("DeltaConvDistill", "kernel_preset", DEEP, "neither a number nor JSON"),
+        ("DeltaConvDistill", "kernel_preset", json.dumps({mega: 7}), "this model does not have"),
+        ("DeltaConvDistill", "kernel_preset", json.dumps({"\x1b]0;pwned\x07": 7}), "this model does not have"),
+        ("DeltaConvDistill", "student", "transformer", "student = 'transformer' is not one of the choices"),
+        ("DeltaConvDistill", "save_every", 10**12, "save_every"),
+        ("DeltaConvDistill", "grad_accumulation", 0, "grad_accumulation"),
+        ("DeltaConvDistill", "training_dtype", 16, "training_dtype"),
+        ("DeltaConvDistill", "seed", 2**63, "seed"),
+        ("DeltaConvCompare", "seed", 2**64, "seed"),
+        ("DeltaConvAttentionLocality", "height", 63, "height"),
     ]
     return table
 
@@ -145,10 +224,54 @@ def write_bad_files(folder: str, source: str):
     with safe_open(source, framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     blocks = json.loads(meta["blocks"])
-    for entry in blocks.values():
-        entry["dim"] = float(entry["dim"])
-    save_file(tensors, os.path.join(folder, "bad_inputs_float_dim.safetensors"),
-              metadata={**meta, "blocks": json.dumps(blocks)})
+    floats = {name: {**entry, "dim": float(entry["dim"])} for name, entry in blocks.items()}
+    variant(folder, "float_dim", tensors, {**meta, "blocks": json.dumps(floats)})
+    write_bad_tensors(folder, tensors, meta)
+    write_bad_metadata(folder, tensors, meta, blocks)
+    write_bad_checkpoints(folder, tensors, meta, blocks)
+
+
+def variant(folder: str, name: str, tensors: dict, meta: dict):
+    save_file(tensors, os.path.join(folder, f"bad_inputs_{name}.safetensors"), metadata=meta)
+
+
+def write_bad_tensors(folder: str, tensors: dict, meta: dict):
+    """The good file with its first block tensor NaN, infinite, or of a dtype no weights have."""
+    first = sorted(tensors)[0]
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        bad = tensors[first].clone()
+        bad.view(-1)[0] = value
+        variant(folder, name, {**tensors, first: bad}, meta)
+    for name, dtype in (("int8", torch.int8), ("int64", torch.int64), ("bool", torch.bool),
+                        ("fp8", torch.float8_e4m3fn)):
+        variant(folder, name, {**tensors, first: tensors[first].to(dtype)}, meta)
+
+
+def write_bad_metadata(folder: str, tensors: dict, meta: dict, blocks: dict):
+    """Metadata nested past the recursion limit, megabytes long, or with terminal escapes in block names."""
+    first = next(iter(blocks))
+    variant(folder, "nested_blocks", tensors, {**meta, "blocks": DEEP})
+    variant(folder, "huge_family", tensors, {**meta, "family": "x" * 1_000_000})
+    variant(folder, "huge_setting", tensors, {**meta, "blocks": json.dumps(
+        {**blocks, first: {**blocks[first], "x" * 1_000_000: 1}})})
+    variant(folder, "huge_format", tensors, {**meta, "deltaconv_format": "9" * 1_000_000})
+    variant(folder, "escape_names", tensors, {**meta, "blocks": json.dumps(
+        {**blocks, "\x1b[31m\x1b]0;title\x07": blocks[first]})})
+    variant(folder, "nested_training", tensors, {**meta, "training": DEEP})
+    variant(folder, "nested_fingerprints", tensors, {**meta, "site_fingerprints": DEEP})
+    variant(folder, "list_training", tensors, {**meta, "training": "[1, 2]"})
+
+
+def write_bad_checkpoints(folder: str, tensors: dict, meta: dict, blocks: dict):
+    """Distill checkpoints (blocks + training state) with the training info damaged in one way each."""
+    state = {**tensors, "_train.rng": torch.Generator().get_state()}
+    info = {"step": 1, "losses": [0.5], "config": {"stage": "A"}, "block_names": list(blocks), "skipped_steps": 0}
+    damaged = {"resume_no_step": ({k: v for k, v in info.items() if k != "step"}, state),
+               "resume_config_text": ({**info, "config": "A"}, state),
+               "resume_no_rng": (info, {**tensors, "_train.optim.x.step": torch.zeros(())}),
+               "resume_names_text": ({**info, "block_names": "all"}, state)}
+    for name, (training, file_tensors) in damaged.items():
+        variant(folder, name, file_tensors, {**meta, "training": json.dumps(training)})
 
 
 def files_under(base: str) -> set:
@@ -161,12 +284,36 @@ def files_under(base: str) -> set:
     return found
 
 
+def without_echo(answer):
+    """A validation answer without `extra_info`, where ComfyUI repeats the inputs as received (March 2024: every
+    input of the node, raw): what is left are the messages."""
+    if isinstance(answer, dict):
+        return {k: without_echo(v) for k, v in answer.items() if k != "extra_info"}
+    return [without_echo(v) for v in answer] if isinstance(answer, list) else answer
+
+
+def messages(phase: str, error: str) -> list[str]:
+    """Each message of an answer (ComfyUI repeats a node's VALIDATE_INPUTS message once per input it names)."""
+    if phase != "validation":
+        return [error]
+    found, stack = [], [json.loads(error)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            found.extend(item.split("\n"))  # 0.3.64 joins a node's messages into one, a line each
+    return found
+
+
 def submit(server, graph) -> tuple[str, str]:
     """('validation' | 'execution' | 'ok', error text) for one prompt."""
     try:
         prompt_id = server.post("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})["prompt_id"]
     except ComfyError as e:
-        return "validation", json.dumps(json.loads(str(e).split(": ", 1)[1]), ensure_ascii=False)
+        return "validation", json.dumps(without_echo(json.loads(str(e).split(": ", 1)[1])), ensure_ascii=False)
     deadline = time.time() + 120
     while time.time() < deadline:
         entry = server.get(f"/history/{prompt_id}").get(prompt_id)
@@ -208,16 +355,16 @@ def test_every_bad_input_is_refused_clearly(server, unet_inputs, bad_files, reco
     graphs = base_graphs(unet_inputs)
     references = {seed: good_digest(server, unet_inputs, seed) for seed in (1, 2)}  # fresh runs, alternated below
     before = files_under(server.base)
-    table = cases(bad_files)
+    table = cases(bad_files, unet_inputs)
     failures, phases, runs = [], {"validation": 0, "execution": 0}, 0
     for node, name, value, expected in table:
         base, node_id = graphs[node]
         graph = copy.deepcopy(base)
         if value is MISSING:
             del graph[node_id]["inputs"][name]
-        elif name == "model" and value == ["copykv", 0]:
-            graph["copykv"] = {"class_type": "DeltaConvTestCopyKV", "inputs": {"model": ["unet", 0]}}
-            graph[node_id]["inputs"][name] = value
+        elif isinstance(value, Via):
+            graph.update(copy.deepcopy(value.nodes))
+            graph[node_id]["inputs"][name] = value.output
         else:
             graph[node_id]["inputs"][name] = value
         phase, error = submit(server, graph)
@@ -225,6 +372,10 @@ def test_every_bad_input_is_refused_clearly(server, unet_inputs, bad_files, reco
         if phase == "ok" or expected not in error:
             failures.append(f"{label}: {phase}, expected {expected!r} in: {error[:400]}")
             continue
+        found = messages(phase, error)
+        longest = max(found, key=len)
+        if len(longest) > MAX_MESSAGE or any("\x1b" in m for m in found):
+            failures.append(f"{label}: a message of {len(longest)} characters or a raw escape: {longest[:400]!r}")
         phases[phase] += 1
         if phase == "execution":  # something ran: the server must still give a fresh run's result, bit for bit
             seed = 1 + runs % 2
@@ -233,7 +384,8 @@ def test_every_bad_input_is_refused_clearly(server, unet_inputs, bad_files, reco
                 failures.append(f"{label}: the next good prompt differs from a fresh run")
         left = files_under(server.base) - before
         if left or os.listdir(bad_files):
-            failures.append(f"{label}: left files behind: {sorted(left)[:3]} {os.listdir(bad_files)[:3]}")
+            failures.append(f"{label}: refused at {phase} ({error[:200]}) but left files behind: "
+                            f"{sorted(left)[:3]} {os.listdir(bad_files)[:3]}")
             for path in left:
                 os.remove(path)
     assert not failures, f"{len(failures)} of {len(table)} cases:\n" + "\n".join(failures)

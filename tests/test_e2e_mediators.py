@@ -104,7 +104,7 @@ def test_schedule_sigma_range_levels_and_override(server, unet_inputs, mediators
 
 def test_bad_schedule_override_refused(server, unet_inputs, mediators):
     # (messages come back JSON-escaped: \u0394 for Δ)
-    with pytest.raises(ComfyError, match=r"mediator_schedule '0.3:8'.*must start at 0.0.*leave it empty"):
+    with pytest.raises(ComfyError, match=r"mediator_schedule = '0.3:8'.*must start at 0.0.*leave it empty"):
         branches(server, "sd15", unet_inputs, seed=2,
                  variants={"": ("tiny_sd15_mediators.safetensors", {"mediator_schedule": "0.3:8"}, 1)})
 

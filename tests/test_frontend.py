@@ -27,7 +27,6 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 THIRD_PARTY_PREFIXES = ("IPAdapter",)  # cubiq's ComfyUI_IPAdapter_plus: not installed on the test server
 README_PICTURE = "deltaconv_sd15_txt2img_compare"
 README_SCREEN = (1920, 1080)  # a common screen: the README picture shows the whole graph at the saved zoom
-GENERATOR_ZOOM = 0.75  # issue 14 item 7: the workflow generator saves at least this zoom
 # Frontend 1.27 maps model folders to these loaders; when one is not on the server (UpscaleModelLoader: its
 # comfy_extras module needs spandrel) it fails to build every node with an ASSET_INPUTS widget (isAssetBrowserEligible)
 # and draws it outlined in red. A user's ComfyUI has them all; a test server without spandrel does not.
@@ -174,10 +173,7 @@ def test_workflow_opens_readable(frontend, object_info, screenshot_dir, path):
         (left, top, right, bottom), (c_left, c_top, c_right, c_bottom) = state["graph"], state["canvas"]
         assert c_left <= left and c_top <= top and right <= c_right and bottom <= c_bottom, (
             f"graph {state['graph']} not inside the canvas {state['canvas']}; screenshot {shot}")
-    saved = workflow["extra"]["ds"]["scale"]
-    if state["lowQuality"] and saved < GENERATOR_ZOOM:
-        pytest.xfail(f"issue 14 item 7 (generator fix pending): saved zoom {saved} is below the frontend's "
-                     f"text-drawing threshold, nodes open as blank boxes; screenshot {shot}")
+    saved = workflow["extra"]["ds"]["scale"]  # the generator saves ≥ 0.75 (test_workflows checks it)
     assert not state["lowQuality"], f"no text drawn at zoom {state['scale']} (saved {saved}); screenshot {shot}"
     broken = [t for t in state["broken"] if not t.startswith(THIRD_PARTY_PREFIXES)]
     if broken and (why := asset_loader_bug(broken, object_info)):

@@ -149,5 +149,5 @@ def test_schedule_override_parsing(pack, text, expected):
 @pytest.mark.parametrize("text, reason", [("0.2:4", "must start at 0.0"), ("0:4,0.5", "not start:count"),
                                           ("0:0", "whole number"), ("0:4,0.5:8,0.4:2", "increase strictly")])
 def test_bad_schedule_override_says_how_to_write_one(pack, text, reason):
-    with pytest.raises(ValueError, match=rf"mediator_schedule '{text}'.*{reason}.*leave it empty"):
+    with pytest.raises(ValueError, match=rf"mediator_schedule = '{text}'.*{reason}.*leave it empty"):
         pack.nodes.patch.parse_schedule_override(text)

@@ -127,7 +127,7 @@ def test_bad_site_metadata_is_named(tmp_path, entry, match):
     path = save_raw(tmp_path, {MEDIATOR_SITE: entry}, mediator_tensors(MEDIATOR_SITE))
     with pytest.raises(WeightFileError, match=match) as err:
         load_weights(path)
-    assert "damaged ΔConv metadata for block " + MEDIATOR_SITE in str(err.value)
+    assert f"damaged ΔConv metadata for block '{MEDIATOR_SITE}'" in str(err.value)
 
 
 def test_blocks_metadata_must_be_a_mapping(tmp_path):

@@ -231,7 +231,7 @@ def markdown(result: dict, device: str, command: str) -> str:
                      f"{m['psnr']:.2f} | {m['ssim']:.3f} | {cost} | {calls} | {distil} |")
     found = result.get("targets", [])
     if found:
-        lines += ["", "## Targets (issue 12)", "", "| target | measured | status |", "|---|---|---|"]
+        lines += ["", "## Targets of the second student", "", "| target | measured | status |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {t['status']} |" for t in found]
     lines += ["", "Per-σ MSE (teacher first):", "", "| model | " + " | ".join(f"σ={s:g}" for s in sig) + " |",
               "|---|" + "---|" * len(sig)]
