@@ -20,7 +20,6 @@ import datetime
 import functools
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 import torch
 import torch.nn.functional as F
-from device_info import device_name, device_slug
+from device_info import busy_cpu_s, device_name, device_slug
 from torch import nn
 
 from devkit.comfy_env import import_core
@@ -93,16 +92,6 @@ def available_bytes(device: str) -> int:
         return torch.cuda.mem_get_info()[0]
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return int(meminfo["MemAvailable"].split()[0]) * 1024
-
-
-def busy_cpu_s() -> float | None:
-    """CPU seconds all other processes have used (system busy time minus this process's own), Linux only."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    except OSError:
-        return None
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.ru_utime - own.ru_stime
 
 
 def run_once(fn, device: str) -> float:

@@ -17,7 +17,7 @@ import sys
 import time
 
 import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
-from device_info import device_name, device_slug
+from device_info import busy_cpu_s, device_name, device_slug
 
 from devkit.comfy_env import load_pack, setup_comfy
 from devkit.tiny_models import KOALA_TINY, SD15_TINY, init_random
@@ -79,6 +79,23 @@ def patch_mediators(pack, model, count: int):
     return pack.nodes.patching.patch_model(model, weights)[0]
 
 
+def remove_attention(model):
+    """A clone of `model` whose self-attention sites compute nothing (their output is zero, so the residual keeps its
+    input): the fastest any student could make the step, its ceiling."""
+    import torch
+
+    from deltaconv_core.families import find_attention_sites
+
+    class NoAttention(torch.nn.Module):
+        def forward(self, x, *args, **kwargs):
+            return torch.zeros_like(x)
+
+    clone = model.clone()
+    for site in find_attention_sites(model.model.diffusion_model).sites:
+        clone.add_object_patch(f"diffusion_model.{site.path}", NoAttention())
+    return clone
+
+
 def time_step(model, x, conds, repeats, device):
     import torch
 
@@ -100,9 +117,11 @@ def time_step(model, x, conds, repeats, device):
     return sorted(times)[len(times) // 2]
 
 
-def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype, mediators=None) -> dict:
-    """One image size: the median step with attention, with ΔConv and (given `mediators`, a model from
-    patch_mediators) with mediator attention (None when out of memory), and on CUDA the peak memory of each
+def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype, mediators=None,
+                 removed=None) -> dict:
+    """One image size: the median step with attention, with ΔConv, (given `mediators`, a model from
+    patch_mediators) with mediator attention and (given `removed`, from remove_attention) with no self-attention at
+    all, the ceiling of any student (None when out of memory), and on CUDA the peak memory of each
     (max_memory_allocated, weights included)."""
     import comfy.model_management
     import torch
@@ -114,7 +133,8 @@ def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype,
         conds["y"] = torch.randn(batch, 2816, generator=g).to(device, dtype)
     row = {"model": name, "size": size}
     with torch.inference_mode():
-        for label, m in (("attention", model), ("deltaconv", patched), ("mediators", mediators)):
+        for label, m in (("attention", model), ("deltaconv", patched), ("mediators", mediators),
+                         ("removed", removed)):
             if m is None:
                 continue
             comfy.model_management.load_models_gpu([m])
@@ -131,6 +151,8 @@ def measure_size(name, model, patched, ctx, size, batch, repeats, device, dtype,
         row["speedup"] = row["attention_s"] / row["deltaconv_s"]
     if row["attention_s"] and row.get("mediators_s"):
         row["mediators_speedup"] = row["attention_s"] / row["mediators_s"]
+    if row["attention_s"] and row.get("removed_s"):
+        row["ceiling"] = row["attention_s"] / row["removed_s"]
     return row
 
 
@@ -142,6 +164,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
     p.add_argument("--mediators", type=int, default=64, help="mediator count of the mediator column (0: no column)")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the step with self-attention removed")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     args = p.parse_args()
     import torch
@@ -151,22 +174,26 @@ def main():
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    rows = []
+    rows, busy_before, started = [], busy_cpu_s(), time.perf_counter()
     for name in args.models:
         model, ctx = build(name, device, dtype)
         patched, sites = patch(pack, model)
         mediators = patch_mediators(pack, model, args.mediators) if args.mediators else None
+        removed = None if args.no_ceiling else remove_attention(model)
         for size in args.sizes:
-            row = {**measure_size(name, model, patched, ctx, size, args.batch, args.repeats, device, dtype, mediators),
-                   "sites": sites, "mediators": args.mediators or None}
+            row = {**measure_size(name, model, patched, ctx, size, args.batch, args.repeats, device, dtype, mediators,
+                                  removed), "sites": sites, "mediators": args.mediators or None}
             rows.append(row)
             print(row, flush=True)
         comfy.model_management.unload_all_models()
-        del model, patched, mediators
+        del model, patched, mediators, removed
+    other = None if busy_before is None else busy_cpu_s() - busy_before
     meta = {"device": f"{device_name(device.type)} ({device.type}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python bench/bench_unet.py " + " ".join(sys.argv[1:])}
+            "command": "python bench/bench_unet.py " + " ".join(sys.argv[1:]),
+            "foreign load %": None if other is None else round(
+                100 * other / ((time.perf_counter() - started) * os.cpu_count()), 1)}
     slug = device_slug(device.type)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"unet_{slug}.json"), "w") as f:
@@ -176,10 +203,10 @@ def main():
         return "–" if v is None else f"{v:.3f}{unit}"
 
     table = ["| model | sites | image | attention step (s) | ΔConv step (s) | speed-up | mediators step (s) | "
-             "speed-up |", "|---|---|---|---|---|---|---|---|"]
+             "speed-up | attn1 removed step (s) | ceiling |", "|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['model']} | {r['sites']} | {r['size']}² | {fmt(r['attention_s'])} | {fmt(r['deltaconv_s'])} | "
-              f"{fmt(r.get('speedup'), '×')} | {fmt(r.get('mediators_s'))} | {fmt(r.get('mediators_speedup'), '×')} |"
-              for r in rows]
+              f"{fmt(r.get('speedup'), '×')} | {fmt(r.get('mediators_s'))} | {fmt(r.get('mediators_speedup'), '×')} | "
+              f"{fmt(r.get('removed_s'))} | {fmt(r.get('ceiling'), '×')} |" for r in rows]
     text = "\n".join(["# UNet step: self-attention vs ΔConv vs mediator attention (random weights)", "",
                       f"Mediator attention at {args.mediators or 'no'} mediators per site.", ""] +
                      [f"- {k}: {v}" for k, v in meta.items()] + [""] + table) + "\n"

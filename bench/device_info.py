@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 from pathlib import Path
 
 # Vendor marks and clock speeds say nothing about which machine it was: "Intel(R) Xeon(R) CPU @ 2.20GHz" → "Intel Xeon"
@@ -46,3 +47,14 @@ def device_slug(device: str) -> str:
     if device == "cuda":
         return slugify(device_name(device))
     return slugify(f"cpu {cpu_model()} {cpu_cores()}c")
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds all other processes have used (system busy time minus this process's own), Linux only: taken
+    before and after a benchmark, it says how loaded the host was (a loaded host is no headline number)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except OSError:
+        return None
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.ru_utime - own.ru_stime

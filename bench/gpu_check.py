@@ -222,15 +222,16 @@ def unet_rows(plan: Plan):
         try:
             patched, sites = bench_unet.patch(pack, model)
             mediators = bench_unet.patch_mediators(pack, model, plan.unet_mediators)
+            removed = bench_unet.remove_attention(model)  # the ceiling: the step with no self-attention at all
             for size in sizes:
                 cell = {"model": name, "size": size, "sites": sites,
                         **({"model_speedup": predicted[name, size]} if (name, size) in predicted else {})}
                 yield {**cell, **guarded(cell, functools.partial(bench_unet.measure_size, name, model, patched, ctx,
                                                                  size, 2, plan.unet_repeats, device, plan.unet_dtype,
-                                                                 mediators))}
+                                                                 mediators, removed))}
         finally:
             comfy.model_management.unload_all_models()
-            model = patched = mediators = None
+            model = patched = mediators = removed = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

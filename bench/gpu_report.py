@@ -124,6 +124,7 @@ COLUMNS = {
                  ("sites", lambda r: str(r["sites"])), ("attention step s", times("attention_s")),
                  ("ΔConv step s", times("deltaconv_s")), ("speed-up", times("speedup", "×")),
                  ("model's speed-up (estimate)", lambda r: r.get("model_speedup", "")),
+                 ("attn1 removed step s", times("removed_s")), ("ceiling", times("ceiling", "×")),
                  ("mediators step s", times("mediators_s")), ("mediators speed-up", times("mediators_speedup", "×")),
                  ("peak MiB attention", mib("attention_peak_mib", 1)),
                  ("peak MiB ΔConv", mib("deltaconv_peak_mib", 1)),

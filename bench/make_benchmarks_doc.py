@@ -181,10 +181,11 @@ def glance_section(block_files, unet_files) -> str:
                   f"({recs[0]['device_name']}, {recs[0]['dtype']}, {link(path)}):", "",
                   table(["family"] + [f"{i}²" for i in images], rows), ""]
     for path, data in unet_files:
-        rows = [[r["model"], f"{r['size']}²", "—" if r.get("speedup") is None else f"{r['speedup']:.2f}×"]
-                for r in data["rows"]]
-        parts += [f"A whole UNet step ({data['meta']['device']}, {data['meta']['dtype']}, {link(path)}):", "",
-                  table(["model", "image", "speed-up"], rows), ""]
+        rows = [[r["model"], f"{r['size']}²", "—" if r.get("speedup") is None else f"{r['speedup']:.2f}×",
+                 "—" if r.get("ceiling") is None else f"{r['ceiling']:.2f}×"] for r in data["rows"]]
+        parts += [f"A whole UNet step ({data['meta']['device']}, {data['meta']['dtype']}, batch "
+                  f"{data['meta']['batch']}, {link(path)}; ceiling: the step with self-attention removed):", "",
+                  table(["model", "image", "speed-up", "ceiling"], rows), ""]
     parts.append("A layer that is mostly attention gains most; a whole step gains less, because its convolutions, "
                  "cross-attention and feed-forward layers are unchanged, and more at higher resolutions, where "
                  "attention's N² term dominates.")
@@ -201,10 +202,12 @@ def unet_section(results: Path) -> tuple[str, list]:
              "self-attention layer on attention, then on ΔConv; median of the timed steps after a warm-up. `tiny` is "
              "the tests' small SD1.5-architecture UNet (320 channels, two levels), `sd15` a full-size SD1.5 UNet, "
              "`sdxl` a full-size SDXL UNet."]
+    glance = []
     for path, data in files:
         meta, rows = data["meta"], data["rows"]
         peaks = any("attention_peak_mib" in r for r in rows)
         with_mediators = any(r.get("mediators") for r in rows)
+        with_ceiling = any("removed_s" in r for r in rows)
         cells = []
         for r in rows:
             c = [r["model"], str(r["sites"]), f"{r['size']}²",
@@ -214,18 +217,33 @@ def unet_section(results: Path) -> tuple[str, list]:
             if with_mediators:
                 c += ["—" if r.get("mediators_s") is None else f"{r['mediators_s']:.3f}",
                       "—" if r.get("mediators_speedup") is None else f"{r['mediators_speedup']:.2f}×"]
+            if with_ceiling:
+                c += ["—" if r.get("removed_s") is None else f"{r['removed_s']:.3f}",
+                      "—" if r.get("ceiling") is None else f"{r['ceiling']:.2f}×"]
             if peaks:
                 keys = ("attention_peak_mib", "deltaconv_peak_mib") + ("mediators_peak_mib",) * with_mediators
                 c += ["—" if r.get(k) is None else f"{r[k]:.0f}" for k in keys]
             cells.append(c)
         header = ["model", "sites replaced", "image", "attention step (s)", "ΔConv step (s)", "speed-up"]
         header += [f"mediators ({rows[0]['mediators']}) step (s)", "speed-up"] if with_mediators else []
+        header += ["attn1 removed step (s)", "ceiling"] if with_ceiling else []
         header += ["peak MiB attention", "peak MiB ΔConv"] + ["peak MiB mediators"] * with_mediators if peaks else []
+        busy = meta.get("foreign load %")
         parts += ["", f"### {meta['device']} ({link(path)})", "",
                   f"- device: {meta['device']}, {meta['dtype']}, batch {meta['batch']}, median of {meta['repeats']} "
                   f"steps; torch {meta['torch']}; {meta['date']}", f"- command: {command_line(meta.get('command'))}",
-                  "", table(header, cells)]
-    return "\n".join(parts), files
+                  "- other processes used " + ("an unrecorded share" if busy is None else f"{busy:g}%")
+                  + " of all cores during the run"]
+        if busy is not None and busy > MAX_FOREIGN_LOAD:
+            parts.append(f"- ⚠ **loaded host**: more than {MAX_FOREIGN_LOAD:g}%: not headline numbers (left out of "
+                         "At a glance)")
+        else:
+            glance.append((path, data))
+        parts += ["", table(header, cells)]
+    if any("removed_s" in r for _, data in files for r in data["rows"]):
+        parts += ["", "*ceiling*: the same step with self-attention removed entirely (its output zero), the most any "
+                  "student could gain: ΔConv's speed-up over the ceiling says how close it comes."]
+    return "\n".join(parts), glance
 
 
 # ------------------------------------------------------------------------------------------------------ distill

@@ -55,7 +55,8 @@ def test_gpu_results_are_rendered(tmp_path):
         shutil.copy(path, tmp_path / path.name)
     unet_row = {"model": "sd15", "size": 1024, "sites": 16, "attention_s": 0.25, "deltaconv_s": 0.1, "speedup": 2.5,
                 "attention_peak_mib": 3000.0, "deltaconv_peak_mib": 2500.0, "mediators_s": 0.2,
-                "mediators_speedup": 1.25, "mediators_peak_mib": 2800.0, "model_speedup": "1.32–1.66×"}
+                "mediators_speedup": 1.25, "mediators_peak_mib": 2800.0, "model_speedup": "1.32–1.66×",
+                "removed_s": 0.05, "ceiling": 5.0}
     stages = {
         "kernels": {"status": "stopped", "seconds": 90.0, "error": None, "notes": [],
                     "rows": [{"case": "fp16 512² grid", "skipped": "stage budget spent"}]},
@@ -74,7 +75,7 @@ def test_gpu_results_are_rendered(tmp_path):
     assert "No GPU results yet" not in text and "## GPU check" in text
     assert "### NVIDIA Test GPU" in text and "`python bench/gpu_check.py`" in text
     assert "UNet step sd15 1024²: ΔConv vs ComfyUI attention | ≥ 2.5× | 2.50× | met" in text
-    assert "| sd15 | 1024² | 16 | 0.25 | 0.1 | 2.5× | 1.32–1.66× | 0.2 | 1.25× | 3000 | 2500 | 2800 |" in text
+    assert "| sd15 | 1024² | 16 | 0.25 | 0.1 | 2.5× | 1.32–1.66× | 0.05 | 5× | 0.2 | 1.25× | 3000 | 2500 | 2800 |" in text
     assert "error: out of memory" in text and "skipped: stage budget spent" in text
     assert "`nvidia-test-gpu`" in text.split("## At a glance")[0]
 
