@@ -14,7 +14,7 @@ import sys
 import time
 
 from bench_unet import build, setup
-from device_info import device_name, device_slug
+from device_info import busy_cpu_s, device_name, device_slug
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {"tiny": "tiny", "sd15-full": "sd15"}  # this script's names → bench_unet's builders
@@ -73,13 +73,17 @@ def main():
 
     pack, device = setup(cpu=not torch.cuda.is_available())
     model, _ = build(MODELS[args.model], device, torch.float32)  # fp32 weights; --dtype is the autocast dtype
+    busy_before, started = busy_cpu_s(), time.perf_counter()
     rows = [measure_stage(pack, model, stage, args.batch_size, args.size, args.dtype, args.warmup, args.steps,
                           os.path.join(REPO, ".cache", "bench_distill")) for stage in ("A", "B")]
+    other = None if busy_before is None else busy_cpu_s() - busy_before
     meta = {"device": f"{device_name(device.type)} ({torch.get_num_threads()} threads)", "torch": torch.__version__,
             "model": args.model, "params": sum(p.numel() for p in model.model.diffusion_model.parameters()),
             "batch_size": args.batch_size, "latent": args.size, "dtype": args.dtype, "steps_timed": args.steps,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python bench/bench_distill.py " + " ".join(sys.argv[1:])}
+            "command": "python bench/bench_distill.py " + " ".join(sys.argv[1:]),
+            "foreign load %": None if other is None else round(
+                100 * other / ((time.perf_counter() - started) * os.cpu_count()), 1)}
     slug = f"{args.model}_{device_slug(device.type)}"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"distill_{slug}.json"), "w") as f:

@@ -192,6 +192,18 @@ def glance_section(block_files, unet_files) -> str:
     return "\n".join(parts)
 
 
+def host_load_lines(meta: dict) -> tuple[list[str], bool]:
+    """How busy the host was during a run ("foreign load %" in its meta), and whether that makes it no headline."""
+    busy = meta.get("foreign load %")
+    lines = ["- other processes used " + ("an unrecorded share" if busy is None else f"{busy:g}%")
+             + " of all cores during the run"]
+    loaded = busy is not None and busy > MAX_FOREIGN_LOAD
+    if loaded:
+        lines.append(f"- ⚠ **loaded host**: more than {MAX_FOREIGN_LOAD:g}%: not headline numbers (left out of At a "
+                     "glance)")
+    return lines, loaded
+
+
 # --------------------------------------------------------------------------------------------------------- unet
 def unet_section(results: Path) -> tuple[str, list]:
     files = load("unet_*.json", results)
@@ -228,18 +240,13 @@ def unet_section(results: Path) -> tuple[str, list]:
         header += [f"mediators ({rows[0]['mediators']}) step (s)", "speed-up"] if with_mediators else []
         header += ["attn1 removed step (s)", "ceiling"] if with_ceiling else []
         header += ["peak MiB attention", "peak MiB ΔConv"] + ["peak MiB mediators"] * with_mediators if peaks else []
-        busy = meta.get("foreign load %")
+        lines, loaded = host_load_lines(meta)
         parts += ["", f"### {meta['device']} ({link(path)})", "",
                   f"- device: {meta['device']}, {meta['dtype']}, batch {meta['batch']}, median of {meta['repeats']} "
                   f"steps; torch {meta['torch']}; {meta['date']}", f"- command: {command_line(meta.get('command'))}",
-                  "- other processes used " + ("an unrecorded share" if busy is None else f"{busy:g}%")
-                  + " of all cores during the run"]
-        if busy is not None and busy > MAX_FOREIGN_LOAD:
-            parts.append(f"- ⚠ **loaded host**: more than {MAX_FOREIGN_LOAD:g}%: not headline numbers (left out of "
-                         "At a glance)")
-        else:
+                  *lines, "", table(header, cells)]
+        if not loaded:
             glance.append((path, data))
-        parts += ["", table(header, cells)]
     if any("removed_s" in r for _, data in files for r in data["rows"]):
         parts += ["", "*ceiling*: the same step with self-attention removed entirely (its output zero), the most any "
                   "student could gain: ΔConv's speed-up over the ceiling says how close it comes."]
@@ -264,7 +271,8 @@ def distill_section(results: Path) -> str:
                   f"- model: {meta['model']} ({meta['params'] / 1e6:.1f} M UNet parameters), batch "
                   f"{meta['batch_size']}, {meta['latent']}² latents, {meta['dtype']}, {meta['steps_timed']} timed "
                   f"steps; torch {meta['torch']}; {meta['date']}", f"- command: {command_line(meta.get('command'))}",
-                  "", table(["stage", "steps/s", "samples/s", "peak memory MiB", "10 000 steps"], rows)]
+                  *host_load_lines(meta)[0], "",
+                  table(["stage", "steps/s", "samples/s", "peak memory MiB", "10 000 steps"], rows)]
     return "\n".join(parts)
 
 
