@@ -69,14 +69,14 @@ def issue_us(programs: int, warps: int, instructions_per_warp: float, blocks_per
     return per_sm * warps * instructions_per_warp / rate
 
 
-def dwconv_us(launch: ks.Launch, site: ks.Site, d: Device) -> dict:
+def dwconv_us(launch: ks.Launch, site: ks.Site, d: Device) -> float:
     c, k = launch.compiled, launch.constexprs["K"]
     per_warp = k * k * c["instructions"] + KERNEL_PROLOGUE  # one k×k loop nest computes both gate halves
     programs = math.prod(launch.grid)
     issue = issue_us(programs, launch.options["num_warps"], per_warp, c["blocks_per_sm"], d)
     pixels = launch.grid[2] * launch_pixels(launch)
     dram = pixels * (site.channels // 2) * 1.5 * BYTES[site.dtype] / (d.bandwidth_tbs * 1e6)  # read C_i, write C_i/2
-    return {"us": max(issue, dram, d.launch_floor_us), "issue_us": issue, "dram_us": dram, "programs": programs}
+    return max(issue, dram, d.launch_floor_us)
 
 
 def launch_pixels(launch: ks.Launch) -> int:
@@ -84,8 +84,8 @@ def launch_pixels(launch: ks.Launch) -> int:
     return launch.grid[0] * launch.constexprs["TILE_H"] * launch.constexprs["TILE_W"]
 
 
-def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us: float) -> dict:
-    """GPU and host time of one block forward at `site`."""
+def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us: float) -> tuple[float, float]:
+    """(GPU, host) time of one block forward at `site`."""
     b, (h, w), c = site.batch, site.grid, site.channels
     n, ci, es = b * h * w, c // 2, BYTES[site.dtype]
     bw = d.bandwidth_tbs * 1e6  # bytes per µs
@@ -97,13 +97,13 @@ def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us
     gpu = {name: max(t, d.launch_floor_us) for name, t in torch_ops.items()}
     for i, launch in enumerate(launches):
         if launch.kernel == "_fwd_kernel":
-            gpu[f"dwconv {i}"] = dwconv_us(launch, site, d)["us"]
+            gpu[f"dwconv {i}"] = dwconv_us(launch, site, d)
         else:
             flops = 2 * n * c * site.scales * ci // 2
             moved = (n * ci // 2 * (1 + 0.25 * (site.scales - 1)) + n * c) * es
             gpu["projection"] = max(flops / (d.fused_gemm_tflops * 1e6), moved / bw, d.launch_floor_us)
     host = host_kernel_us + len(torch_ops) * d.host_us_per_op + len(launches) * d.host_us_per_op
-    return {"gpu_us": sum(gpu.values()), "host_us": host, "launches": len(gpu), "parts": gpu}
+    return sum(gpu.values()), host
 
 
 def attention_us(c: int, tokens: int, batch: int, d: Device) -> tuple[float, float]:
@@ -186,11 +186,12 @@ def step(family: str, image: int, d: Device, host_by_site: dict) -> dict:
     base_host = rest["ops"] * d.host_us_per_op
     attention_host = 6 * d.host_us_per_op  # q, k, v, SDPA, out, bias
     totals = {key: [[0.0, 0.0], [0.0, 0.0]] for key in ("attention", "deltaconv", "auto")}  # [gpu, host] × range
-    for c, k, g in rest["sites"]:
-        site = ks.Site(f"{family} C{c} k{k}", c, k, (g, g))
-        block = block_us(site, d, compiled_launches(site, d), host_by_site[c])
-        for i, attention in enumerate(attention_us(c, g * g, 2, d)):
-            choices = {"attention": (attention, attention_host), "deltaconv": (block["gpu_us"], block["host_us"])}
+    sites = [ks.Site(f"{family} C{c} k{k}", c, k, (g, g)) for c, k, g in rest["sites"]]
+    launches = compiled_launches(sites, d)
+    for site in sites:
+        block = block_us(site, d, launches[site], host_by_site[site.channels])
+        for i, attention in enumerate(attention_us(site.channels, math.prod(site.grid), 2, d)):
+            choices = {"attention": (attention, attention_host), "deltaconv": block}
             choices["auto"] = min(choices.values(), key=max)  # a synchronised call takes ≈ max(host, GPU)
             for key, (gpu, host) in choices.items():
                 totals[key][i][0] += gpu
@@ -205,15 +206,11 @@ def step(family: str, image: int, d: Device, host_by_site: dict) -> dict:
             "ceiling": [a / ceiling for a in times["attention"]]}
 
 
-@functools.cache
-def _compiled(site: ks.Site, sms: int) -> tuple:
-    launches = ks.record_site(site, sms, 90)
-    ks.compile_all(launches, 90)
-    return tuple(launches)
-
-
-def compiled_launches(site: ks.Site, d: Device) -> list[ks.Launch]:
-    return list(_compiled(site, d.sms))
+def compiled_launches(sites: list[ks.Site], d: Device) -> dict:
+    """Site → its block's launches, recorded and compiled for sm_90 (all sites' launches in one compile pass)."""
+    recorded = {site: ks.record_site(site, d.sms, 90) for site in dict.fromkeys(sites)}
+    ks.compile_all([launch for launches in recorded.values() for launch in launches], 90)
+    return recorded
 
 
 def main() -> int:

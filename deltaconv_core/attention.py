@@ -169,9 +169,10 @@ class _Wrapper(nn.Module):
             self.runtime.fallback(self.site, route.reason)
             return self.original(x, **kwargs)
         key, student = self._student_call(x, route)
-        if not self.runtime.speed.student_is_faster(self.site, key, x, student, lambda: self.original(x, **kwargs)):
+        attention = lambda: self.original(x, **kwargs)
+        if not self.runtime.speed.student_is_faster(self.site, key, x, student, attention):
             self.runtime.fallback(self.site, "slower")
-            return self.original(x, **kwargs)
+            return attention()
         self.runtime.ran_student(self.site, key)
         return student()
 

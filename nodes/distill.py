@@ -10,8 +10,7 @@ import torch
 
 from ..deltaconv_core.distill import TRAINING_DTYPES, DistillConfig, DistillError
 from ..deltaconv_core.families import find_attention_sites
-from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
-from ..deltaconv_core.quoting import quoted
+from ..deltaconv_core.mediator_schedule import EXAMPLE
 from ..deltaconv_core.students import DELTACONV, MEDIATORS
 from . import compat
 from .distill_run import Interrupted, check_latents, fresh_students, train_blocks
@@ -22,6 +21,7 @@ from .validation import (
     output_path,
     output_path_error,
     parse_kernel_preset,
+    parse_mediator_schedule,
     require_widgets,
     reserved_run,
 )
@@ -39,12 +39,11 @@ CHECKPOINT_SUFFIX_BYTES = len("_000001_A_00000001.safetensors")
 
 def schedule_error(text) -> bool | str:
     """mediator_schedule's verdict in VALIDATE_INPUTS form (None: connected; empty: the default or the weights')."""
-    if not isinstance(text, str) or not text.strip():
-        return True
-    try:
-        MediatorSchedule.parse(text)
-    except ScheduleError as e:
-        return f"mediator_schedule = {quoted(text)}: {e}"
+    if isinstance(text, str):
+        try:
+            parse_mediator_schedule(text)
+        except ValueError as e:
+            return str(e)
     return True
 
 

@@ -1,10 +1,9 @@
 """ΔConv Patch: MODEL + DELTACONV → MODEL whose self-attention runs ΔConv blocks or mediator attention."""
 from ..deltaconv_core.families import LEVEL_CHOICES
-from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
-from ..deltaconv_core.quoting import quoted
+from ..deltaconv_core.mediator_schedule import EXAMPLE
 from ..deltaconv_core.speed_policy import MODES as SPEED_MODES
 from .patching import patch_model
-from .validation import check_widgets, require_widgets
+from .validation import check_widgets, parse_mediator_schedule, require_widgets
 
 SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, overriding the schedule stored with "
                     f"the weights. start:count pairs where start is a timestep percent as in start_percent (0 = most "
@@ -16,17 +15,6 @@ SPEED_TOOLTIP = ("Never slower than attention. auto: on a GPU, each site times i
                  "own attention on its first call at each image size and runs the faster one (attention is the "
                  "teacher, so falling back never costs fidelity; the log shows the timings); on the CPU the "
                  "student. always: the student at every call.")
-
-
-def parse_schedule_override(text: str) -> MediatorSchedule | None:
-    """ΔConv Patch's mediator_schedule input: None when empty (the weights' schedule), else the parsed schedule."""
-    if not text or not text.strip():
-        return None
-    try:
-        return MediatorSchedule.parse(text)
-    except ScheduleError as e:
-        raise ValueError(f"mediator_schedule = {quoted(text)}: {e}. Write start:count pairs such as '{EXAMPLE}', one "
-                         "count such as '16', or leave it empty for the schedule stored with the weights") from e
 
 
 class DeltaConvPatch:
@@ -76,7 +64,7 @@ class DeltaConvPatch:
 
     def patch(self, model, deltaconv, start_percent, end_percent, levels, strict, mediator_schedule="",
               speed_policy=SPEED_MODES[0]):
-        schedule = parse_schedule_override(mediator_schedule)
+        schedule = parse_mediator_schedule(mediator_schedule)
         require_widgets(type(self), start_percent=start_percent, end_percent=end_percent, levels=levels,
                         strict=strict, speed_policy=speed_policy)
         patched, report, _ = patch_model(model, deltaconv, start_percent, end_percent, levels, strict,

@@ -12,6 +12,7 @@ import os
 import re
 
 from ..deltaconv_core.block import MAX_KERNEL_SIZE
+from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, ScheduleError
 from ..deltaconv_core.quoting import quoted
 
 NAME_PART = re.compile(r"[\w\-. ]{1,200}")  # one path component: letters, digits, space, '.', '-', '_'
@@ -100,6 +101,18 @@ def _length_error(folder: str, name: str, input_name: str, parts: list[str], suf
         return (f"{input_name} = {quoted(name)}: the full path would be {size} bytes, over the file system's limit of "
                 f"{path_max - 1} bytes per path; use fewer or shorter subfolders")
     return None
+
+
+def parse_mediator_schedule(text: str) -> MediatorSchedule | None:
+    """A mediator_schedule input (ΔConv Patch, ΔConv Distill): None when empty (the node's own default), else the
+    parsed schedule; ValueError naming the input, the problem and how to write one."""
+    if not text or not text.strip():
+        return None
+    try:
+        return MediatorSchedule.parse(text)
+    except ScheduleError as e:
+        raise ValueError(f"mediator_schedule = {quoted(text)}: {e}. Write start:count pairs such as '{EXAMPLE}', one "
+                         "count such as '16', or leave it empty") from e
 
 
 def output_path(folder: str, name: str, input_name: str, suffix_bytes: int = 0) -> str:

@@ -142,7 +142,7 @@ def test_students_follow_the_model_dtype(patching, tiny_models):
 
 @pytest.mark.parametrize("text, expected", [("", None), ("  ", None), ("16", (16,)), ("0:4, 0.5:32", (4, 32))])
 def test_schedule_override_parsing(pack, text, expected):
-    schedule = pack.nodes.patch.parse_schedule_override(text)
+    schedule = pack.nodes.validation.parse_mediator_schedule(text)
     assert (schedule and schedule.counts) == expected
 
 
@@ -150,4 +150,4 @@ def test_schedule_override_parsing(pack, text, expected):
                                           ("0:0", "whole number"), ("0:4,0.5:8,0.4:2", "increase strictly")])
 def test_bad_schedule_override_says_how_to_write_one(pack, text, reason):
     with pytest.raises(ValueError, match=rf"mediator_schedule = '{text}'.*{reason}.*leave it empty"):
-        pack.nodes.patch.parse_schedule_override(text)
+        pack.nodes.validation.parse_mediator_schedule(text)
