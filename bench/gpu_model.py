@@ -1,36 +1,35 @@
 """GPU performance model: ΔConv blocks and UNet steps on H100/H200, estimated on the CPU (no GPU).
 
     python bench/gpu_model.py [--device h200] [--images 512 1024 2048 4096] [--out bench/results]
+    python bench/gpu_model.py --backward [--device h200] [--images 512 1024]   # training: the backward per block
 
-Everything here is an ESTIMATE from stated constants, to be replaced by what bench/gpu_check.py measures:
-- the block's fused kernels: the launches its host code really makes (bench/kernel_static.py), compiled for sm_90
-  with the launcher's specialisation; a launch takes max(issue time, DRAM time, the launch floor), where issue time
-  is the busiest SM's warp-instructions (the inner loop's SASS × its trip count) at the scheduler issue rate, scaled
-  by an efficiency that grows with the warps each scheduler has to choose from;
+ESTIMATES from stated constants, for bench/gpu_check.py's measurements to replace:
+- the block's fused kernels: the launches its host code makes, compiled for sm_90 (scripts/kernel_static.py); a
+  launch takes max(issue time, DRAM time, launch floor), issue time being the busiest SM's warp-instructions (inner
+  loop SASS × trip count) at the issue rate, times an efficiency that grows with the warps per scheduler;
 - the block's torch launches (conv_up, mean, conv_pool, bias, pooling): FLOPs at the GEMM rate or bytes at the DRAM
   rate, each at least the launch floor;
-- attention (attn1): SDPA FLOPs (4·N²·C per image) at an SDPA rate (a range: head dims of 40 run at about half
-  rate), the q/k/v/out projections (8·N·C²) at the GEMM rate;
-- the rest of the step: FLOPs, non-GEMM bytes and op count of ComfyUI's own UNet on the meta device with attn1
-  removed (torch's FlopCounterMode and a dispatch mode), at the GEMM and DRAM rates; a step takes at least its
-  host time (ops × the host cost of one eager op), and ΔConv adds its measured host path.
-The ceiling of a step speed-up is the same step with attn1 removed entirely; both are reported.
+- attention (attn1): SDPA FLOPs (4·N²·C per image) at an SDPA rate range (head dim 40 runs at about half rate), the
+  q/k/v/out projections (8·N·C²) at the GEMM rate;
+- the rest of the step: FLOPs, non-GEMM bytes and ops of ComfyUI's own UNet without attn1 on the meta device, at the
+  GEMM and DRAM rates; a step takes at least its host time (ops × one eager op), ΔConv adds its host path.
+The ceiling: the same step with attn1 removed entirely.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
-import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
+import devkit_path  # noqa: F401  (scripts/ importable: kernel_static and devkit, whatever Python runs this)
+import harness
 import kernel_static as ks
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from devkit.device_info import device_name
 
 
 @dataclass(frozen=True)
@@ -74,14 +73,9 @@ def dwconv_us(launch: ks.Launch, site: ks.Site, d: Device) -> float:
     per_warp = k * k * c["instructions"] + KERNEL_PROLOGUE  # one k×k loop nest computes both gate halves
     programs = math.prod(launch.grid)
     issue = issue_us(programs, launch.options["num_warps"], per_warp, c["blocks_per_sm"], d)
-    pixels = launch.grid[2] * launch_pixels(launch)
+    pixels = math.prod(launch.grid[::2]) * launch.constexprs["TILE_H"] * launch.constexprs["TILE_W"]  # tiles × tile
     dram = pixels * (site.channels // 2) * 1.5 * BYTES[site.dtype] / (d.bandwidth_tbs * 1e6)  # read C_i, write C_i/2
     return max(issue, dram, d.launch_floor_us)
-
-
-def launch_pixels(launch: ks.Launch) -> int:
-    """Pixels of one image a dwconv launch covers (tiles × tile size, an upper bound at the edges)."""
-    return launch.grid[0] * launch.constexprs["TILE_H"] * launch.constexprs["TILE_W"]
 
 
 def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us: float) -> tuple[float, float]:
@@ -91,9 +85,7 @@ def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us
     bw = d.bandwidth_tbs * 1e6  # bytes per µs
     torch_ops = {  # the block's own torch launches on the CUDA path (block.py, forward)
         "conv_up": max(2 * n * c * ci / (d.gemm_tflops * 1e6), n * (c + ci) * es / bw),
-        "mean": n * c * es / bw, "conv_pool": 0.0, "bias": 0.0,
-        "pooling": n * ci * 1.25 * es / bw,
-    }
+        "mean": n * c * es / bw, "conv_pool": 0.0, "bias": 0.0, "pooling": n * ci * 1.25 * es / bw}
     gpu = {name: max(t, d.launch_floor_us) for name, t in torch_ops.items()}
     for i, launch in enumerate(launches):
         if launch.kernel == "_fwd_kernel":
@@ -112,6 +104,50 @@ def attention_us(c: int, tokens: int, batch: int, d: Device) -> tuple[float, flo
     sdpa = 4 * batch * tokens * tokens * c
     return tuple(projections + max(sdpa / (rate * 1e6), d.launch_floor_us)
                  for rate in (d.sdpa_tflops[1], d.sdpa_tflops[0]))
+
+
+BACKWARD = ("_bwd_gate_kernel", "_bwd_input_kernel", "_bwd_weight_kernel")
+
+
+def backward_us(site: ks.Site, d: Device, launches: list[ks.Launch]) -> dict:
+    """GPU time of one block's dwconv + gate backward at `site` (recorded with backward=True): each backward kernel
+    summed over the scales, and "sums", the torch ops after them (the weight gradient's partials summed, Σ dvc for
+    the bias, casts). The projection's, the pooling's and conv_up's backward (torch) are not in it."""
+    es, bw, floor = BYTES[site.dtype], d.bandwidth_tbs * 1e6, d.launch_floor_us
+    out = dict.fromkeys((*BACKWARD, "sums"), 0.0)
+    for launch in (launch for launch in launches if launch.kernel in BACKWARD):
+        c, s, k = launch.compiled, launch.scalars, launch.constexprs["K"]
+        if launch.kernel == "_bwd_weight_kernel":  # a pixel per inner-loop trip; dvc once, v with a halo per band
+            n, band = s["rows"] * s["W"] * s["C"], s["band"]
+            per_warp = band * s["W"] * c["instructions"] + KERNEL_PROLOGUE
+            partials = launch.grid[0] * k * k * s["C"] * 4
+            moved = n * (4 + es * min(band + k - 1, s["rows"]) / band) + partials
+            cast = floor if es < 4 else 0.0  # .to(weight.dtype)
+            out["sums"] += max(partials / bw, floor) + cast  # part.sum(0)
+            if site.bias:
+                out["sums"] += max(n * 4 / bw, floor) + cast  # dvc.sum for the bias
+        else:  # k² inner-loop trips, as the forward
+            per_warp = k * k * c["instructions"] + KERNEL_PROLOGUE
+            pixels = math.prod(launch.grid[::2]) * launch.constexprs["TILE_H"] * launch.constexprs["TILE_W"]
+            per_pixel = (s["C"] * es + s["HALF"] * es + s["C"] * 4 if launch.kernel == "_bwd_gate_kernel"
+                         else s["C"] * 4 + s["C"] * es)  # gate: v, gy in, dvc out; input: dvc in, dv out
+            moved = pixels * per_pixel
+        issue = issue_us(math.prod(launch.grid), launch.options["num_warps"], per_warp, c["blocks_per_sm"], d)
+        out[launch.kernel] += max(issue, moved / bw, floor)
+    return out
+
+
+def backward_table(images: list[int], d: Device) -> str:
+    """The dwconv + gate backward of one block per SD1.5/SDXL/PixArt site (fp16, batch 2), in µs."""
+    sites = [replace(site, backward=True) for site in ks.sites(tuple(images))]
+    launches = {site: [launch for launch in ks.record_site(site, d.sms, 90) if launch.kernel in BACKWARD]
+                for site in sites}
+    ks.compile_all([launch for site in sites for launch in launches[site]], 90)
+    rows = []
+    for site in sites:
+        t = backward_us(site, d, launches[site])
+        rows.append([site.label, *(f"{t[key]:.1f}" for key in (*BACKWARD, "sums")), f"{sum(t.values()):.1f}"])
+    return harness.table(["site", "gate", "input", "weight", "torch sums", "total µs"], rows)
 
 
 # ---------------------------------------------------------------------------------------- the rest of a UNet step
@@ -140,21 +176,18 @@ class CountOps(TorchDispatchMode):
 @functools.cache
 def unet_rest(family: str, image: int, batch: int = 2) -> dict:
     """FLOPs, non-GEMM bytes and ops of one step of ComfyUI's full-size UNet with attn1 removed, and its sites."""
-    from bench_unet import SD15_FULL, SDXL_FULL
+    from bench_unet import unet_config
     from torch.utils.flop_counter import FlopCounterMode
 
     from devkit.comfy_env import setup_comfy
-    from devkit.tiny_models import KOALA_TINY, SD15_TINY
 
     setup_comfy(None, cpu=True)
     import comfy.ldm.modules.attention as attention
-    import comfy.supported_models
 
     from deltaconv_core.families import find_attention_sites
 
     attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
-    config, cls, ctx = (({**KOALA_TINY, **SDXL_FULL}, comfy.supported_models.SDXL, 2048) if family == "sdxl"
-                        else ({**SD15_TINY, **SD15_FULL}, comfy.supported_models.SD15, 768))
+    cls, config, ctx = unet_config(family)
     with torch.device("meta"):
         model = cls({**config, "dtype": torch.float16}).get_model({}, device=torch.device("meta")).diffusion_model
     sites = find_attention_sites(model)
@@ -179,15 +212,16 @@ class _Skip(torch.nn.Module):
 
 def step(family: str, image: int, d: Device, host_by_site: dict) -> dict:
     """One step's time with attention, with ΔConv at every site, with ΔConv where `auto` would keep it (the faster of
-    the two per site as its synchronised timing sees it), and with attn1
-    removed (the ceiling). Two values each where attention's rate is a range (fast, slow)."""
+    the two per site as its synchronised timing sees it), and with attn1 removed (the ceiling). Two values each where
+    attention's rate is a range (fast, slow)."""
     rest = unet_rest(family, image)
     base_gpu = rest["flops"] / (d.gemm_tflops * 1e6) + rest["bytes"] / (d.bandwidth_tbs * 1e6)
     base_host = rest["ops"] * d.host_us_per_op
     attention_host = 6 * d.host_us_per_op  # q, k, v, SDPA, out, bias
     totals = {key: [[0.0, 0.0], [0.0, 0.0]] for key in ("attention", "deltaconv", "auto")}  # [gpu, host] × range
     sites = [ks.Site(f"{family} C{c} k{k}", c, k, (g, g)) for c, k, g in rest["sites"]]
-    launches = compiled_launches(sites, d)
+    launches = {site: ks.record_site(site, d.sms, 90) for site in dict.fromkeys(sites)}  # compiled in one pass:
+    ks.compile_all([launch for recorded in launches.values() for launch in recorded], 90)
     for site in sites:
         block = block_us(site, d, launches[site], host_by_site[site.channels])
         for i, attention in enumerate(attention_us(site.channels, math.prod(site.grid), 2, d)):
@@ -206,37 +240,44 @@ def step(family: str, image: int, d: Device, host_by_site: dict) -> dict:
             "ceiling": [a / ceiling for a in times["attention"]]}
 
 
-def compiled_launches(sites: list[ks.Site], d: Device) -> dict:
-    """Site → its block's launches, recorded and compiled for sm_90 (all sites' launches in one compile pass)."""
-    recorded = {site: ks.record_site(site, d.sms, 90) for site in dict.fromkeys(sites)}
-    ks.compile_all([launch for launches in recorded.values() for launch in launches], 90)
-    return recorded
+def markdown(result: dict) -> str:
+    meta, d = result["meta"], result["device"]
+    span = lambda v, fmt: (fmt.format(v[0]) if abs(v[0] - v[1]) < 1e-9 else
+                           f"{fmt.format(min(v))}–{fmt.format(max(v))}")
+    rows = [[s["family"], f"{s['image']}²", str(s["sites"]), f"{s['rest_ms']:.1f}", span(s["attention_ms"], "{:.1f}"),
+             span(s["deltaconv_ms"], "{:.1f}"), span(s["attn1_share"], "{:.0%}"), span(s["speedup"], "{:.2f}×"),
+             span(s["auto_speedup"], "{:.2f}×"), span(s["ceiling"], "{:.2f}×")] for s in result["steps"]]
+    loads = " → ".join("?" if v is None else f"{v:.1f}" for v in meta["load_average"] or (None, None))
+    return "\n".join([harness.header(
+        f"{d['name']}: an estimate, not a measurement", meta,
+        f"constants: {d['sms']} SMs at {d['clock_ghz']} GHz, {d['bandwidth_tbs']} TB/s, GEMM {d['gemm_tflops']:g} "
+        f"TFLOP/s (fused projection {d['fused_gemm_tflops']:g}), SDPA {d['sdpa_tflops'][0]:g}–{d['sdpa_tflops'][1]:g} "
+        f"TFLOP/s, launch floor {d['launch_floor_us']} µs, host {d['host_us_per_op']} µs per eager op; issue "
+        f"efficiency {d['issue_efficiency']} at ≤ 1, ≤ 2, > 2 warps per scheduler",
+        f"host time of the kernel path per block, launches stubbed (this CPU at load average {loads}): "
+        + ", ".join(f"C={c}: {us:.0f} µs" for c, us in result["host_kernel_path_us"].items())),
+        harness.table(["model", "image", "sites", "step without attn1 ms", "attention step ms", "ΔConv step ms",
+                       "attn1 share", "ΔConv speed-up", "with `auto`", "ceiling"], rows)]) + "\n"
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=sorted(DEVICES), default="h200")
     p.add_argument("--images", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = p.parse_args()
+    p.add_argument("--backward", action="store_true",
+                   help="print the dwconv + gate backward of one block per site instead (writes no results)")
+    args = harness.parse(p)
     os.environ.pop("TRITON_INTERPRET", None)
-    d = DEVICES[args.device]
-    load_before = os.getloadavg()[0]
+    d, run = DEVICES[args.device], harness.Run(__file__)
+    if args.backward:
+        print(f"{d.name}: dwconv + gate backward of one block, both scales, µs\n\n{backward_table(args.images, d)}")
+        return 0
     host_by_site = {c: ks.host_microseconds(ks.Site("host", c, 7, (64, 64)), d.sms, 90) for c in (320, 640, 1280)}
     steps = [step(f, image, d, host_by_site) for f in ("sd15", "sdxl") for image in args.images
              if f == "sd15" or 1024 <= image <= 2048]  # SDXL is made for 1024²
-    result = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                       "command": " ".join(["python", "bench/gpu_model.py", *sys.argv[1:]]), "estimate": True,
-                       "load average before / after (host times)": [load_before, os.getloadavg()[0]],
-                       "cpu cores": os.cpu_count()},
-              "device": asdict(d), "host_kernel_path_us": host_by_site, "steps": steps}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"gpu_model_{args.device}.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    for s in steps:
-        print(f"{s['family']} {s['image']}²: ΔConv {s['speedup'][0]:.2f}–{s['speedup'][1]:.2f}×, auto "
-              f"{s['auto_speedup'][0]:.2f}–{s['auto_speedup'][1]:.2f}×, ceiling {s['ceiling'][0]:.2f}–"
-              f"{s['ceiling'][1]:.2f}×")
+    result = {"meta": run.meta(device_name("cpu"), estimate=True), "device": asdict(d),
+              "host_kernel_path_us": host_by_site, "steps": steps}
+    harness.write(args.out, f"gpu_model_{args.device}", result, markdown(result))
     return 0
 
 

@@ -17,8 +17,9 @@ from devkit.comfy_env import import_core
 
 import_core()
 from deltaconv_core import kernels  # noqa: E402
-from deltaconv_core.block import BlockConfig, build_block  # noqa: E402
+from deltaconv_core.block import BlockConfig  # noqa: E402
 from deltaconv_core.reference import reference_block_forward  # noqa: E402
+from deltaconv_core.students import build_student  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
@@ -72,7 +73,7 @@ def random_block64(case: KernelCase, seed: int, device):
     """A float64 block holding values exactly representable in case.dtype (both sides use the same numbers), with
     non-zero biases so that every bias path counts."""
     torch.manual_seed(seed)
-    block = build_block(case.config, dtype=torch.float64)
+    block = build_student(case.config, dtype=torch.float64)
     with torch.no_grad():
         for name, p in block.named_parameters():
             if name.endswith("bias"):
@@ -91,7 +92,7 @@ def check(case: KernelCase, device: str, seed: int = 0) -> dict:
     with torch.no_grad():
         torch_path_error = relative_error(ref64, reference_block_forward(block64.state_dict(), case.config, x64))
 
-    block = build_block(case.config, state_dict=block64.state_dict(), device=device, dtype=case.dtype)
+    block = build_student(case.config, state_dict=block64.state_dict(), device=device, dtype=case.dtype)
     x = x64.detach().to(case.dtype).requires_grad_()
     on_kernels = kernels.use_triton(x) and len(case.config.scales) <= kernels.MAX_BRANCHES
     out = block(x)
@@ -114,3 +115,9 @@ def check(case: KernelCase, device: str, seed: int = 0) -> dict:
             "kernel_failure": kernels.failure(), "torch_path_vs_reference": torch_path_error,
             "forward_error": forward_error, "worst_gradient": worst, "worst_gradient_error": grads[worst],
             "gradient_errors": grads, "tolerance": tol, "passed": passed}
+
+
+COLUMNS = [("case", lambda r: r["case"]), ("path", lambda r: r["path"]),
+           ("forward error", lambda r: f"{r['forward_error']:.1e}"),
+           ("worst gradient error", lambda r: f"{r['worst_gradient_error']:.1e} ({r['worst_gradient']})"),
+           ("tolerance", lambda r: f"{r['tolerance']:.0e}"), ("result", lambda r: "pass" if r["passed"] else "FAIL")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ class BlockConfig:
     scales: tuple[float, ...] = (1.0, 0.5)
     gate: str = "scaled"  # "scaled": a·b·√(C_i/2) (released SD/SDXL weights); "sigmoid": a·σ(b) (PixArt)
     dw_bias: bool = False  # depthwise bias, present in checkpoints of the initial official code
+
+    student: ClassVar[str] = "deltaconv"  # not stored: entries without a student type are ΔConv (students.py)
+    schedule: ClassVar[None] = None  # the same block at every step
 
     def __post_init__(self):
         # Types first: configs also come from weight-file metadata, where 320.0 or "7" must not get through.
@@ -106,8 +110,44 @@ class Linear(nn.Linear):
         return self.weight.to(device=x.device, dtype=x.dtype), self.bias.to(device=x.device, dtype=x.dtype)
 
 
+class TimeDepthwiseConv(nn.Module):
+    """Depthwise convolution over time only (k×1×1), weight stored channel-last as [k, C]: video students."""
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(kernel_size, channels, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(channels, device=device, dtype=dtype)) if bias else None
+
+    cast_weight_bias = DepthwiseConv.cast_weight_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, T, H, W] view of a channel-last tensor; returns the same layout."""
+        weight, bias = self.cast_weight_bias(x)
+        weight = weight.t()[:, None, :, None, None]  # [C, 1, k, 1, 1]
+        return F.conv3d(x, weight, bias, padding=(self.kernel_size // 2, 0, 0), groups=x.shape[1])
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension with a weight (as Wan's q/k norms), casting like the other layers."""
+
+    def __init__(self, channels: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(channels, device=device, dtype=dtype))
+        self.bias = None  # for ComfyUI's weight casting, which casts a bias too
+
+    def cast_weight_bias(self, x: torch.Tensor):
+        return self.weight.to(device=x.device, dtype=x.dtype), None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, _ = self.cast_weight_bias(x)
+        return F.rms_norm(x, weight.shape, weight, self.eps)
+
+
 # Layer factories; ComfyUI's node layer swaps in its casting/offloading-aware subclasses.
-TORCH_OPS = SimpleNamespace(Linear=Linear, DepthwiseConv=DepthwiseConv)
+TORCH_OPS = SimpleNamespace(Linear=Linear, DepthwiseConv=DepthwiseConv, TimeDepthwiseConv=TimeDepthwiseConv,
+                            RMSNorm=RMSNorm)
 
 
 def pooled_size(size, scale: float) -> tuple[int, int]:
@@ -140,7 +180,17 @@ class PyramidGate(nn.Module):
 
 
 class DeltaConvBlock(nn.Module):
-    """Pyramid depthwise convolutions with a gate plus a global pooling branch, [B, H, W, C] → [B, H, W, C]."""
+    """Pyramid depthwise convolutions with a gate plus a global pooling branch, [B, H, W, C] → [B, H, W, C].
+
+    A student (students.Student): its class attributes and static methods are what weight files, patching and
+    the reports need to know about it."""
+
+    kind = "deltaconv"  # its type name in weight files
+    label = "ΔConv block"
+    tensor_group = "conv1"  # `<site>.conv1.<param>` in weight files
+    param_pattern = r"(?:conv_up|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias)"
+    config_type = BlockConfig
+    grid_dims = (2,)  # images only: a video ΔConv block does not exist yet
 
     def __init__(self, config: BlockConfig, ops=TORCH_OPS, device=None, dtype=None):
         super().__init__()
@@ -194,16 +244,45 @@ class DeltaConvBlock(nn.Module):
         return kernels.delta_conv_or_none(u, gates, self.config.gate, self.gates[0].gate_constant, weight,
                                           pooled + bias)
 
+    @classmethod
+    def initial(cls, site, teacher: nn.Module, model_sites, kernel_size: int | None = None, schedule=None):
+        """Student protocol: a fresh block for `site` (kernel: `kernel_size`, else the site's official default; the
+        family's gate), randomly initialised from torch's generator, which the caller seeds. Needs no teacher."""
+        config = BlockConfig(site.channels, kernel_size or site.kernel_size, gate=model_sites.default_gate)
+        return cls(config).reset_parameters()
+
+    def run(self, tokens: torch.Tensor, grid: tuple[int, int], setting=None) -> torch.Tensor:
+        """Student protocol: tokens [B, N, C] on an (h, w) grid; ΔConv has no per-step setting."""
+        b, n, c = tokens.shape
+        return self(tokens.reshape(b, *grid, c)).reshape(b, n, c)
+
+    @staticmethod
+    def expected_shapes(config: BlockConfig) -> dict[str, tuple[int, ...]]:
+        c, ci, k = config.dim, config.inner_dim, config.kernel_size
+        shapes = {"conv_up.weight": (ci, c), "conv_up.bias": (ci,),
+                  "conv_out.weight": (c, len(config.scales) * (ci // 2)), "conv_out.bias": (c,),
+                  "conv_pool.weight": (c, c), "conv_pool.bias": (c,)}
+        for i in range(len(config.scales)):
+            shapes[f"gates.{i}.conv_spatial.weight"] = (k, k, ci)
+            if config.dw_bias:
+                shapes[f"gates.{i}.conv_spatial.bias"] = (ci,)
+        return shapes
+
+    @staticmethod
+    def macs(config: BlockConfig, grid: tuple[int, int], setting=None) -> int:
+        """Per token C·C/2 (conv_up) + (n·C/4)·C (conv_out) + k²·(C/2)·Σs² (depthwise on the pooled grids),
+        × N; + C² for the pooled branch."""
+        c, k, scales = config.dim, config.kernel_size, config.scales
+        per_token = c * c // 2 + len(scales) * (c // 4) * c + k * k * (c // 2) * sum(s * s for s in scales)
+        return int(math.prod(grid) * per_token + c * c)
+
+    @staticmethod
+    def describe(configs: list[BlockConfig]) -> str:
+        kernels_used = sorted({cfg.kernel_size for cfg in configs})
+        scales = "/".join(str(n) for n in sorted({len(cfg.scales) for cfg in configs}))
+        return f"{len(configs)} ΔConv blocks, kernels {kernels_used}, {scales} scales"
+
     def extra_repr(self) -> str:
         c = self.config
         return f"dim={c.dim}, kernel_size={c.kernel_size}, scales={c.scales}, gate={c.gate}"
 
-
-def build_block(config: BlockConfig, state_dict: dict | None = None, ops=TORCH_OPS, device=None, dtype=None):
-    """A block from a config: loaded from `state_dict` (strict) when given, freshly initialised otherwise."""
-    block = DeltaConvBlock(config, ops=ops, device=device, dtype=dtype)
-    if state_dict is None:
-        block.reset_parameters()
-    else:
-        block.load_state_dict(state_dict, strict=True)
-    return block

@@ -29,7 +29,6 @@ from torch import nn
 
 from .attention import TeacherSwitch
 from .mediator_schedule import MediatorSchedule, ScheduleError, SigmaCounts
-from .mediators import MediatorAttention
 from .quoting import quoted
 from .students import DELTACONV, STUDENT_TYPES
 
@@ -121,20 +120,20 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped for non-finite gradients
 
 
-class BlockBank(nn.Module):
+class StudentBank(nn.Module):
     """All trainable blocks in one module: the optimiser's view and DistributedDataParallel's unit."""
 
     def __init__(self, blocks: dict[str, nn.Module]):
         super().__init__()
         self.names = list(blocks)
-        self.blocks = nn.ModuleList(blocks[n] for n in self.names)
+        self.students = nn.ModuleList(blocks[n] for n in self.names)
 
     def forward(self, compute):
         # DDP hooks gradient all-reduce onto the parameters used inside its forward; the loss is computed here.
         return compute()
 
 
-def build_optimizer(bank: BlockBank, config: DistillConfig):
+def build_optimizer(bank: StudentBank, config: DistillConfig):
     decay = [p for n, p in bank.named_parameters() if n.endswith(".weight") and p.ndim == 2]
     ids = {id(p) for p in decay}
     rest = [p for p in bank.parameters() if id(p) not in ids]
@@ -179,7 +178,7 @@ class Distiller:
         self.count_sigmas = self._count_sigmas(blocks)
         self.device = device or latents.device
         self.rank, self.world = rank, world
-        self.bank = BlockBank(blocks)
+        self.bank = StudentBank(blocks)
         self.model = processes.ddp(self.bank) if processes.ddp is not None else self.bank
         self.optimizer = build_optimizer(self.bank, config)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -194,7 +193,7 @@ class Distiller:
     # ------------------------------------------------------------------------------------------------ data
     def _count_sigmas(self, blocks) -> dict[int, torch.Tensor]:
         """Mediator count → the model's sigmas at which the schedule runs it (empty without mediator students)."""
-        if not any(isinstance(b, MediatorAttention) for b in blocks.values()):
+        if all(b.config.schedule is None for b in blocks.values()):
             return {}
         if self.mediators is None:
             raise DistillError("mediator students need their schedule to train (Distiller(mediators=...))")
@@ -262,15 +261,10 @@ class Distiller:
         def compute():
             total = 0.0
             with self._autocast():
-                for name, block in zip(self.bank.names, self.bank.blocks):
-                    x, (h, w), y = recorded[name]
-                    b, n, c = x.shape
-                    tokens = x.reshape(b, h, w, c)
-                    if isinstance(block, MediatorAttention):
-                        pred = block(tokens, self.teacher.mediators).reshape(b, n, c)
-                    else:
-                        pred = block(tokens).reshape(b, n, c)
-                    total = total + F.mse_loss(pred.float(), y.float())
+                for name, student in zip(self.bank.names, self.bank.students):
+                    x, grid, y = recorded[name]
+                    setting = self.teacher.mediators if student.config.schedule is not None else None
+                    total = total + F.mse_loss(student.run(x, grid, setting).float(), y.float())
             return total
 
         return self.model(compute)

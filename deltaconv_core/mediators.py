@@ -6,29 +6,41 @@ Global attention routed through a few mediator tokens, linear in the number of p
     V_m = softmax(T Kᵀ/√d) V                       mediators gather from all tokens
     out = proj(softmax(Q Tᵀ/√d) V_m + DWC(V))      every token reads the mediators; DWC adds locality
 
-Channel-last like ΔConvBlock ([B, H, W, C] in and out), so a site wrapper hands it the same grid. Parameters:
+Channel-last like ΔConvBlock ([B, H, W, C] in and out), so a site wrapper hands it the same grid; video models
+hand it [B, T, H, W, C] (latent frames × h × w). Parameters:
 
-    qkv    Linear(C, 3C)    q|k|v, the teacher's projections (SD: to_q/to_k/to_v with zero bias; PixArt: qkv)
-    proj   Linear(C, C)     the teacher's output projection (SD: to_out.0; PixArt: proj)
+    qkv    Linear(C, 3C)    q|k|v, the teacher's projections (SD: to_q/to_k/to_v with zero bias; PixArt: qkv;
+                            Wan: q/k/v)
+    proj   Linear(C, C)     the teacher's output projection (SD: to_out.0; PixArt: proj; Wan: o)
     dwc    depthwise 3×3 on V, weight [3, 3, C] + bias [C], zero-initialised so training starts from the
-           teacher's projections around a pure mediator attention
+           teacher's projections around a pure mediator attention; on video, per frame
+    norm_q, norm_k          (teachers with them: Wan) the RMSNorms over the whole q and k, weight [C] each;
+                            config.qk_norm_eps is their eps
+    dwc_time                (video) depthwise over time on V, weight [3, C] + bias [C], zero-initialised; added to
+                            dwc, not composed with it: two zero-initialised convolutions in a row get no gradient.
+                            Per frame + over time instead of 3×3×3: 12 taps, not 27, and latent frames (4 video
+                            frames each) are less alike than neighbouring pixels, so time gets its own kernel
 
 No position biases. The official ones are tensors sized to one latent grid (and one count), so any other
 resolution crashes, and interpolating them per call ties quality to the training resolution while users sample
 at many aspect buckets. SD's attn1 has no positional bias either (position enters through the convolutions);
-here the DWC carries locality. So one set of weights serves every grid and every count.
+here the DWC carries locality. So one set of weights serves every grid and every count. For the same reason no
+RoPE on video: Wan's 3-D RoPE rotates q and k per position, and a mediator, the mean of a cell's queries, has no
+position (the rotated queries would partly cancel in the mean); its q·k logits are the teacher's at zero offset.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .block import TORCH_OPS
+from .families import teacher_projections
 from .mediator_schedule import MediatorSchedule
 from .quoting import quoted
 
@@ -57,12 +69,42 @@ def mediator_grid(n: int, h: int, w: int) -> tuple[int, int]:
     return best[1]
 
 
-def mediator_macs(hw: tuple[int, int], dim: int, mediators: int) -> int:
-    """Multiply-accumulates of one site: 4NC² (qkv + proj) + 4nNC (two attentions) + 9NC (3×3 DWC),
-    with n the count actually used on this grid (the pooled grid's cells)."""
-    ph, pw = mediator_grid(mediators, *hw)
-    tokens = hw[0] * hw[1]
-    return 4 * tokens * dim * dim + 4 * ph * pw * tokens * dim + DWC_KERNEL ** 2 * tokens * dim
+@functools.lru_cache(maxsize=4096)
+def mediator_grid_3d(n: int, t: int, h: int, w: int) -> tuple[int, int, int]:
+    """(p_t, p_h, p_w) mediator grid for about n mediators on a t×h×w token grid (t latent frames).
+
+    One frame is an image: mediator_grid's choice. Otherwise the same rule with time counted in latent frames like
+    rows and columns: never more cells than n or than the tokens along any axis; for each (p_t, p_h) the most p_w
+    the budget allows; among those, the grid minimising 2·|ln(n/cells)| + (largest − smallest ln of the cell's
+    sides): close to n cells, cells close to cubic in token units (the 2-D rule's cell aspect, over three sides).
+    """
+    if n < 1 or t < 1 or h < 1 or w < 1:
+        raise ValueError(f"mediator_grid_3d needs n, t, h, w ≥ 1, got n={n}, t={t}, h={h}, w={w}")
+    if t == 1:
+        return (1, *mediator_grid(n, h, w))
+    n = min(n, t * h * w)
+    best = None
+    for pt in range(1, min(t, n) + 1):
+        for ph in range(1, min(h, n // pt) + 1):
+            pw = min(w, n // (pt * ph))
+            sides = (math.log(t / pt), math.log(h / ph), math.log(w / pw))
+            cost = 2 * math.log(n / (pt * ph * pw)) + max(sides) - min(sides)
+            key = (round(cost, 9), -pt * ph * pw, pt, ph)
+            if best is None or key < best[0]:
+                best = (key, (pt, ph, pw))
+    return best[1]
+
+
+def pooled_grid(n: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """The mediator grid for n mediators on an (h, w) or (t, h, w) token grid."""
+    return mediator_grid(n, *grid) if len(grid) == 2 else mediator_grid_3d(n, *grid)
+
+
+def mediator_macs(grid: tuple[int, ...], dim: int, mediators: int, time_kernel: int = 0) -> int:
+    """Multiply-accumulates of one site: 4NC² (qkv + proj) + 4nNC (two attentions) + 9NC (3×3 DWC), + kNC for a
+    video DWC over time with k taps, with n the count actually used on this grid (the pooled grid's cells)."""
+    cells, tokens = math.prod(pooled_grid(mediators, grid)), math.prod(grid)
+    return 4 * tokens * dim * dim + 4 * cells * tokens * dim + (DWC_KERNEL ** 2 + time_kernel) * tokens * dim
 
 
 @dataclass(frozen=True)
@@ -72,8 +114,11 @@ class MediatorConfig:
     dim: int
     heads: int
     schedule: MediatorSchedule = DEFAULT_SCHEDULE
+    qk_norm_eps: float | None = None  # the eps of q/k RMSNorms copied from the teacher (Wan); None: none
+    time_kernel: int = 0  # taps of the DWC over time (video: DWC_KERNEL); 0: image students
 
-    student = "mediators"  # the student type our weight files record (a class attribute, not a field)
+    student: ClassVar[str] = "mediators"  # the student type our weight files record (not a field)
+    OPTIONAL: ClassVar[dict] = {"qk_norm_eps": None, "time_kernel": 0}  # stored only when set: old readers
 
     def __post_init__(self):
         for name in ("dim", "heads"):
@@ -87,17 +132,26 @@ class MediatorConfig:
             object.__setattr__(self, "schedule", MediatorSchedule.parse(self.schedule))
         elif not isinstance(self.schedule, MediatorSchedule):
             raise ValueError(f"schedule must be a MediatorSchedule or its text form, got {quoted(self.schedule)}")
+        eps = self.qk_norm_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+            raise ValueError(f"qk_norm_eps must be a small positive number or null, got {quoted(eps)}")
+        if type(self.time_kernel) is not int or self.time_kernel not in (0, DWC_KERNEL):
+            raise ValueError(f"time_kernel must be 0 or {DWC_KERNEL}, got {quoted(self.time_kernel)}")
 
     def to_dict(self) -> dict:
-        return {"student": self.student, "dim": self.dim, "heads": self.heads, "schedule": self.schedule.format()}
+        extra = {k: getattr(self, k) for k, default in self.OPTIONAL.items() if getattr(self, k) != default}
+        return {"student": self.student, "dim": self.dim, "heads": self.heads, "schedule": self.schedule.format(),
+                **extra}
 
     @classmethod
     def from_dict(cls, d: dict) -> MediatorConfig:
         fields = {k: v for k, v in d.items() if k != "student"}
-        missing, extra = {"dim", "heads", "schedule"} - set(fields), set(fields) - {"dim", "heads", "schedule"}
+        needed = {"dim", "heads", "schedule"}
+        missing, extra = needed - set(fields), set(fields) - needed - set(cls.OPTIONAL)
         if missing or extra:
-            raise ValueError(f"mediator config needs exactly dim, heads and schedule; missing "
-                             f"{quoted(sorted(missing))}, unexpected {quoted(sorted(extra))}")
+            raise ValueError(f"mediator config needs exactly dim, heads and schedule (optionally "
+                             f"{', '.join(cls.OPTIONAL)}); missing {quoted(sorted(missing))}, unexpected "
+                             f"{quoted(sorted(extra))}")
         return cls(**fields)
 
 
@@ -113,19 +167,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
 
 
-def teacher_projections(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], int]:
-    """(qkv/proj tensors under the student's names, head count) of a teacher self-attention module:
-    SD/SDXL `attn1` (to_q, to_k, to_v without bias, to_out.0) or PixArt's attention (fused qkv, proj)."""
-    if all(hasattr(teacher, n) for n in ("to_q", "to_k", "to_v", "to_out")):
-        linears, out, heads = (teacher.to_q, teacher.to_k, teacher.to_v), teacher.to_out[0], teacher.heads
-    elif hasattr(teacher, "qkv") and hasattr(teacher, "proj"):
-        for norm in ("q_norm", "k_norm"):  # a q/k LayerNorm would be a different attention; none in PixArt-α/Σ
-            if not isinstance(getattr(teacher, norm, nn.Identity()), nn.Identity):
-                raise ValueError(f"teacher attention has a {norm}; mediator attention has no q/k normalisation")
-        linears, out, heads = (teacher.qkv,), teacher.proj, teacher.num_heads
-    else:
-        raise ValueError(f"{type(teacher).__name__} is neither an SD attn1 (to_q/to_k/to_v/to_out) nor a PixArt "
-                         "attention (qkv/proj)")
+def teacher_state(teacher: nn.Module, family: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], int, float | None]:
+    """(qkv/proj tensors, and q/k RMSNorm weights if it has them, under the student's names; head count; the
+    norms' eps) of a teacher self-attention module, whose projections its family's adapter finds
+    (families.teacher_projections; q/k/v without bias get zero bias)."""
+    linears, out, heads, norms = teacher_projections(teacher, family)
     weight = torch.cat([lin.weight.detach() for lin in linears])
     bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
                       for lin in linears])
@@ -134,11 +181,24 @@ def teacher_projections(teacher: nn.Module) -> tuple[dict[str, torch.Tensor], in
         raise ValueError(f"teacher projections {list(weight.shape)} → {list(out.weight.shape)}: mediator attention "
                          f"needs q/k/v and output widths equal to the channel count {dim}")
     proj_bias = out.bias.detach() if out.bias is not None else weight.new_zeros(dim)
-    return {"qkv.weight": weight, "qkv.bias": bias, "proj.weight": out.weight.detach(), "proj.bias": proj_bias}, heads
+    state = {"qkv.weight": weight, "qkv.bias": bias, "proj.weight": out.weight.detach(), "proj.bias": proj_bias}
+    if norms is None:
+        return state, heads, None
+    state.update({f"{name}.weight": norm.weight.detach() for name, norm in zip(("norm_q", "norm_k"), norms)})
+    return state, heads, float(norms[0].eps)
 
 
 class MediatorAttention(nn.Module):
-    """Self-attention through pooled-query mediators, [B, H, W, C] → [B, H, W, C]; forward(x, mediators=n)."""
+    """Self-attention through pooled-query mediators, [B, H, W, C] → [B, H, W, C]; forward(x, mediators=n).
+
+    A student (students.Student) whose per-step setting is the mediator count its schedule gives."""
+
+    kind = "mediators"  # its type name in weight files
+    label = "mediator attention"
+    tensor_group = "mediators"  # `<site>.mediators.<param>` in weight files
+    param_pattern = r"(?:qkv|proj|dwc|dwc_time|norm_q|norm_k)\.(?:weight|bias)"
+    config_type = MediatorConfig
+    grid_dims = (2, 3)  # images and video
 
     def __init__(self, config: MediatorConfig, ops=TORCH_OPS, device=None, dtype=None):
         super().__init__()
@@ -147,42 +207,100 @@ class MediatorAttention(nn.Module):
         self.qkv = ops.Linear(config.dim, 3 * config.dim, **factory)
         self.proj = ops.Linear(config.dim, config.dim, **factory)
         self.dwc = ops.DepthwiseConv(config.dim, DWC_KERNEL, bias=True, **factory)
+        self.dwc_time = ops.TimeDepthwiseConv(config.dim, config.time_kernel, bias=True, **factory) \
+            if config.time_kernel else None
+        norms = [ops.RMSNorm(config.dim, config.qk_norm_eps, **factory) for _ in range(2)] \
+            if config.qk_norm_eps is not None else (None, None)
+        self.norm_q, self.norm_k = norms
 
     def reset_parameters(self):
         """Fresh initialisation without a teacher (explicit, because ComfyUI's layer classes skip their own)."""
         nn.Linear.reset_parameters(self.qkv)
         nn.Linear.reset_parameters(self.proj)
-        nn.init.zeros_(self.dwc.weight)
-        nn.init.zeros_(self.dwc.bias)
+        for dwc in filter(None, (self.dwc, self.dwc_time)):
+            nn.init.zeros_(dwc.weight)
+            nn.init.zeros_(dwc.bias)
+        for norm in filter(None, (self.norm_q, self.norm_k)):
+            nn.init.ones_(norm.weight)
         return self
 
     @classmethod
     def from_teacher(cls, teacher: nn.Module, schedule: MediatorSchedule = DEFAULT_SCHEDULE, ops=TORCH_OPS,
-                     device=None, dtype=None) -> MediatorAttention:
-        """A student initialised from a teacher attention module: its own trainable copies of the teacher's
-        projections (the teacher stays untouched), a zero DWC."""
-        state, heads = teacher_projections(teacher)
-        student = cls(MediatorConfig(state["proj.weight"].shape[0], heads, schedule), ops, device, dtype)
-        state["dwc.weight"] = torch.zeros(student.dwc.weight.shape)
-        state["dwc.bias"] = torch.zeros(student.dwc.bias.shape)
+                     device=None, dtype=None, family: str | None = None, video: bool = False) -> MediatorAttention:
+        """A student initialised from a teacher attention module of `family` (None: whichever family's it is):
+        its own trainable copies of the teacher's projections and q/k norms (the teacher stays untouched), zero
+        DWCs (`video`: per frame and over time)."""
+        state, heads, eps = teacher_state(teacher, family)
+        config = MediatorConfig(state["proj.weight"].shape[0], heads, schedule, eps, DWC_KERNEL if video else 0)
+        student = cls(config, ops, device, dtype)
+        for dwc in ("dwc", "dwc_time") if video else ("dwc",):
+            state[f"{dwc}.weight"] = torch.zeros(getattr(student, dwc).weight.shape)
+            state[f"{dwc}.bias"] = torch.zeros(getattr(student, dwc).bias.shape)
         student.load_state_dict(state, strict=True)  # copies, cast to the student's device and dtype
         return student
 
     def forward(self, x: torch.Tensor, mediators: int) -> torch.Tensor:
-        b, h, w, c = x.shape
+        """x: [B, H, W, C], or [B, T, H, W, C] on video (mediators pooled in 3-D, mediator_grid_3d)."""
+        b, *grid, c = x.shape
         heads = self.config.heads
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, H, W, C] each
-        grid = mediator_grid(mediators, h, w)
-        t = F.adaptive_avg_pool2d(q.permute(0, 3, 1, 2), grid).flatten(2).transpose(1, 2)  # [B, n, C]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, *grid, C] each
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        pool = F.adaptive_avg_pool2d if len(grid) == 2 else F.adaptive_avg_pool3d
+        t = pool(q.movedim(-1, 1), pooled_grid(mediators, tuple(grid))).flatten(2).transpose(1, 2)  # [B, n, C]
 
         def split_heads(z):  # [B, ..., C] → [B, heads, tokens, d]
             return z.reshape(b, -1, heads, c // heads).transpose(1, 2)
 
         q, k, t, v_heads = map(split_heads, (q, k, t, v))
         v_mediated = attend(t, k, v_heads)  # [B, heads, n, d]
-        out = attend(q, t, v_mediated).transpose(1, 2).reshape(b, h, w, c)
-        out = out + self.dwc(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # on the true H×W grid
-        return self.proj(out)
+        out = attend(q, t, v_mediated).transpose(1, 2).reshape(b, *grid, c)
+        return self.proj(out + self._dwc(v))
+
+    def _dwc(self, v: torch.Tensor) -> torch.Tensor:
+        """The DWC on the true grid: 3×3 per image or frame, plus over time on video."""
+        if v.dim() == 4:
+            return self.dwc(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        b, f, h, w, c = v.shape
+        out = self.dwc(v.reshape(b * f, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(v.shape)
+        if self.dwc_time is not None:
+            out = out + self.dwc_time(v.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        return out
+
+    @classmethod
+    def initial(cls, site, teacher: nn.Module, model_sites, kernel_size: int | None = None,
+                schedule: MediatorSchedule | None = None) -> MediatorAttention:
+        """Student protocol: a fresh student for `site`, from the teacher's projections (from_teacher), running
+        `schedule` (default DEFAULT_SCHEDULE); its DWC is 3×3 whatever `kernel_size` (video: plus 3 over time)."""
+        return cls.from_teacher(teacher, schedule or DEFAULT_SCHEDULE, family=model_sites.family,
+                                video=model_sites.adapter.grid_dims == 3)
+
+    def run(self, tokens: torch.Tensor, grid: tuple[int, ...], setting: int) -> torch.Tensor:
+        """Student protocol: tokens [B, N, C] on an (h, w) or (t, h, w) grid, with `setting` mediators."""
+        b, n, c = tokens.shape
+        return self(tokens.reshape(b, *grid, c), setting).reshape(b, n, c)
+
+    @staticmethod
+    def expected_shapes(config: MediatorConfig) -> dict[str, tuple[int, ...]]:
+        c = config.dim
+        shapes = {"qkv.weight": (3 * c, c), "qkv.bias": (3 * c,), "proj.weight": (c, c), "proj.bias": (c,),
+                  "dwc.weight": (DWC_KERNEL, DWC_KERNEL, c), "dwc.bias": (c,)}
+        if config.time_kernel:
+            shapes.update({"dwc_time.weight": (config.time_kernel, c), "dwc_time.bias": (c,)})
+        if config.qk_norm_eps is not None:
+            shapes.update({"norm_q.weight": (c,), "norm_k.weight": (c,)})
+        return shapes
+
+    @staticmethod
+    def macs(config: MediatorConfig, grid: tuple[int, ...], setting: int) -> int:
+        return mediator_macs(grid, config.dim, setting, config.time_kernel)
+
+    @staticmethod
+    def describe(configs: list[MediatorConfig]) -> str:
+        schedules = " / ".join(sorted({cfg.schedule.format() for cfg in configs}))
+        return f"{len(configs)} mediator-attention sites, schedule {schedules}"
 
     def extra_repr(self) -> str:
-        return f"dim={self.config.dim}, heads={self.config.heads}, schedule={self.config.schedule.format()!r}"
+        extra = "".join(f", {k}={getattr(self.config, k)}" for k, d in MediatorConfig.OPTIONAL.items()
+                        if getattr(self.config, k) != d)
+        return f"dim={self.config.dim}, heads={self.config.heads}, schedule={self.config.schedule.format()!r}{extra}"

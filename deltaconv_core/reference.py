@@ -107,3 +107,40 @@ def reference_mediator_forward(state: dict, heads: int, x: torch.Tensor, grid: t
     dwc = p["dwc.bias"] + sum(padded[:, i:i + H, j:j + W] * p["dwc.weight"][i, j] for i in range(3) for j in range(3))
     out = out.reshape(B, H, W, C) + dwc
     return torch.einsum("byxc,oc->byxo", out, p["proj.weight"]) + p["proj.bias"]
+
+
+def reference_video_mediator_forward(state: dict, heads: int, x: torch.Tensor, grid: tuple[int, int, int],
+                                     eps: float | None = None) -> torch.Tensor:
+    """Video MediatorAttention on x: [B, T, H, W, C] with an explicit (p_t, p_h, p_w) mediator grid: q/k RMSNorm
+    written out (when `eps` is given), mediators as explicit 3-D windows in raster order, per-head softmaxes, the
+    3×3 DWC per frame as nine shifted sums plus the DWC over time as shifted sums along T."""
+    p = {k: v.to(x.dtype) for k, v in state.items()}
+    B, T, H, W, C = x.shape
+    d, n = C // heads, T * H * W
+    qkv = torch.einsum("btyxc,oc->btyxo", x, p["qkv.weight"]) + p["qkv.bias"]
+    q, k, v = qkv[..., :C], qkv[..., C:2 * C], qkv[..., 2 * C:]
+    if eps is not None:
+        q = q / torch.sqrt((q * q).mean(dim=-1, keepdim=True) + eps) * p["norm_q.weight"]
+        k = k / torch.sqrt((k * k).mean(dim=-1, keepdim=True) + eps) * p["norm_k.weight"]
+    windows = [adaptive_avg_pool_windows(size, cells) for size, cells in zip((T, H, W), grid)]
+    t = torch.stack([q[:, f0:f1, r0:r1, c0:c1].mean(dim=(1, 2, 3)) for f0, f1 in windows[0]
+                     for r0, r1 in windows[1] for c0, c1 in windows[2]], dim=1)  # [B, n_mediators, C]
+    q, k, v_tokens = (z.reshape(B, n, C) for z in (q, k, v))
+    out = torch.zeros_like(q)
+    for head in range(heads):
+        c = slice(head * d, (head + 1) * d)
+        mediator_to_keys = reference_softmax(torch.einsum("bmd,bjd->bmj", t[..., c], k[..., c]) / math.sqrt(d))
+        v_mediated = torch.einsum("bmj,bjd->bmd", mediator_to_keys, v_tokens[..., c])
+        query_to_mediators = reference_softmax(torch.einsum("bid,bmd->bim", q[..., c], t[..., c]) / math.sqrt(d))
+        out[..., c] = torch.einsum("bim,bmd->bid", query_to_mediators, v_mediated)
+    padded = x.new_zeros(B, T, H + 2, W + 2, C)
+    padded[:, :, 1:-1, 1:-1] = v
+    dwc = p["dwc.bias"] + sum(padded[:, :, i:i + H, j:j + W] * p["dwc.weight"][i, j]
+                              for i in range(3) for j in range(3))
+    if "dwc_time.weight" in p:
+        k_t = p["dwc_time.weight"].shape[0]
+        padded = x.new_zeros(B, T + k_t - 1, H, W, C)
+        padded[:, k_t // 2:k_t // 2 + T] = v
+        dwc = dwc + p["dwc_time.bias"] + sum(padded[:, i:i + T] * p["dwc_time.weight"][i] for i in range(k_t))
+    out = out.reshape(B, T, H, W, C) + dwc
+    return torch.einsum("btyxc,oc->btyxo", out, p["proj.weight"]) + p["proj.bias"]

@@ -20,12 +20,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .block import BlockConfig, build_block
-from .families import FAMILY_LABELS, ModelSites
+from .block import BlockConfig
+from .families import FAMILIES, ModelSites, family_label, official_family
 from .mediator_schedule import MediatorSchedule
-from .mediators import DEFAULT_SCHEDULE, DWC_KERNEL, MediatorAttention, MediatorConfig
+from .mediators import DEFAULT_SCHEDULE, MediatorAttention
 from .quoting import quoted
-from .students import DELTACONV, MEDIATORS, config_from_dict, student_type
+from .students import (
+    DELTACONV,
+    STUDENTS,
+    StudentConfig,
+    build_student,
+    check_grid,
+    config_from_dict,
+    student_class,
+)
 
 FORMAT_VERSION = "1"
 TRAIN_PREFIX = "_train."
@@ -34,13 +42,11 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # .sft: the short form ComfyUI 
 # Scales implied by the number of pyramid gates in an official file (3 gates: the released PixArt-1024-laion).
 OFFICIAL_SCALES = {1: (1.0,), 2: (1.0, 0.5), 3: (1.0, 0.5, 1 / 3)}
 # ΔConv tensors only: resnets in the official SD files also have `*.conv1.weight` keys. Block names are bounded
-# word characters and dots, so a name from a hostile file can neither flood nor garble a message.
-_NAME = r"(?P<name>(?:[\w.]{1,200}\.)?transformer_blocks\.\d{1,4})"
-_KEY = re.compile(rf"^{_NAME}\.conv1\."
-                  r"(?P<param>(?:conv_up|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias))$")
-_MEDIATOR_KEY = re.compile(rf"^{_NAME}\.mediators\."
-                           r"(?P<param>(?:qkv|proj|dwc)\.(?:weight|bias))$")
-TENSOR_GROUP = {DELTACONV: "conv1", MEDIATORS: "mediators"}  # `<name>.<group>.<param>` per student type
+# word characters and dots, so a name from a hostile file can neither flood nor garble a message; they end in a
+# diffusers `transformer_blocks.<i>`, or in `blocks.<i>` (families without a release name their DiT blocks so: Wan).
+_NAME = r"(?P<name>(?:[\w.]{1,200}\.)?(?:transformer_)?blocks\.\d{1,4})"
+_KEYS = {kind: re.compile(rf"^{_NAME}\.{cls.tensor_group}\.(?P<param>{cls.param_pattern})$")
+         for kind, cls in STUDENTS.items()}
 # Temp files of an atomic save: `.deltaconv-<pid>-<random>.tmp` in the target folder (older ones lack the pid).
 TEMP_PREFIX, TEMP_SUFFIX = ".deltaconv-", ".tmp"
 _TEMP_NAME = re.compile(r"^\.deltaconv-(?:(?P<pid>\d+)-)?[^/\\]*\.tmp$")
@@ -56,10 +62,10 @@ class WeightFileError(ValueError):
 @dataclass
 class DeltaConvWeights:
     """Students keyed by official block name: what the DELTACONV socket carries. Each entry is (config, state
-    dict); the config's type says the student (BlockConfig: ΔConvBlock, MediatorConfig: MediatorAttention)."""
+    dict); the config says the student (`config.student`, see students.py)."""
 
     family: str
-    blocks: dict[str, tuple[BlockConfig | MediatorConfig, dict[str, torch.Tensor]]]
+    students: dict[str, tuple[StudentConfig, dict[str, torch.Tensor]]]
     source: str = "memory"
     format: str = "deltaconv"
     ignored_tensors: int = 0
@@ -72,58 +78,57 @@ class DeltaConvWeights:
               scales=(1.0, 0.5), zero_output: bool = False) -> DeltaConvWeights:
         """Newly initialised blocks for every site (official kernel sizes unless `kernel_sizes` maps names to k).
 
-        zero_output zeroes conv_out and conv_pool, so each block outputs exactly zero (a neutral start).
+        zero_output zeroes conv_out and conv_pool, so each block outputs exactly zero (a neutral start). The
+        seed drives a private copy of the CPU generator: torch's global random state (ComfyUI's, the user's seeds)
+        is left as it was.
         """
-        torch.manual_seed(seed)
+        check_grid(STUDENTS[DELTACONV], model_sites)
         blocks = {}
-        for site in model_sites.sites:
-            k = (kernel_sizes or {}).get(site.name, site.kernel_size)
-            config = BlockConfig(site.channels, k, tuple(scales), model_sites.default_gate)
-            sd = build_block(config).state_dict()
-            if zero_output:
-                for key in ("conv_out.weight", "conv_out.bias", "conv_pool.weight", "conv_pool.bias"):
-                    sd[key].zero_()
-            blocks[site.name] = (config, sd)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for site in model_sites.sites:
+                k = (kernel_sizes or {}).get(site.name, site.kernel_size)
+                config = BlockConfig(site.channels, k, tuple(scales), model_sites.default_gate)
+                sd = build_student(config).state_dict()
+                if zero_output:
+                    for key in ("conv_out.weight", "conv_out.bias", "conv_pool.weight", "conv_pool.bias"):
+                        sd[key].zero_()
+                blocks[site.name] = (config, sd)
         return cls(model_sites.family, blocks, source=f"fresh (seed {seed})", format="fresh")
+
+    @classmethod
+    def fresh_students(cls, kind: str, model_sites: ModelSites, diffusion_model: torch.nn.Module, seed: int = 0,
+                       kernel_sizes: dict | None = None, schedule: MediatorSchedule | None = None,
+                       sites=None) -> DeltaConvWeights:
+        """Fresh students of one kind for `sites` (default: all) of a model, to distil (Student.initial): random
+        ones from `seed` (a private copy of the CPU generator: torch's global state stays as it was), or from the
+        model's own attention (a site already wrapped by a patch works too: the wrapper keeps the projections)."""
+        check_grid(STUDENTS[kind], model_sites)
+        students = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for site in model_sites.sites if sites is None else sites:
+                student = STUDENTS[kind].initial(site, diffusion_model.get_submodule(site.path), model_sites,
+                                                 (kernel_sizes or {}).get(site.name), schedule)
+                students[site.name] = (student.config, student.state_dict())
+        return cls(model_sites.family, students, source=f"fresh {kind} (seed {seed})", format="fresh")
 
     @classmethod
     def fresh_mediators(cls, model_sites: ModelSites, diffusion_model: torch.nn.Module,
                         schedule: MediatorSchedule = DEFAULT_SCHEDULE, sites=None) -> DeltaConvWeights:
-        """Mediator students for `sites` (default: all), initialised from the model's own attention projections
-        (a site already wrapped by a patch works too: the wrapper keeps the original projections)."""
-        blocks = {}
-        for site in model_sites.sites if sites is None else sites:
-            student = MediatorAttention.from_teacher(diffusion_model.get_submodule(site.path), schedule)
-            blocks[site.name] = (student.config, student.state_dict())
-        return cls(model_sites.family, blocks, source="fresh (from the model's attention)", format="fresh")
+        """Mediator students initialised from the model's own attention projections (fresh_students)."""
+        return cls.fresh_students(MediatorAttention.kind, model_sites, diffusion_model, schedule=schedule,
+                                  sites=sites)
 
     def summary(self) -> str:
-        delta = [cfg for cfg, _ in self.blocks.values() if student_type(cfg) == DELTACONV]
-        mediators = [cfg for cfg, _ in self.blocks.values() if student_type(cfg) == MEDIATORS]
-        kernels = sorted({cfg.kernel_size for cfg in delta})
-        scales = sorted({len(cfg.scales) for cfg in delta})
-        family = FAMILY_LABELS.get(self.family, self.family)
-        text = f"{os.path.basename(self.source)}: "
-        if delta:
-            text += (f"{len(delta)} ΔConv blocks for {family} ({self.format} format), kernels {kernels}, "
-                     f"{'/'.join(map(str, scales))} scales")
-        if mediators:
-            schedules = sorted({cfg.schedule.format() for cfg in mediators})
-            text += "; " if delta else f"{family} ({self.format} format): "
-            text += f"{len(mediators)} mediator-attention sites, schedule {' / '.join(schedules)}"
+        configs = [cfg for cfg, _ in self.students.values()]
+        parts = [cls.describe(mine) for kind, cls in STUDENTS.items()
+                 if (mine := [cfg for cfg in configs if cfg.student == kind])]
+        family = family_label(self.family)
+        text = f"{os.path.basename(self.source)}: {family} ({self.format} format): {'; '.join(parts)}"
         if self.ignored_tensors:
             text += f"; ignored {self.ignored_tensors} non-ΔConv tensors in the file"
         return text
-
-
-def _infer_family(names: list[str]) -> str:
-    if any(n.startswith("down_blocks.0.attentions.") for n in names):
-        return "sd1"  # SD1.x layout (SD2.x shares it; no official SD2 release exists)
-    if any(n.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for n in names):
-        return "sdxl"
-    if names and all(n.startswith("transformer_blocks.") for n in names):
-        return "pixart"
-    raise WeightFileError(f"cannot tell which model family the blocks {names[:3]}… belong to")
 
 
 def _infer_config(name: str, t: dict[str, torch.Tensor], gate: str) -> BlockConfig:
@@ -150,24 +155,9 @@ def _infer_config(name: str, t: dict[str, torch.Tensor], gate: str) -> BlockConf
     return config
 
 
-def _expected_shapes(config: BlockConfig | MediatorConfig) -> dict[str, tuple[int, ...]]:
-    if isinstance(config, MediatorConfig):
-        c = config.dim
-        return {"qkv.weight": (3 * c, c), "qkv.bias": (3 * c,), "proj.weight": (c, c), "proj.bias": (c,),
-                "dwc.weight": (DWC_KERNEL, DWC_KERNEL, c), "dwc.bias": (c,)}
-    c, ci, k = config.dim, config.inner_dim, config.kernel_size
-    shapes = {"conv_up.weight": (ci, c), "conv_up.bias": (ci,), "conv_out.weight": (c, len(config.scales) * (ci // 2)),
-              "conv_out.bias": (c,), "conv_pool.weight": (c, c), "conv_pool.bias": (c,)}
-    for i in range(len(config.scales)):
-        shapes[f"gates.{i}.conv_spatial.weight"] = (k, k, ci)
-        if config.dw_bias:
-            shapes[f"gates.{i}.conv_spatial.bias"] = (ci,)
-    return shapes
-
-
-def _check_shapes(name: str, t: dict[str, torch.Tensor], config: BlockConfig | MediatorConfig):
-    expected = _expected_shapes(config)
-    group = TENSOR_GROUP[student_type(config)]
+def _check_shapes(name: str, t: dict[str, torch.Tensor], config):
+    expected = student_class(config).expected_shapes(config)
+    group = student_class(config).tensor_group
     for key, shape in expected.items():
         if key not in t:
             raise WeightFileError(f"block {name}: missing tensor {name}.{group}.{key} (expected shape {list(shape)})")
@@ -199,14 +189,15 @@ def load_weights(path: str) -> DeltaConvWeights:
         ignored = 0
         file_keys = f.keys()  # a safe_open handle: keys() only, no iteration or `in`
         for key in file_keys:
-            m = _KEY.match(key) or _MEDIATOR_KEY.match(key)
+            kind, m = next(((kind, m) for kind, pattern in _KEYS.items() if (m := pattern.match(key))), (None, None))
             if m is None:
                 ignored += not key.startswith(TRAIN_PREFIX)
                 continue
-            kind = DELTACONV if m.re is _KEY else MEDIATORS
             if kinds.setdefault(m["name"], kind) != kind:
-                raise WeightFileError(f"{os.path.basename(path)}: block {m['name']} has both ΔConv (.conv1.) and "
-                                      "mediator (.mediators.) tensors; a site has one student")
+                both = " and ".join(f"{STUDENTS[k].label} (.{STUDENTS[k].tensor_group}.)"
+                                    for k in sorted((kind, kinds[m["name"]])))
+                raise WeightFileError(f"{os.path.basename(path)}: block {m['name']} has both {both} tensors; a site "
+                                      "has one student")
             grouped.setdefault(m["name"], {})[m["param"]] = _block_tensor(os.path.basename(path), key,
                                                                           f.get_tensor(key))
     if not grouped:
@@ -221,21 +212,24 @@ def load_weights(path: str) -> DeltaConvWeights:
             raise WeightFileError(f"{os.path.basename(path)}: metadata and tensors disagree on blocks "
                                   f"{quoted(missing[:4])}")
         for n in names:
-            if student_type(configs[n]) != kinds[n]:
-                raise WeightFileError(f"{os.path.basename(path)}: block {n} is a {student_type(configs[n])} student "
+            if configs[n].student != kinds[n]:
+                raise WeightFileError(f"{os.path.basename(path)}: block {n} is a {configs[n].student} student "
                                       f"in the metadata, but its tensors are {kinds[n]} tensors "
-                                      f"({n}.{TENSOR_GROUP[kinds[n]]}.*)")
+                                      f"({n}.{STUDENTS[kinds[n]].tensor_group}.*)")
             _check_shapes(n, grouped[n], configs[n])
         fmt, fingerprint = f"deltaconv v{int(meta['deltaconv_format'])}", meta.get("base_fingerprint") or None
         site_fingerprints = _read_site_fingerprints(os.path.basename(path), meta)
     else:
-        mediators = sorted(n for n in names if kinds[n] == MEDIATORS)
-        if mediators:
-            raise WeightFileError(f"{os.path.basename(path)}: mediator tensors ({mediators[0]}.mediators.*) without "
-                                  "this pack's metadata; heads and schedule cannot be read from shapes")
-        family = _infer_family(names)
-        gate = "sigmoid" if family == "pixart" else "scaled"
-        configs = {n: _infer_config(n, grouped[n], gate) for n in names}
+        others = sorted(n for n in names if kinds[n] != DELTACONV)  # official files hold ΔConv blocks only
+        if others:
+            raise WeightFileError(f"{os.path.basename(path)}: {STUDENTS[kinds[others[0]]].label} tensors "
+                                  f"({others[0]}.{STUDENTS[kinds[others[0]]].tensor_group}.*) without this pack's "
+                                  "metadata; their settings cannot be read from shapes")
+        official = official_family(names)  # the family's adapter, from the block names
+        if official is None:
+            raise WeightFileError(f"cannot tell which model family the blocks {names[:3]}… belong to")
+        family = official.key
+        configs = {n: _infer_config(n, grouped[n], official.gate) for n in names}
         fmt, fingerprint, training, site_fingerprints = "official ConvFusion", None, {}, {}
     blocks = {n: (configs[n], grouped[n]) for n in names}
     return DeltaConvWeights(family, blocks, source=path, format=fmt, ignored_tensors=ignored,
@@ -281,8 +275,8 @@ def _read_metadata(filename: str, meta: dict) -> tuple[dict, str, dict]:
     if not meta["deltaconv_format"].isdigit() or len(meta["deltaconv_format"]) > 4:
         raise damaged(f"deltaconv_format = {quoted(meta['deltaconv_format'])} is not a version number")
     family = meta.get("family")
-    if family not in FAMILY_LABELS:
-        raise damaged(f"family = {quoted(family)} is not one of {', '.join(FAMILY_LABELS)}")
+    if family not in FAMILIES:
+        raise damaged(f"family = {quoted(family)} is not one of {', '.join(FAMILIES)}")
     if "blocks" not in meta:
         raise damaged("no blocks entry")
     entries, training = _json(filename, meta, "blocks", "{}"), _json(filename, meta, "training", "{}")
@@ -311,11 +305,11 @@ def save_weights(weights: DeltaConvWeights, path: str, overwrite: bool = False,
         path += ".safetensors"
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or allow overwriting")
-    tensors = {f"{name}.{TENSOR_GROUP[student_type(cfg)]}.{k}": v.detach().to("cpu").contiguous()
-               for name, (cfg, sd) in weights.blocks.items() for k, v in sd.items()}
+    tensors = {f"{name}.{student_class(cfg).tensor_group}.{k}": v.detach().to("cpu").contiguous()
+               for name, (cfg, sd) in weights.students.items() for k, v in sd.items()}
     tensors.update({TRAIN_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in (training_tensors or {}).items()})
     meta = {"deltaconv_format": FORMAT_VERSION, "family": weights.family,
-            "blocks": json.dumps({n: cfg.to_dict() for n, (cfg, _) in weights.blocks.items()}),
+            "blocks": json.dumps({n: cfg.to_dict() for n, (cfg, _) in weights.students.items()}),
             "base_fingerprint": weights.base_fingerprint or "", "training": json.dumps(weights.training),
             "site_fingerprints": json.dumps(weights.site_fingerprints)}
     directory = os.path.dirname(os.path.abspath(path))
@@ -430,14 +424,14 @@ class Match:
 def match_sites(weights: DeltaConvWeights, model_sites: ModelSites, sites) -> Match:
     """Pair the file's blocks with the model's sites; refuse files made for another family or shape."""
     if weights.family != model_sites.family:
-        first = next(iter(weights.blocks))
+        first = next(iter(weights.students))
         raise WeightFileError(
-            f"{os.path.basename(weights.source)} was made for {FAMILY_LABELS.get(weights.family, weights.family)}, "
+            f"{os.path.basename(weights.source)} was made for {family_label(weights.family)}, "
             f"but the model is {model_sites.variant}: first block {first} does not belong to this model. "
             "Pick the file for this model family (see weights/README.md) or distill blocks for it.")
     present, missing = [], []
     for site in sites:
-        entry = weights.blocks.get(site.name)
+        entry = weights.students.get(site.name)
         if entry is None:
             missing.append(site)
             continue
@@ -447,5 +441,5 @@ def match_sites(weights: DeltaConvWeights, model_sites: ModelSites, sites) -> Ma
                                   f"expects {site.channels} channels, the file has {config.dim}.")
         present.append((site, config, sd))
     known = {s.name for s in model_sites.sites}
-    unused = [n for n in weights.blocks if n not in known]
+    unused = [n for n in weights.students if n not in known]
     return Match(present, missing, unused)

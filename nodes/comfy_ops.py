@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import comfy.ops
 
-from ..deltaconv_core.block import DepthwiseConv
+from ..deltaconv_core.block import DepthwiseConv, RMSNorm, TimeDepthwiseConv
 
 
 class ComfyDepthwiseConv(DepthwiseConv, comfy.ops.CastWeightBiasOp):
@@ -13,9 +13,20 @@ class ComfyDepthwiseConv(DepthwiseConv, comfy.ops.CastWeightBiasOp):
         return comfy.ops.cast_bias_weight(self, x)
 
 
+class ComfyTimeDepthwiseConv(TimeDepthwiseConv, comfy.ops.CastWeightBiasOp):
+    comfy_cast_weights = True
+    cast_weight_bias = ComfyDepthwiseConv.cast_weight_bias
+
+
+class ComfyRMSNorm(RMSNorm, comfy.ops.CastWeightBiasOp):
+    comfy_cast_weights = True
+    cast_weight_bias = ComfyDepthwiseConv.cast_weight_bias
+
+
 class ComfyLinear(comfy.ops.manual_cast.Linear):
     def cast_weight_bias(self, x):  # for the block's fused output projection
         return comfy.ops.cast_bias_weight(self, x)
 
 
-COMFY_OPS = SimpleNamespace(Linear=ComfyLinear, DepthwiseConv=ComfyDepthwiseConv)
+COMFY_OPS = SimpleNamespace(Linear=ComfyLinear, DepthwiseConv=ComfyDepthwiseConv,
+                            TimeDepthwiseConv=ComfyTimeDepthwiseConv, RMSNorm=ComfyRMSNorm)

@@ -8,8 +8,8 @@ import comfy.samplers
 
 from ..deltaconv_core.families import UnsupportedModelError, find_attention_sites
 from ..deltaconv_core.metrics import abs_difference, difference_heatmap, psnr, ssim
-from ..deltaconv_core.students import DELTACONV, MEDIATORS
-from .validation import check_widgets, require_widgets
+from ..deltaconv_core.students import STUDENTS
+from .validation import check_widgets, require_widgets, validates_widgets
 from .wrappers import delta_runtimes, student_wrappers
 
 log = logging.getLogger("deltaconv")
@@ -57,18 +57,20 @@ def call_counts(runtimes) -> Counter:
     return total
 
 
-def student_calls(calls, student_types) -> str:
-    """How often each student of the patched model ran; mediator calls by their count."""
-    parts = [f"{calls['delta']} ran ΔConv"] if DELTACONV in student_types else []
-    if MEDIATORS in student_types:
-        per_count = sorted((int(k.split(":", 1)[1]), v) for k, v in calls.items() if k.startswith("mediators:"))
-        detail = ", ".join(f"{v} with {n}" for n, v in per_count)
-        parts.append(f"{sum(v for _, v in per_count)} ran mediator attention"
-                     + (f" ({detail} mediators)" if detail else ""))
+def student_calls(calls, kinds) -> str:
+    """How often each student kind of the patched model ran, by setting where it has one (call keys are
+    "<kind>" or "<kind>:<setting>"): "24 ran ΔConv block, 12 ran mediator attention (6 with 4, 6 with 16 mediators)"."""
+    parts = []
+    for kind in sorted(kinds):
+        per_setting = sorted((int(key.partition(":")[2] or 0), n) for key, n in calls.items()
+                             if key.partition(":")[0] == kind)
+        detail = ", ".join(f"{n} with {setting}" for setting, n in per_setting if setting)
+        parts.append(f"{sum(n for _, n in per_setting)} ran {STUDENTS[kind].label}"
+                     + (f" ({detail} {kind})" if detail else ""))
     return ", ".join(parts)
 
 
-def report(settings, original, patched, times, calls, student_types, notes):
+def report(settings, original, patched, times, calls, student_kinds, notes):
     p, s = psnr(original, patched), ssim(original, patched)
     diff = abs_difference(original, patched)
     lines = [f"ΔConv Compare: {settings}"]
@@ -86,12 +88,13 @@ def report(settings, original, patched, times, calls, student_types, notes):
     lines.append(f"  sampling time (weight loading excluded): original {times[0]:.2f} s, patched {times[1]:.2f} s "
                  f"(speed-up {times[0] / max(times[1], 1e-9):.2f}x)")
     fallbacks = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(calls.items()) if k.startswith("attention:"))
-    lines.append(f"  self-attention calls of the patched model: {student_calls(calls, student_types)}"
+    lines.append(f"  self-attention calls of the patched model: {student_calls(calls, student_kinds)}"
                  + (f"; original attention: {fallbacks}" if fallbacks else ""))
     lines += [f"  note: {n}" for n in notes]
     return "\n".join(lines), p, s
 
 
+@validates_widgets
 class DeltaConvCompare:
     DESCRIPTION = ("Samples the original and the ΔConv-patched model from the same seed and settings (as KSampler "
                    "does), decodes both and measures the difference: PSNR and SSIM per image, a heat map of the "
@@ -134,14 +137,12 @@ class DeltaConvCompare:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, seed=None, steps=None, cfg=None, sampler_name=None, scheduler=None, denoise=None):
-        return check_widgets(cls, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                             denoise=denoise)
+    def VALIDATE_INPUTS(cls, **widgets):
+        return check_widgets(cls, widgets)
 
     def compare(self, model, patched_model, vae, positive, negative, latent_image, seed, steps, cfg, sampler_name,
                 scheduler, denoise):
-        require_widgets(type(self), seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                        denoise=denoise)
+        require_widgets(type(self), locals())
         runtimes = delta_runtimes(patched_model)
         if not runtimes:
             raise ValueError(NOT_PATCHED)
@@ -159,8 +160,8 @@ class DeltaConvCompare:
         calls = call_counts(runtimes) - before
         images = decode(vae, original), decode(vae, patched)
         settings = f"seed {seed}, {steps} steps, {sampler_name}/{scheduler}, cfg {cfg}, denoise {denoise}"
-        student_types = {w.student_type for w in student_wrappers(patched_model)}
-        text, p, s = report(settings, *images, (t_original, t_patched), calls, student_types, notes)
+        kinds = {w.student_type for w in student_wrappers(patched_model)}
+        text, p, s = report(settings, *images, (t_original, t_patched), calls, kinds, notes)
         for line in text.splitlines():
             log.info("%s", line.strip())
         result = (*images, difference_heatmap(*images), float(p.mean()), float(s.mean()), text)

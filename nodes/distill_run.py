@@ -11,14 +11,12 @@ from ..deltaconv_core.distill import ONE_PROCESS, DistillConfig, Distiller, Dist
 from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.fingerprint import site_fingerprint
 from ..deltaconv_core.mediator_schedule import MediatorSchedule
-from ..deltaconv_core.mediators import DEFAULT_SCHEDULE, MediatorConfig
 from ..deltaconv_core.quoting import quoted
-from ..deltaconv_core.students import MEDIATORS
 from ..deltaconv_core.weights import DeltaConvWeights, read_training_state, save_weights
 from . import compat
 from .comfy_denoiser import ComfyDenoiser, sigma_table
-from .patching import patch_model, projection_weight
-from .training_model import feature_taps, gradient_checkpointing, make_backprop_safe, trainable_blocks
+from .patching import patch_model
+from .training_model import feature_taps, gradient_checkpointing, make_backprop_safe, trainable_students
 from .wrappers import original_attention
 
 log = logging.getLogger("deltaconv")
@@ -50,7 +48,7 @@ def check_latents(model, x0: torch.Tensor):
 
 def model_fingerprints(model, sites) -> dict[str, str]:
     """Each site's base-model fingerprint, stored with the blocks; ΔConv Patch compares them (conflicts.py)."""
-    prints = {s.name: site_fingerprint(projection_weight(original_attention(model, s), sites.family))
+    prints = {s.name: site_fingerprint(sites.adapter.projection_weight(original_attention(model, sites, s)))
               for s in sites.sites}
     return {name: fingerprint for name, fingerprint in prints.items() if fingerprint is not None}
 
@@ -62,18 +60,16 @@ def chosen_schedule(config: DistillConfig) -> MediatorSchedule | None:
 def fresh_students(model, config: DistillConfig, kernel_sizes: dict | None = None) -> DeltaConvWeights:
     """New students for every site, as config.student says: seeded ΔConv blocks (official kernel sizes unless
     `kernel_sizes`), or mediator attention initialised from the model's own attention projections."""
-    sites = find_attention_sites(model.model.diffusion_model)
-    if config.student != MEDIATORS:
-        return DeltaConvWeights.fresh(sites, config.seed, kernel_sizes)
+    diffusion_model = model.model.diffusion_model
     with torch.inference_mode(False):  # trainable copies of the projections; ComfyUI runs nodes in inference mode
-        return DeltaConvWeights.fresh_mediators(sites, model.model.diffusion_model,
-                                                chosen_schedule(config) or DEFAULT_SCHEDULE)
+        return DeltaConvWeights.fresh_students(config.student, find_attention_sites(diffusion_model),
+                                               diffusion_model, config.seed, kernel_sizes, chosen_schedule(config))
 
 
 def mediator_training(start: DeltaConvWeights, config: DistillConfig, model) -> MediatorTraining | None:
     """How `start`'s mediator students train (None without any): on config's schedule when set, which is then
     stored with them, else on the one they have."""
-    schedules = {cfg.schedule for cfg, _ in start.blocks.values() if isinstance(cfg, MediatorConfig)}
+    schedules = {cfg.schedule for cfg, _ in start.students.values() if cfg.schedule is not None}
     if not schedules:
         return None
     schedule = chosen_schedule(config)
@@ -86,8 +82,8 @@ def mediator_training(start: DeltaConvWeights, config: DistillConfig, model) -> 
 
 
 def trained_config(config, training: MediatorTraining | None):
-    """A site's config as saved after training: mediator sites with the schedule they trained on."""
-    if isinstance(config, MediatorConfig):
+    """A site's config as saved after training: students with a schedule get the one they trained on."""
+    if config.schedule is not None:
         return replace(config, schedule=training.schedule)
     return config
 
@@ -127,13 +123,13 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     device = comfy.model_management.get_torch_device()
     if config.stage == "B":
         make_backprop_safe(patched.model.diffusion_model)
-    blocks = trainable_blocks(patched, sites.sites)
+    blocks = trainable_students(patched, sites.sites)
     for block in blocks.values():
         block.requires_grad_(True)
     latents = patched.model.process_latent_in(x0.to(device))  # LATENTs hold raw VAE output
     denoiser = ComfyDenoiser(patched, positive, negative, latents)
     distiller = Distiller(denoiser, runtime.teacher, blocks, latents, sigma_table(patched), config,
-                          taps=feature_taps(patched, sites.sites) if config.stage == "B" else None,
+                          taps=feature_taps(patched, sites) if config.stage == "B" else None,
                           device=device, processes=processes, mediators=mediators)
     resumed = read_training_state(start.source) if os.path.isfile(start.source) else None
     last_saved = None
@@ -144,7 +140,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
 
     def snapshot() -> DeltaConvWeights:
         tensors = {n: {k: v.detach().cpu().clone() for k, v in blocks[n].state_dict().items()} for n in blocks}
-        configs = {n: trained_config(start.blocks[n][0], mediators) for n in blocks}
+        configs = {n: trained_config(start.students[n][0], mediators) for n in blocks}
         return DeltaConvWeights(sites.family, {n: (configs[n], tensors[n]) for n in blocks}, source=prefix,
                                 site_fingerprints={n: fingerprints[n] for n in blocks if n in fingerprints})
 
@@ -159,7 +155,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
 
     cancelled = False
     try:
-        with gradient_checkpointing(patched, config.gradient_checkpointing and config.stage == "B"):
+        with gradient_checkpointing(patched, sites, config.gradient_checkpointing and config.stage == "B"):
             while not distiller.finished:
                 if should_stop is not None and should_stop():
                     raise Interrupted

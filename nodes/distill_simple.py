@@ -6,47 +6,33 @@ starting from A's blocks) are two ΔConv Distill runs in a row.
 """
 import json
 import logging
+from typing import ClassVar
 
 import comfy.model_management
 import torch
 
 from ..deltaconv_core.distill import DistillError
-from ..deltaconv_core.quoting import quoted
 from . import compat
-from .distill import CHECKPOINT_SUFFIX_BYTES, STAGE_CHOICES, DeltaConvDistill, output_dir
-from .validation import check_widgets, output_path_error
+from .distill import CHECKPOINT_SUFFIX_BYTES, DeltaConvDistill, output_dir
+from .validation import check_widgets, output_path_error, require_widgets, validates_widgets, widget_inputs
 
 log = logging.getLogger("deltaconv")
 
-STAGE_A = {"stage": STAGE_CHOICES[0], "steps": 2000, "learning_rate": 3e-4, "warmup_steps": 200, "save_every": 500}
+STAGE_A = {"stage": "A", "steps": 2000, "learning_rate": 3e-4, "warmup_steps": 200, "save_every": 500}
 # Stage B as the paper trains: Min-SNR-γ 5; gradient checkpointing so it fits more GPUs (slower, same result).
-STAGE_B = {"stage": STAGE_CHOICES[1], "steps": 10000, "learning_rate": 1e-4, "warmup_steps": 500,
+STAGE_B = {"stage": "B", "steps": 10000, "learning_rate": 1e-4, "warmup_steps": 500,
            "save_every": 1000, "gradient_checkpointing": True, "min_snr_gamma": 5.0}
 FINE_TUNE = {**STAGE_B, "steps": 2000, "learning_rate": 5e-5, "warmup_steps": 100, "save_every": 500}
 CHECK = {"steps": 2, "save_every": 0, "allow_cpu": True}  # the second step holds all memory a run needs
-FINE_TUNE_PRESET = "fine-tune connected blocks: stage B, 2000 steps at a low learning rate"
-PRESETS = {
-    "quick: stage A, 2000 steps": (STAGE_A,),
-    "full: stage A 2000 steps, then stage B 10000 steps": (STAGE_A, STAGE_B),
-    FINE_TUNE_PRESET: (FINE_TUNE,),
-    "check: stage A then B, 2 steps each (runs on the CPU too)": ({**STAGE_A, **CHECK}, {**STAGE_B, **CHECK}),
-}
+PRESETS = {"quick": (STAGE_A,), "full": (STAGE_A, STAGE_B), "fine_tune": (FINE_TUNE,),
+           "check": ({**STAGE_A, **CHECK}, {**STAGE_B, **CHECK})}
 BATCH_SIZE = 4  # fewer when there are fewer latents
-WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
 def advanced_defaults() -> dict:
     """Every widget input of ΔConv Distill with its default value (a combo without one: its first choice)."""
-    types = DeltaConvDistill.INPUT_TYPES()
-    values = {}
-    for group in ("required", "optional"):
-        for name, spec in types.get(group, {}).items():
-            options = spec[1] if len(spec) > 1 else {}
-            if isinstance(spec[0], (list, tuple)):
-                values[name] = options.get("default", spec[0][0])
-            elif spec[0] in WIDGET_KINDS:
-                values[name] = options["default"]
-    return values
+    return {name: options["default"] if "default" in options else kind[0]
+            for name, (kind, options) in widget_inputs(DeltaConvDistill).items()}
 
 
 def training_dtype(device) -> str:
@@ -61,9 +47,10 @@ def preset_settings(preset: str, filename_prefix: str, n_latents: int, device) -
     return [{**advanced_defaults(), **machine, **phase} for phase in PRESETS[preset]]
 
 
+@validates_widgets
 class DeltaConvDistillSimple:
     DESCRIPTION = ("ΔConv Distill with its settings chosen by a preset: quick (stage A), full (stage A, then stage B "
-                   "from A's blocks), fine-tune (the connected blocks), or check (2 steps per stage). It logs every "
+                   "from A's blocks), fine_tune (the connected blocks), or check (2 steps per stage). It logs every "
                    "ΔConv Distill setting it used, so ΔConv Distill reproduces the run. Needs a GPU, except check.")
     CATEGORY = "ΔConv/training"
     SEARCH_ALIASES = ("distill simple", "train deltaconv", "distillation", "convfusion", "linear attention",
@@ -77,6 +64,12 @@ class DeltaConvDistillSimple:
                        "resume).")
     FUNCTION = "distill"
     EXPERIMENTAL = True
+    # Presets as older releases saved them: still accepted, and run as their key (CHANGELOG.md).
+    LEGACY_CHOICES: ClassVar = {"preset": {
+        "quick: stage A, 2000 steps": "quick",
+        "full: stage A 2000 steps, then stage B 10000 steps": "full",
+        "fine-tune connected blocks: stage B, 2000 steps at a low learning rate": "fine_tune",
+        "check: stage A then B, 2 steps each (runs on the CPU too)": "check"}}
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -88,12 +81,13 @@ class DeltaConvDistillSimple:
                                                   "KSampler outputs for data-free distillation. Up to 4 per step."}),
                 "positive": ("CONDITIONING", {"tooltip": "One prompt for all latents, or one entry per latent."}),
                 "preset": (presets, {"default": presets[0],
-                                     "tooltip": "quick: stage A (block-local, cheap), 2000 steps. full: stage A, "
-                                                "then stage B (end-to-end, the paper's recipe, far more memory) "
-                                                "from A's blocks. fine-tune: stage B on the connected blocks, "
-                                                "e.g. official ones for your fine-tuned checkpoint. check: both "
-                                                "stages for 2 steps, to test memory and setup first. The log "
-                                                "lists every setting used."}),
+                                     "tooltip": "quick: stage A (block-local, cheap), 2000 steps. full: stage A "
+                                                "2000 steps, then stage B (end-to-end, the paper's recipe, far "
+                                                "more memory) 10000 steps from A's blocks. fine_tune: stage B, "
+                                                "2000 steps at a low learning rate, on the connected blocks, e.g. "
+                                                "official ones for your fine-tuned checkpoint. check: stage A then "
+                                                "B, 2 steps each, to test memory and setup first (runs on the CPU "
+                                                "too). The log lists every setting used."}),
                 "filename_prefix": ("STRING", {"default": "deltaconv_distilled",
                                                "tooltip": "Checkpoints are output/deltaconv/<prefix>_<run>_<stage>_"
                                                           "<step>.safetensors, each phase a new run number; "
@@ -102,7 +96,7 @@ class DeltaConvDistillSimple:
             "optional": {
                 "negative": ("CONDITIONING", {"tooltip": "Empty/negative prompt: when connected, 15% of samples "
                                                          "train on it (caption drop), as the paper does."}),
-                "deltaconv": ("DELTACONV", {"tooltip": "Blocks to start from; fine-tune needs them. A checkpoint "
+                "deltaconv": ("DELTACONV", {"tooltip": "Blocks to start from; fine_tune needs them. A checkpoint "
                                                        "of the same stage resumes its run up to the preset's "
                                                        "steps."}),
             },
@@ -110,24 +104,24 @@ class DeltaConvDistillSimple:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, preset=None, filename_prefix=None):
-        verdict = check_widgets(cls, preset=preset)
+    def VALIDATE_INPUTS(cls, **widgets):
+        verdict = check_widgets(cls, widgets)
         if verdict is not True:
             return verdict
-        return output_path_error(output_dir(), filename_prefix, "filename_prefix", CHECKPOINT_SUFFIX_BYTES)
+        return output_path_error(output_dir(), widgets.get("filename_prefix"), "filename_prefix",
+                                 CHECKPOINT_SUFFIX_BYTES)
 
     def distill(self, model, latents, positive, preset, filename_prefix, negative=None, deltaconv=None,
                 unique_id=None):
-        if preset not in PRESETS:
-            raise ValueError(f"preset = {quoted(preset)} is not one of {list(PRESETS)}")
-        if preset == FINE_TUNE_PRESET and deltaconv is None:
-            raise DistillError("the fine-tune preset trains the blocks connected as deltaconv (ΔConv Load): "
+        preset = require_widgets(type(self), locals())["preset"]  # a preset saved by an older release: its key
+        if preset == "fine_tune" and deltaconv is None:
+            raise DistillError("the fine_tune preset trains the blocks connected as deltaconv (ΔConv Load): "
                                "connect them, or choose quick or full for fresh blocks")
         device = comfy.model_management.get_torch_device()
         phases = preset_settings(preset, filename_prefix, latents["samples"].shape[0], device)
         if device.type == "cpu" and not all(p["allow_cpu"] for p in phases):
-            raise DistillError(f"ComfyUI runs on the CPU here, where the {preset.split(':')[0]} preset would take "
-                               "days. Start ComfyUI with a GPU; the check preset runs on the CPU too.")
+            raise DistillError(f"ComfyUI runs on the CPU here, where the {preset} preset would take days. Start "
+                               "ComfyUI with a GPU; the check preset runs on the CPU too.")
         weights, losses, checkpoint = deltaconv, [], None
         for i, settings in enumerate(phases, 1):
             start = ("fresh blocks" if weights is None else "the connected deltaconv" if i == 1 else

@@ -12,16 +12,14 @@ from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.metrics import colormap
 from . import compat
 from .comfy_denoiser import ComfyDenoiser
-from .validation import check_widgets, require_widgets
+from .validation import check_widgets, require_widgets, validates_widgets
 from .wrappers import PREFIX, install_runtime_hooks, install_teacher_wrapper, original_attention
 
 
-def _attention_maps(module, x, queries, family):
+def _attention_maps(adapter, module, x, queries):
     """Head-averaged attention probabilities of the chosen query tokens of image 0 over all its tokens: [Q, N]."""
-    if family == "pixart":
-        q, k, _ = module.qkv(x[0]).chunk(3, dim=-1)
-        return attention_probabilities(q[queries], k, module.num_heads)
-    return attention_probabilities(module.to_q(x[0, queries]), module.to_k(x[0]), module.heads)
+    q, k, heads = adapter.queries_keys(module, x[0])
+    return attention_probabilities(q[queries], k, heads)
 
 
 def measure(model, positive, latent_hw, sigma, seed, max_queries):
@@ -31,8 +29,8 @@ def measure(model, positive, latent_hw, sigma, seed, max_queries):
     runtime.teacher.recording = {}
     clone = model.clone()
     for s in sites.sites:  # teacher-only wrappers: they run the original attention and record its input
-        install_teacher_wrapper(clone, sites, s, original_attention(model, s), runtime)
-    install_runtime_hooks(clone, sites, runtime)
+        install_teacher_wrapper(clone, sites, s, original_attention(model, sites, s), runtime)
+    install_runtime_hooks(clone, runtime)
     comfy.model_management.load_models_gpu([clone])
     device = comfy.model_management.get_torch_device()
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +45,7 @@ def measure(model, positive, latent_hw, sigma, seed, max_queries):
         x, (h, w), _ = runtime.teacher.recording[s.name]
         n = h * w
         pick = torch.randperm(n, generator=g)[:max_queries]
-        maps = _attention_maps(clone.object_patches[PREFIX + s.path].original, x, pick.to(x.device), sites.family)
+        maps = _attention_maps(sites.adapter, clone.object_patches[PREFIX + s.path].original, x, pick.to(x.device))
         yx = torch.stack([pick // w, pick % w], dim=1)
         results.append((s, (h, w), locality_stats(maps.cpu(), yx, (h, w))))
     if not results:
@@ -65,6 +63,7 @@ def _heat(m: torch.Tensor, size=96) -> torch.Tensor:
     return colormap(F.interpolate(v[None, None], size=(size, size), mode="nearest")[0, 0])
 
 
+@validates_widgets
 class DeltaConvAttentionLocality:
     DESCRIPTION = ("Measures how local each self-attention layer is (the ΔConvFusion analysis): the centroid-aligned "
                    "mean attention map, attention mass within k×k, the uniform share, and a suggested odd kernel "
@@ -100,11 +99,11 @@ class DeltaConvAttentionLocality:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width=None, height=None, sigma=None, seed=None, max_queries=None):
-        return check_widgets(cls, width=width, height=height, sigma=sigma, seed=seed, max_queries=max_queries)
+    def VALIDATE_INPUTS(cls, **widgets):
+        return check_widgets(cls, widgets)
 
     def analyse(self, model, positive, width, height, sigma, seed, max_queries):
-        require_widgets(type(self), width=width, height=height, sigma=sigma, seed=seed, max_queries=max_queries)
+        require_widgets(type(self), locals())
         _sites, results = measure(model, positive, (height // 8, width // 8), sigma, seed, max_queries)
         lines = ["site | grid | official k | mass in official k | uniform share | ERF | suggested k"]
         for s, (h, w), st in results:

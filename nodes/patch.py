@@ -1,9 +1,11 @@
 """ΔConv Patch: MODEL + DELTACONV → MODEL whose self-attention runs ΔConv blocks or mediator attention."""
+from typing import ClassVar
+
 from ..deltaconv_core.families import LEVEL_CHOICES
 from ..deltaconv_core.mediator_schedule import EXAMPLE
 from ..deltaconv_core.speed_policy import MODES as SPEED_MODES
 from .patching import patch_model
-from .validation import check_widgets, parse_mediator_schedule, require_widgets
+from .validation import check_widgets, parse_mediator_schedule, require_widgets, validates_widgets
 
 SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, overriding the schedule stored with "
                     f"the weights. start:count pairs where start is a timestep percent as in start_percent (0 = most "
@@ -17,6 +19,7 @@ SPEED_TOOLTIP = ("Never slower than attention. auto: on a GPU, each site times i
                  "student. always: the student at every call.")
 
 
+@validates_widgets
 class DeltaConvPatch:
     DESCRIPTION = ("Replaces the model's self-attention layers with the students in the weights: ΔConv blocks or "
                    "mediator attention, per site (a clone; the input model is untouched). Mediator attention runs "
@@ -30,14 +33,15 @@ class DeltaConvPatch:
     SEARCH_ALIASES = ("attention", "speed", "faster", "convfusion", "linear attention", "self-attention",
                       "patch attention", "deltaconv")
     FUNCTION = "patch"
+    # A choice as older releases saved it: still accepted, and run as its key (CHANGELOG.md).
+    LEGACY_CHOICES: ClassVar = {"levels": {"finest two": "finest_two"}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None, levels=None, strict=None, speed_policy=None):
-        checked = check_widgets(cls, start_percent=start_percent, end_percent=end_percent, levels=levels,
-                                strict=strict, speed_policy=speed_policy)
-        if checked is True and None not in (start_percent, end_percent) and start_percent > end_percent:
-            return (f"start_percent = {start_percent} is after end_percent = {end_percent}: allowed is "
-                    "start_percent ≤ end_percent")
+    def VALIDATE_INPUTS(cls, **widgets):
+        checked = check_widgets(cls, widgets)
+        start, end = widgets.get("start_percent"), widgets.get("end_percent")
+        if checked is True and None not in (start, end) and start > end:
+            return f"start_percent = {start} is after end_percent = {end}: allowed is start_percent ≤ end_percent"
         return checked
 
     @classmethod
@@ -52,8 +56,9 @@ class DeltaConvPatch:
             "end_percent": ("FLOAT", {**pct, "default": 1.0, "tooltip": "…until this timestep percent (1 = no "
                                                                         "noise, past the last step)."}),
             "levels": (list(LEVEL_CHOICES), {"default": LEVEL_CHOICES[0],
-                                             "tooltip": "Replace every level, or only the finest one or two "
-                                                        "resolution levels (where attention costs most)."}),
+                                             "tooltip": "all: replace every resolution level. finest: only the "
+                                                        "finest (highest-resolution) level with self-attention, "
+                                                        "where attention costs most. finest_two: the finest two."}),
             "strict": ("BOOLEAN", {"default": False, "tooltip": "Refuse when the file lacks blocks for some "
                                                                 "selected sites instead of leaving them on "
                                                                 "attention."}),
@@ -64,9 +69,8 @@ class DeltaConvPatch:
 
     def patch(self, model, deltaconv, start_percent, end_percent, levels, strict, mediator_schedule="",
               speed_policy=SPEED_MODES[0]):
+        levels = require_widgets(type(self), locals())["levels"]  # a choice saved by an older release: its key
         schedule = parse_mediator_schedule(mediator_schedule)
-        require_widgets(type(self), start_percent=start_percent, end_percent=end_percent, levels=levels,
-                        strict=strict, speed_policy=speed_policy)
         patched, report, _ = patch_model(model, deltaconv, start_percent, end_percent, levels, strict,
                                          mediator_schedule=schedule, speed_policy=speed_policy)
         return (patched, report)

@@ -1,12 +1,14 @@
 """The text ΔConv Patch reports: what was replaced, by which student, with which weights, and what else is going on."""
+from collections import Counter
+
+from ..deltaconv_core.students import STUDENTS
 
 
-def student_line(match, schedules) -> str:
-    """Which student runs where: ΔConv blocks and mediator attention (by site count)."""
-    delta, mediators = len(match.present) - len(schedules), len(schedules)
-    parts = ([f"ΔConv block at {delta} sites"] if delta else []) + (
-        [f"mediator attention at {mediators} sites"] if mediators else [])
-    return "  students: " + ", ".join(parts)
+def student_line(match) -> str:
+    """Which student runs where, by site count (ΔConv block, mediator attention)."""
+    per_kind = Counter(config.student for _, config, _ in match.present)
+    return "  students: " + ", ".join(f"{cls.label} at {per_kind[kind]} sites" for kind, cls in STUDENTS.items()
+                                      if per_kind[kind])
 
 
 def schedule_lines(schedules, percent_to_sigma, overridden) -> list[str]:
@@ -30,7 +32,7 @@ def patch_report(model_sites, weights, sites, match, start, end, levels, notes, 
     schedules = schedules or {}
     lines = [f"ΔConv patch: {len(match.present)} of {len(model_sites.sites)} self-attention sites replaced "
              f"({model_sites.variant})",
-             student_line(match, schedules),
+             student_line(match),
              f"  weights: {weights.summary()}",
              f"  active from {start:.0%} to {end:.0%} of sampling; levels: {levels}"]
     if speed is not None:

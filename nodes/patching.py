@@ -7,9 +7,8 @@ import torch
 
 from ..deltaconv_core.attention import PatchRuntime
 from ..deltaconv_core.families import find_attention_sites, select_levels
-from ..deltaconv_core.mediators import MediatorConfig
 from ..deltaconv_core.speed_policy import SpeedPolicy
-from ..deltaconv_core.students import build_student
+from ..deltaconv_core.students import build_student, check_grid, student_class
 from ..deltaconv_core.weights import DeltaConvWeights, match_sites
 from . import compat
 from .comfy_ops import COMFY_OPS
@@ -23,11 +22,6 @@ log = logging.getLogger("deltaconv")
 def _block_dtype(reference: torch.Tensor) -> torch.dtype:
     """Store blocks like the model's own weights; fp8/quantised storage gets fp16 blocks, cast per call anyway."""
     return reference.dtype if reference.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float16
-
-
-def projection_weight(original, family: str) -> torch.Tensor:
-    """The q (PixArt: qkv) weight of an attention module: its dtype, and the base model's fingerprint."""
-    return original.qkv.weight if family == "pixart" else original.to_q.weight
 
 
 def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent=1.0, levels="all",
@@ -60,15 +54,16 @@ def patch_model(model, weights: DeltaConvWeights, start_percent=0.0, end_percent
     references = {}  # site name → its q/qkv weight: the dtype of its student, and the base-model fingerprint
     schedules = {}  # mediator sites: site name → the schedule they run
     for site, config, state in match.present:
-        original = original_attention(model, site)
-        reference = references[site.name] = projection_weight(original, model_sites.family)
+        check_grid(student_class(config), model_sites)
+        original = original_attention(model, model_sites, site)
+        reference = references[site.name] = model_sites.adapter.projection_weight(original)
         student = build_student(config, state, ops=COMFY_OPS, dtype=block_dtype or _block_dtype(reference))
         sigma_counts = None
-        if isinstance(config, MediatorConfig):
+        if config.schedule is not None:
             schedules[site.name] = mediator_schedule or config.schedule
             sigma_counts = schedules[site.name].resolve(sampling.percent_to_sigma)
         install_wrapper(clone, model_sites, site, original, student, runtime, sigma_counts)
-    install_runtime_hooks(clone, model_sites, runtime, follows_sigma=bool(schedules))
+    install_runtime_hooks(clone, runtime)
 
     notes += base_mismatch(weights, references)
     if mediator_schedule is not None and not schedules:

@@ -5,7 +5,7 @@ import folder_paths
 
 from ..deltaconv_core.weights import SAFETENSORS_SUFFIXES, save_weights
 from .folders import FOLDER
-from .validation import check_widgets, output_path, output_path_error, require_widgets
+from .validation import check_widgets, output_path, output_path_error, require_widgets, validates_widgets
 
 
 def save_folder() -> str:
@@ -18,6 +18,7 @@ def suffix_bytes(filename) -> int:
     return 0 if done else len(".safetensors")
 
 
+@validates_widgets
 class DeltaConvSave:
     DESCRIPTION = "Saves ΔConv blocks (e.g. from ΔConv Distill) to models/deltaconv, where ΔConv Load finds them."
     CATEGORY = "ΔConv/training"
@@ -40,14 +41,15 @@ class DeltaConvSave:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename=None, overwrite=None):
-        checked = check_widgets(cls, filename=filename, overwrite=overwrite)
+    def VALIDATE_INPUTS(cls, **widgets):
+        checked = check_widgets(cls, widgets)
         if checked is not True:
             return checked
+        filename = widgets.get("filename")
         return output_path_error(save_folder(), filename, "filename", suffix_bytes(filename))
 
     def save(self, deltaconv, filename, overwrite):
-        require_widgets(type(self), overwrite=overwrite)
+        require_widgets(type(self), locals())
         path = output_path(save_folder(), filename, "filename", suffix_bytes(filename))
         if not path.lower().endswith(SAFETENSORS_SUFFIXES):
             path += ".safetensors"

@@ -3,11 +3,10 @@ backward can use, and gradient checkpointing of the diffusion model's blocks."""
 import comfy.utils
 import torch
 
-from ..deltaconv_core.families import feature_tap_path
 from .wrappers import PREFIX
 
 
-def trainable_blocks(patcher, sites) -> dict:
+def trainable_students(patcher, sites) -> dict:
     """site name → the student (ΔConvBlock or MediatorAttention) inside that site's wrapper."""
     blocks = {}
     for s in sites:
@@ -17,9 +16,10 @@ def trainable_blocks(patcher, sites) -> dict:
     return blocks
 
 
-def feature_taps(patcher, sites) -> dict:
+def feature_taps(patcher, model_sites) -> dict:
     """site name → the module whose input is the residual stream right after that site's self-attention."""
-    return {s.name: comfy.utils.get_attr(patcher.model, PREFIX + feature_tap_path(s.path)) for s in sites}
+    tap = model_sites.adapter.feature_tap_path
+    return {s.name: comfy.utils.get_attr(patcher.model, PREFIX + tap(s.path)) for s in model_sites.sites}
 
 
 def make_backprop_safe(module: torch.nn.Module):
@@ -33,12 +33,9 @@ def make_backprop_safe(module: torch.nn.Module):
 class gradient_checkpointing:
     """Gradient checkpointing of the diffusion model's top-level blocks (recomputed in backward), undone after."""
 
-    def __init__(self, patcher, enabled: bool):
+    def __init__(self, patcher, model_sites, enabled: bool):
         self.enabled = enabled
-        dm = patcher.model.diffusion_model
-        groups = [getattr(dm, n, None) for n in ("input_blocks", "output_blocks", "blocks")]
-        self.modules = [m for g in groups if g is not None for m in g] + [
-            m for m in [getattr(dm, "middle_block", None)] if m is not None]
+        self.modules = model_sites.adapter.checkpoint_blocks(patcher.model.diffusion_model)
 
     def __enter__(self):
         if self.enabled:

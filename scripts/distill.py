@@ -12,12 +12,13 @@ by rank 0 as <out>_<stage>_<step>.safetensors. --batch-size is the global batch,
 """
 import argparse
 import glob
+import importlib
 import logging
 import os
 import pathlib
 import time
 
-from devkit.comfy_env import load_pack, setup_comfy
+from devkit.comfy_env import import_core, load_pack, setup_comfy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -43,7 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--min-snr-gamma", type=float, default=0.0)
     p.add_argument("--caption-drop", type=float, default=0.15)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--student", choices=("deltaconv", "mediators"), default="deltaconv",  # students.STUDENT_TYPES
+    import_core()  # the core alone, for the list of students (no ComfyUI needed for --help)
+    p.add_argument("--student", choices=importlib.import_module("deltaconv_core.students").STUDENT_TYPES,
+                   default="deltaconv",
                    help="fresh students: ΔConv blocks, or mediator attention initialised from the model's attention")
     p.add_argument("--mediator-schedule", default="",
                    help="mediator students' start:count schedule, e.g. 0.0:4,0.5:16,0.8:64 (default that one, or "

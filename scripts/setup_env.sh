@@ -98,6 +98,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 # The quality proxy's photos (scikit-image's wheel, downloaded into .cache/proxy); without them that test skips.
-ls .cache/proxy/scikit_image-*.whl >/dev/null 2>&1 || "$PY" bench/quality_proxy/data.py >/dev/null 2>&1 \
+ls .cache/proxy/scikit_image-*.whl >/dev/null 2>&1 || "$PY" scripts/quality_proxy/data.py >/dev/null 2>&1 \
   || say "Note: scikit-image's wheel could not be downloaded; the quality-proxy test will be skipped."
 echo "$COMFYUI_PATH"

@@ -1,11 +1,16 @@
 """API-format prompts for the end-to-end tests (what `POST /prompt` takes)."""
+import copy
 
 # (file, conditioning dims, pooled dims, image size in pixels) per tiny model; PixArt needs ≥ 264 px.
 MODELS = {
     "sd15": ("tiny_sd15.safetensors", 768, 0, 64),
     "sdxl": ("tiny_sdxl.safetensors", 2048, 1280, 64),
     "pixart": ("tiny_pixart.safetensors", 4096, 0, 320),
+    "wan": ("tiny_wan.safetensors", 4096, 0, 64),
 }
+# Video models sample a video latent: Wan's 16 channels, 9 frames → 3 latent frames of 8 × 12 (tokens: 3 × 4 × 6).
+VIDEO_LATENTS = {"wan": {"class_type": "EmptyHunyuanLatentVideo",
+                         "inputs": {"width": 96, "height": 64, "length": 9, "batch_size": 1}}}
 
 
 def txt2img(family="sd15", weights=None, seed=1, steps=3, start=0.0, end=1.0, levels="all", strict=False,
@@ -21,7 +26,8 @@ def txt2img(family="sd15", weights=None, seed=1, steps=3, start=0.0, end=1.0, le
                                                                       "pooled_dim": pooled}},
         "neg": {"class_type": "DeltaConvTestConditioning", "inputs": {"seed": 12, "tokens": 16, "dim": dim,
                                                                       "pooled_dim": pooled}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "latent": copy.deepcopy(VIDEO_LATENTS.get(family)) or {
+            "class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
     }
     for suffix, w in (("", weights), *extra_models):
         model = ["unet", 0]

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
 from deltaconv_core.reference import reference_adaptive_avg_pool, reference_bilinear_resize, reference_block_forward
+from deltaconv_core.students import build_student
 
 SCALES = {"1": (1.0,), "2": (1.0, 0.5), "3": (1.0, 0.5, 1 / 3)}
 SIZES = [(7, 5), (1, 3), (9, 13), (16, 16), (3, 1)]
@@ -24,7 +25,7 @@ def randomize_(block, gen, scale=0.5):
 
 def make_block(cfg, seed, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    return randomize_(build_block(cfg, dtype=dtype), gen), gen
+    return randomize_(build_student(cfg, dtype=dtype), gen), gen
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -76,7 +77,7 @@ def test_reference_bilinear_matches_torch(in_hw, out_hw):
 def test_scaled_gate_constant_is_sqrt_of_half_inner_dim(dim, constant):
     # The authors' code (which trained the released weights) multiplies by sqrt(C_i/2) = sqrt(C/4), NOT the
     # paper's 1/sqrt(C').
-    block = build_block(BlockConfig(dim, 7), device="meta")
+    block = build_student(BlockConfig(dim, 7), device="meta")
     for gate in block.gates:
         assert gate.gate_constant == pytest.approx(math.sqrt(dim / 4), rel=1e-12)
         assert gate.gate_constant == pytest.approx(constant, abs=1e-3)
@@ -123,7 +124,7 @@ def test_pool_branch_reads_block_input():
 def test_half_precision_on_cpu_close_to_fp32(dtype, gate):
     cfg = BlockConfig(64, 5, (1.0, 0.5), gate)
     torch.manual_seed(3)
-    block = build_block(cfg)
+    block = build_student(cfg)
     x = torch.randn(2, 9, 7, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = block(x)
@@ -156,7 +157,7 @@ def test_autocast_bf16_fp32_weights(n_scales):
 @pytest.mark.parametrize("hw", [(7, 5), (1, 3), (1, 1), (16, 16)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_output_is_contiguous_bhwc(n_scales, hw, batch):
-    block = build_block(BlockConfig(8, 3, SCALES[n_scales]))
+    block = build_student(BlockConfig(8, 3, SCALES[n_scales]))
     x = torch.randn(batch, *hw, 8)
     with torch.no_grad():
         out = block(x)
@@ -206,7 +207,7 @@ def test_param_count_two_scales(c, k, expected):
     # closed form for n=2: 2C² + k²C + 2.5C, and +C with the old depthwise bias
     assert 2 * c * c + k * k * c + 5 * c // 2 == expected == official_param_count(c, k, 2, False)
     for dw_bias, extra in ((False, 0), (True, c)):
-        block = build_block(BlockConfig(c, k, (1.0, 0.5), dw_bias=dw_bias), device="meta")
+        block = build_student(BlockConfig(c, k, (1.0, 0.5), dw_bias=dw_bias), device="meta")
         assert sum(p.numel() for p in block.parameters()) == expected + extra
 
 
@@ -217,7 +218,7 @@ def test_param_count_three_scales(c, k, dw_bias):
     closed = Fraction(9, 4) * c * c + Fraction(3, 2) * k * k * c + Fraction(5, 2) * c
     closed += Fraction(3, 2) * c if dw_bias else 0
     assert closed == official_param_count(c, k, 3, dw_bias)
-    block = build_block(BlockConfig(c, k, (1.0, 0.5, 1 / 3), dw_bias=dw_bias), device="meta")
+    block = build_student(BlockConfig(c, k, (1.0, 0.5, 1 / 3), dw_bias=dw_bias), device="meta")
     assert sum(p.numel() for p in block.parameters()) == closed
 
 
@@ -225,7 +226,7 @@ def test_param_count_three_scales(c, k, dw_bias):
 @pytest.mark.parametrize("c,k,dw_bias", [(1152, 13, False), (320, 7, True)])
 def test_fresh_init(c, k, dw_bias):
     torch.manual_seed(5)
-    block = build_block(BlockConfig(c, k, (1.0, 0.5), dw_bias=dw_bias))
+    block = build_student(BlockConfig(c, k, (1.0, 0.5), dw_bias=dw_bias))
     for name, p in block.named_parameters():
         assert torch.isfinite(p).all(), name
     # The official init: kaiming_uniform_ on the [k, k, C_i] tensor ⇒ fan_in = k·C_i ⇒ U(±sqrt(6/(k·C_i)))

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deltaconv_core import kernels
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
+from deltaconv_core.students import build_student
 
 
 def comfy_ops(pack):
@@ -20,7 +21,7 @@ def explain(block, x):
 @pytest.mark.parametrize("layers", ["torch", "comfy"])
 def test_block_traces_as_one_graph(pack, layers, gate):
     ops = {"ops": comfy_ops(pack)} if layers == "comfy" else {}
-    block = build_block(BlockConfig(dim=32, kernel_size=3, gate=gate, scales=(1.0, 0.5, 0.25), dw_bias=True), **ops)
+    block = build_student(BlockConfig(dim=32, kernel_size=3, gate=gate, scales=(1.0, 0.5, 0.25), dw_bias=True), **ops)
     result = explain(block, torch.randn(2, 6, 5, 32))
     assert (result.graph_count, result.graph_break_count) == (1, 0), result.break_reasons
 
@@ -29,14 +30,14 @@ def test_kernel_path_is_not_traced(monkeypatch):
     # Where the kernels would run (CUDA), a traced block still takes the torch path that inductor compiles.
     monkeypatch.setattr(kernels, "use_triton", lambda t: True)
     monkeypatch.setattr(kernels, "delta_conv_or_none", lambda *a: pytest.fail("kernel path traced"))
-    block = build_block(BlockConfig(dim=16, kernel_size=3))
+    block = build_student(BlockConfig(dim=16, kernel_size=3))
     result = explain(block, torch.randn(1, 4, 4, 16))
     assert result.graph_break_count == 0, result.break_reasons
 
 
 def test_inductor_matches_eager():
     torch.manual_seed(0)
-    block = build_block(BlockConfig(dim=32, kernel_size=5, scales=(1.0, 0.5))).eval()
+    block = build_student(BlockConfig(dim=32, kernel_size=5, scales=(1.0, 0.5))).eval()
     x = torch.randn(2, 7, 9, 32)
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="inductor", fullgraph=True)

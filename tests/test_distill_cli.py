@@ -39,7 +39,7 @@ def cli(comfy_path, launcher, *args):
 
 
 def _blocks(path):
-    return {f"{n}.{k}": v for n, (_, sd) in load_weights(path).blocks.items() for k, v in sd.items()}
+    return {f"{n}.{k}": v for n, (_, sd) in load_weights(path).students.items() for k, v in sd.items()}
 
 
 def _blocks_of_fresh_start(load_tiny, like):
@@ -49,7 +49,7 @@ def _blocks_of_fresh_start(load_tiny, like):
 
     sites = find_attention_sites(load_tiny("tiny_sd15").model.diffusion_model)
     fresh = DeltaConvWeights.fresh(sites, 5)
-    return {f"{n}.{k}": v for n, (_, sd) in fresh.blocks.items() for k, v in sd.items() if f"{n}.{k}" in like}
+    return {f"{n}.{k}": v for n, (_, sd) in fresh.students.items() for k, v in sd.items() if f"{n}.{k}" in like}
 
 
 def test_rate_counts_only_the_steps_this_run_trained_over_its_own_time():

@@ -40,7 +40,7 @@ def test_skipped_steps_are_reported_and_oom_after_resume_names_the_checkpoint(pa
     step1, step2 = (_tensors(load_weights(p)) for p in checkpoints(out_dir))
     assert all(torch.equal(step1[k], step2[k]) for k in step1)  # step 2's update was skipped, not applied
     assert read_training_state(path)[1]["skipped_steps"] == 1 and weights.training["skipped_steps"] == 1
-    assert load_weights(path).site_fingerprints.keys() == weights.blocks.keys()  # for ΔConv Patch to compare
+    assert load_weights(path).site_fingerprints.keys() == weights.students.keys()  # for ΔConv Patch to compare
 
     def out_of_memory(self):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

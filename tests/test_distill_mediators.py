@@ -26,9 +26,9 @@ def data():
 
 def run(pack, model, data, stage="A", steps=4, **kw):
     latents, pos, neg = data
-    args = dict(stage="A: block-local" if stage == "A" else "B: end-to-end", steps=steps, learning_rate=1e-3,
+    args = dict(stage=stage, steps=steps, learning_rate=1e-3,
                 batch_size=2, seed=3, save_every=0, filename_prefix="m", negative=neg, warmup_steps=0,
-                training_dtype="fp32", allow_cpu=True, student="mediator attention", mediator_schedule=SCHEDULE)
+                training_dtype="fp32", allow_cpu=True, student="mediators", mediator_schedule=SCHEDULE)
     args.update(kw)
     with torch.inference_mode():  # ComfyUI executes every node under inference mode
         return pack.nodes.distill.DeltaConvDistill().distill(model, latents, pos, **args)
@@ -60,13 +60,13 @@ def test_each_count_trains_at_its_noise_levels(pack, sd15, data, out_dir, monkey
     assert len(loss["loss"]) == 4 and all(map(torch.isfinite, torch.tensor(loss["loss"])))
 
     saved = load_weights(path)
-    assert {type(cfg) for cfg, _ in saved.blocks.values()} == {MediatorConfig} and len(saved.blocks) == 7
-    assert {cfg.schedule.format() for cfg, _ in saved.blocks.values()} == {"0.0:2,0.5:8"}
+    assert {type(cfg) for cfg, _ in saved.students.values()} == {MediatorConfig} and len(saved.students) == 7
+    assert {cfg.schedule.format() for cfg, _ in saved.students.values()} == {"0.0:2,0.5:8"}
     fresh = DeltaConvWeights.fresh_mediators(pack.nodes.patching.find_attention_sites(sd15.model.diffusion_model),
                                              sd15.model.diffusion_model)
     name = "down_blocks.0.attentions.0.transformer_blocks.0"
-    assert not torch.equal(saved.blocks[name][1]["qkv.weight"], fresh.blocks[name][1]["qkv.weight"].float())
-    assert saved.blocks[name][1]["dwc.weight"].abs().sum() > 0  # the zero-initialised DWC learned too
+    assert not torch.equal(saved.students[name][1]["qkv.weight"], fresh.students[name][1]["qkv.weight"].float())
+    assert saved.students[name][1]["dwc.weight"].abs().sum() > 0  # the zero-initialised DWC learned too
 
 
 def test_stage_a_learns_the_attention_output(pack, sd15, data, out_dir):
@@ -78,11 +78,11 @@ def test_stage_a_learns_the_attention_output(pack, sd15, data, out_dir):
 def test_resume_with_another_schedule_saves_that_one(pack, sd15, data, out_dir):
     first, _, _ = run(pack, sd15, data, steps=1)
     _, _, path = run(pack, sd15, data, steps=2, deltaconv=first, mediator_schedule="16",
-                          student="ΔConv block")  # student applies to fresh students only
-    assert {cfg.schedule.format() for cfg, _ in load_weights(path).blocks.values()} == {"0.0:16"}
+                          student="deltaconv")  # student applies to fresh students only
+    assert {cfg.schedule.format() for cfg, _ in load_weights(path).students.values()} == {"0.0:16"}
     # Empty: the weights keep their own schedule.
     _, _, path = run(pack, sd15, data, steps=1, deltaconv=first, mediator_schedule="")
-    assert {cfg.schedule.format() for cfg, _ in load_weights(path).blocks.values()} == {SCHEDULE}
+    assert {cfg.schedule.format() for cfg, _ in load_weights(path).students.values()} == {SCHEDULE}
 
 
 def test_mixed_students_train_together(pack, sd15, data, out_dir):
@@ -90,9 +90,9 @@ def test_mixed_students_train_together(pack, sd15, data, out_dir):
     mixed = DeltaConvWeights.fresh(sites, seed=1)
     mediators = DeltaConvWeights.fresh_mediators(sites, sd15.model.diffusion_model, MediatorSchedule.parse(SCHEDULE))
     level0 = [s.name for s in sites.sites if s.level == 0]
-    mixed.blocks.update({n: mediators.blocks[n] for n in level0})
+    mixed.students.update({n: mediators.students[n] for n in level0})
     weights, loss, _ = run(pack, sd15, data, steps=2, deltaconv=mixed)
-    kinds = {n: type(cfg).__name__ for n, (cfg, _) in weights.blocks.items()}
+    kinds = {n: type(cfg).__name__ for n, (cfg, _) in weights.students.items()}
     assert kinds == {s.name: "MediatorConfig" if s.name in level0 else "BlockConfig" for s in sites.sites}
     assert all(map(torch.isfinite, torch.tensor(loss["loss"])))
 

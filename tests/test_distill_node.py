@@ -23,7 +23,7 @@ def data():
 
 def run(pack, model, data, stage="A", steps=6, latents=None, **kw):
     default_latents, pos, neg = data
-    args = dict(stage="A: block-local" if stage == "A" else "B: end-to-end", steps=steps, learning_rate=1e-3,
+    args = dict(stage=stage, steps=steps, learning_rate=1e-3,
                 batch_size=2, seed=3, save_every=0, filename_prefix="t", negative=neg, warmup_steps=0,
                 training_dtype="fp32", allow_cpu=True)
     args.update(kw)
@@ -58,7 +58,7 @@ def test_stages_lower_their_loss(pack, sd15, data, out_dir, stage, drop):
 
 
 def _tensors(weights):
-    return {f"{n}.{k}": v for n, (_, sd) in weights.blocks.items() for k, v in sd.items()}
+    return {f"{n}.{k}": v for n, (_, sd) in weights.students.items() for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("stage", ["A", "B"])
@@ -123,13 +123,13 @@ def test_bad_input_messages(pack, sd15, data, out_dir, kw, message):
 def test_empty_conditioning(pack, sd15, data, out_dir):
     latents, _, _neg = data
     with pytest.raises(DistillError, match="positive CONDITIONING is empty"), torch.inference_mode():
-        pack.nodes.distill.DeltaConvDistill().distill(sd15, latents, [], "A: block-local", 2, 1e-3, 1, 0, 0, "t",
+        pack.nodes.distill.DeltaConvDistill().distill(sd15, latents, [], "A", 2, 1e-3, 1, 0, 0, "t",
                                                       allow_cpu=True)
 
 
 def test_kernel_preset_sets_kernel_sizes(pack, sd15, data, out_dir):
     weights, _, _ = run(pack, sd15, data, steps=1, kernel_preset="5")
-    assert {cfg.kernel_size for cfg, _ in weights.blocks.values()} == {5}
+    assert {cfg.kernel_size for cfg, _ in weights.students.values()} == {5}
 
 
 def test_save_node_never_overwrites_unasked(pack, tmp_path, monkeypatch, sd15, data, out_dir):

@@ -5,13 +5,12 @@ import torch
 from deltaconv_core.distill import DistillError
 
 CPU = torch.device("cpu")
-QUICK = "quick: stage A, 2000 steps"
-FULL = "full: stage A 2000 steps, then stage B 10000 steps"
-FINE_TUNE = "fine-tune connected blocks: stage B, 2000 steps at a low learning rate"
-CHECK = "check: stage A then B, 2 steps each (runs on the CPU too)"
-# preset → (stage, steps) of each phase, as the preset's name says
-PHASES = {QUICK: [("A: block-local", 2000)], FULL: [("A: block-local", 2000), ("B: end-to-end", 10000)],
-          FINE_TUNE: [("B: end-to-end", 2000)], CHECK: [("A: block-local", 2), ("B: end-to-end", 2)]}
+# preset → (stage, steps) of each phase, as the preset's tooltip says
+PHASES = {"quick": [("A", 2000)], "full": [("A", 2000), ("B", 10000)], "fine_tune": [("B", 2000)],
+          "check": [("A", 2), ("B", 2)]}
+# the names older releases saved
+OLD_FINE_TUNE = "fine-tune connected blocks: stage B, 2000 steps at a low learning rate"
+OLD_QUICK = "quick: stage A, 2000 steps"
 
 
 @pytest.fixture(scope="module")
@@ -30,25 +29,28 @@ def test_presets_expand_to_every_distill_setting(pack, simple):
         assert [(s["stage"], s["steps"]) for s in settings] == phases, preset
         for s in settings:
             assert set(s) == widgets, preset
-            assert from_validation.check_widgets(distill, **s) is True, (preset, s)
+            assert from_validation.check_widgets(distill, s) is True, (preset, s)
             assert s["batch_size"] == 2 and s["training_dtype"] == "fp32" and s["filename_prefix"] == "runs/x"
             assert s["allow_cpu"] == preset.startswith("check")
-    full = simple.preset_settings(FULL, "x", n_latents=8, device=CPU)
+    full = simple.preset_settings("full", "x", n_latents=8, device=CPU)
     assert full[0]["batch_size"] == 4 and full[1]["min_snr_gamma"] == 5.0 and full[1]["gradient_checkpointing"]
 
 
-def test_fine_tune_needs_blocks(simple):
-    with pytest.raises(DistillError, match="fine-tune preset trains the blocks connected as deltaconv"):
-        simple.DeltaConvDistillSimple().distill(None, {"samples": torch.zeros(2, 4, 8, 8)}, [], FINE_TUNE, "x")
+@pytest.mark.parametrize("preset", ["fine_tune", OLD_FINE_TUNE])
+def test_fine_tune_needs_blocks(simple, preset):
+    with pytest.raises(DistillError, match="fine_tune preset trains the blocks connected as deltaconv"):
+        simple.DeltaConvDistillSimple().distill(None, {"samples": torch.zeros(2, 4, 8, 8)}, [], preset, "x")
 
 
-def test_long_presets_refuse_the_cpu(simple):
+@pytest.mark.parametrize("preset", ["quick", OLD_QUICK])
+def test_long_presets_refuse_the_cpu(simple, preset):
     with pytest.raises(DistillError, match=r"the quick preset would take days.*check preset runs on the CPU"):
-        simple.DeltaConvDistillSimple().distill(None, {"samples": torch.zeros(2, 4, 8, 8)}, [], QUICK, "x")
+        simple.DeltaConvDistillSimple().distill(None, {"samples": torch.zeros(2, 4, 8, 8)}, [], preset, "x")
 
 
 def test_validate_inputs(simple):
     node = simple.DeltaConvDistillSimple
-    assert node.VALIDATE_INPUTS(preset=CHECK, filename_prefix="runs/a") is True
-    assert "is not one of the choices" in node.VALIDATE_INPUTS(preset="fast", filename_prefix="a")
-    assert "'..' leads out of the folder" in node.VALIDATE_INPUTS(preset=QUICK, filename_prefix="../a")
+    assert node.VALIDATE_INPUTS(preset="check", filename_prefix="runs/a") is True
+    assert node.VALIDATE_INPUTS(preset=OLD_QUICK, filename_prefix="runs/a") is True
+    assert "is not one of the choices: 'quick', 'full'" in node.VALIDATE_INPUTS(preset="fast", filename_prefix="a")
+    assert "'..' leads out of the folder" in node.VALIDATE_INPUTS(preset="quick", filename_prefix="../a")

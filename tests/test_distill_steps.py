@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from deltaconv_core.attention import TeacherSwitch
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
 from deltaconv_core.distill import DistillConfig, Distiller
+from deltaconv_core.students import build_student
 
 DIM = 8
 
@@ -16,7 +17,7 @@ def toy_distiller(config: DistillConfig, block_state=None) -> Distiller:
     student. Same seed, same start."""
     torch.manual_seed(0)
     attention = nn.Linear(DIM, DIM)
-    block = build_block(BlockConfig(DIM, 3, (1.0, 0.5), "scaled"))
+    block = build_student(BlockConfig(DIM, 3, (1.0, 0.5), "scaled"))
     if block_state is not None:
         block.load_state_dict(block_state)
     teacher = TeacherSwitch()
@@ -77,7 +78,7 @@ def test_half_precision_resume_equals_uninterrupted(dtype):
     first.step()
     first.step()
     tensors, info = first.training_state()
-    resumed = toy_distiller(config, {k: v.clone() for k, v in first.bank.blocks[0].state_dict().items()})
+    resumed = toy_distiller(config, {k: v.clone() for k, v in first.bank.students[0].state_dict().items()})
     resumed.load_training_state(tensors, info)
     while not resumed.finished:
         resumed.step()

@@ -71,7 +71,7 @@ def base_graphs(unet_inputs):
                                   "model": ["unet", 0], "patched_model": ["patch", 0], "vae": ["vae", 0],
                                   **sampling}}}, "compare"),
         "DeltaConvDistill": ({**common(unet_inputs), "distill": {"class_type": "DeltaConvDistill", "inputs": {
-            "model": ["unet", 0], "latents": ["latent", 0], "positive": ["pos", 0], "stage": "A: block-local",
+            "model": ["unet", 0], "latents": ["latent", 0], "positive": ["pos", 0], "stage": "A",
             "steps": 1, "learning_rate": 1e-3, "batch_size": 1, "seed": 0, "save_every": 0,
             "filename_prefix": "bad_inputs_good", "warmup_steps": 0, "training_dtype": "fp32", "allow_cpu": True}},
             "show": {"class_type": "DeltaConvTestShowText", "inputs": {"text": ["distill", 2]}}}, "distill"),

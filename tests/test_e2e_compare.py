@@ -96,7 +96,7 @@ def test_patch_that_never_runs_gives_identical_images(server, unet_inputs):
     assert torch.equal(images["original"], images["patched"])
     assert math.isinf(floats["psnr"]) and floats["ssim"] == 1.0
     assert "image 1: identical (PSNR inf, SSIM 1.0000)" in report and "ΔConv changed nothing" in report
-    assert f"0 ran ΔConv; original attention: sigma {SITES * STEPS}" in report
+    assert f"0 ran ΔConv block; original attention: sigma {SITES * STEPS}" in report
     assert images["difference"].abs().max() < 0.02  # the colour map's black
 
 

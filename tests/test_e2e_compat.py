@@ -39,7 +39,7 @@ def test_controlnet_on_patched_model(server, unet_inputs, image):
     g["sampler"]["inputs"].update(positive=["apply", 0], negative=["apply", 1])
     with_control = digest(server.run(g))
     without = digest(server.run(patched(unet_inputs, 101)))
-    assert with_control["finite"] and with_control["counts"] == {"delta": SITES * 3}
+    assert with_control["finite"] and with_control["counts"] == {"deltaconv": SITES * 3}
     assert with_control["sha256"] != without["sha256"]  # the ControlNet really acted (it keeps its own attention)
 
 
@@ -50,7 +50,7 @@ def test_img2img_on_patched_model(server, unet_inputs, image):
     g["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["vae", 0]}}
     g["sampler"]["inputs"].update(latent_image=["encode", 0], denoise=0.6)
     d = digest(server.run(g))
-    assert d["finite"] and d["counts"]["delta"] > 0 and set(d["counts"]) == {"delta"}
+    assert d["finite"] and d["counts"]["deltaconv"] > 0 and set(d["counts"]) == {"deltaconv"}
 
 
 def _lora(server, name, layers):
@@ -89,7 +89,7 @@ def test_attn2_replace_patches_compose(server, unet_inputs):
     g["sampler"]["inputs"]["model"] = g["digest"]["inputs"]["model"] = ["attn2", 0]
     with_attn2 = digest(server.run(g))
     plain = digest(server.run(patched(unet_inputs, 104)))
-    assert with_attn2["counts"] == {"delta": SITES * 3}
+    assert with_attn2["counts"] == {"deltaconv": SITES * 3}
     assert with_attn2["sha256"] != plain["sha256"]
 
 
@@ -122,4 +122,4 @@ def test_hypertile_tiles_fall_back_per_call(server, unet_inputs):
                         {"tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False})
     g["latent"]["inputs"].update(width=256, height=256)
     calls = digest(server.run(g))["counts"]
-    assert calls["attention:tokens rearranged"] > 0 and calls["delta"] > 0, calls
+    assert calls["attention:tokens rearranged"] > 0 and calls["deltaconv"] > 0, calls

@@ -17,7 +17,7 @@ def test_distill_save_load_patch_sample(server, unet_inputs):
             "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
         "distill": {"class_type": "DeltaConvDistill", "inputs": {
             "model": ["unet", 0], "latents": ["teacher", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-            "stage": "A: block-local", "steps": 4, "learning_rate": 1e-3, "batch_size": 2, "seed": 0,
+            "stage": "A", "steps": 4, "learning_rate": 1e-3, "batch_size": 2, "seed": 0,
             "save_every": 2, "filename_prefix": "e2e_distill", "warmup_steps": 0, "training_dtype": "fp32",
             "allow_cpu": True}},
         "save": {"class_type": "DeltaConvSave", "inputs": {"deltaconv": ["distill", 0], "filename": "e2e_saved",
@@ -30,4 +30,4 @@ def test_distill_save_load_patch_sample(server, unet_inputs):
     assert checkpoints == ["e2e_distill_00001_A_0000002.safetensors", "e2e_distill_00001_A_0000004.safetensors"]
 
     d = digest(server.run(txt2img("sd15", "e2e_saved.safetensors", seed=9, unet_inputs=unet_inputs)))
-    assert d["patched_sites"] == 7 and d["finite"] and d["counts"] == {"delta": 7 * 3}
+    assert d["patched_sites"] == 7 and d["finite"] and d["counts"] == {"deltaconv": 7 * 3}

@@ -19,7 +19,7 @@ def distill_graph(unet_inputs, prefix, steps, save_every, start=None):
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
         "distill": {"class_type": "DeltaConvDistill", "inputs": {
             "model": ["unet", 0], "latents": ["latent", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-            "stage": "A: block-local", "steps": steps, "learning_rate": 1e-3, "batch_size": 2, "seed": 0,
+            "stage": "A", "steps": steps, "learning_rate": 1e-3, "batch_size": 2, "seed": 0,
             "save_every": save_every, "filename_prefix": prefix, "warmup_steps": 0, "training_dtype": "fp32",
             "allow_cpu": True}},
         "save": {"class_type": "DeltaConvSave", "inputs": {"deltaconv": ["distill", 0], "filename": f"{prefix}_saved",

@@ -39,10 +39,10 @@ def mediators(server, tiny_models, pack):
         model = pack.nodes.compat.load_diffusion_model(tiny_models[f"tiny_{family}"])
         sites = pack.nodes.patching.find_attention_sites(model.model.diffusion_model)
         weights = load_weights(tiny_models[f"tiny_{family}_mediators"])
-        assert {cfg.schedule.format() for cfg, _ in weights.blocks.values()} == {SCHEDULE}
+        assert {cfg.schedule.format() for cfg, _ in weights.students.values()} == {SCHEDULE}
         if family == "sd15":
             mixed = load_weights(tiny_models["tiny_sd15_random"])
-            mixed.blocks.update({s.name: weights.blocks[s.name] for s in sites.sites if s.level == 0})
+            mixed.students.update({s.name: weights.students[s.name] for s in sites.sites if s.level == 0})
             save_weights(mixed, os.path.join(folder, "tiny_sd15_mixed.safetensors"), overwrite=True)
         sampling = pack.nodes.compat.model_sampling(model)
         counts = MediatorSchedule.parse(SCHEDULE).resolve(sampling.percent_to_sigma)
@@ -97,9 +97,10 @@ def test_schedule_sigma_range_levels_and_override(server, unet_inputs, mediators
     finest = runs["_finest"][0]
     assert finest["patched_sites"] == 3 and finest["counts"] == {"mediators:4": 3, "mediators:64": 3}
     d, report = runs["_mixed"]  # a mixed file: ΔConv at level 1, mediators at level 0
-    assert d["patched_sites"] == 7 and d["counts"] == {"delta": 4 * 2, "mediators:4": 3, "mediators:64": 3}
+    assert d["patched_sites"] == 7 and d["counts"] == {"deltaconv": 4 * 2, "mediators:4": 3, "mediators:64": 3}
     assert "students: ΔConv block at 4 sites, mediator attention at 3 sites" in report
-    assert "4 ΔConv blocks for SD1.x" in report and "3 mediator-attention sites, schedule " + SCHEDULE in report
+    assert "SD1.x (deltaconv v1 format): 4 ΔConv blocks" in report
+    assert "3 mediator-attention sites, schedule " + SCHEDULE in report
 
 
 def test_bad_schedule_override_refused(server, unet_inputs, mediators):
@@ -159,9 +160,9 @@ def test_distill_save_load_patch_sample(server, unet_inputs, family):
             "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
         "distill": {"class_type": "DeltaConvDistill", "inputs": {
             "model": ["unet", 0], "latents": ["teacher", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-            "stage": "A: block-local", "steps": 2, "learning_rate": 1e-3, "batch_size": 1, "seed": 0,
+            "stage": "A", "steps": 2, "learning_rate": 1e-3, "batch_size": 1, "seed": 0,
             "save_every": 0, "filename_prefix": f"e2e_mediators_{family}", "warmup_steps": 0,
-            "training_dtype": "fp32", "allow_cpu": True, "student": "mediator attention",
+            "training_dtype": "fp32", "allow_cpu": True, "student": "mediators",
             "mediator_schedule": "0.0:4,0.6:16"}},
         "save": {"class_type": "DeltaConvSave", "inputs": {
             "deltaconv": ["distill", 0], "filename": f"e2e_mediators_{family}", "overwrite": True}},
@@ -169,8 +170,8 @@ def test_distill_save_load_patch_sample(server, unet_inputs, family):
     saved = server.run(g)["outputs"]["save"]["text"][0]
     assert os.path.basename(saved) == f"e2e_mediators_{family}.safetensors"
     weights = load_weights(saved)
-    assert {cfg.schedule.format() for cfg, _ in weights.blocks.values()} == {"0.0:4,0.6:16"}
-    assert len(weights.blocks) == SITE_COUNTS[f"tiny_{family}"]
+    assert {cfg.schedule.format() for cfg, _ in weights.students.values()} == {"0.0:4,0.6:16"}
+    assert len(weights.students) == SITE_COUNTS[f"tiny_{family}"]
 
     variants = {"": (f"e2e_mediators_{family}.safetensors", {}, 2)}
     d, report = branches(server, family, unet_inputs, seed=9, variants=variants)[""]

@@ -36,8 +36,8 @@ def test_every_site_replaced(server, unet_inputs, family):
     assert d["shape"] == [1, 4, size, size]
     # Every self-attention call of every step went through ΔConv, none to the fallback.
     calls = d["counts"]
-    assert set(calls) == {"delta"}, calls
-    assert calls["delta"] % sites == 0 and calls["delta"] >= sites * STEPS
+    assert set(calls) == {"deltaconv"}, calls
+    assert calls["deltaconv"] % sites == 0 and calls["deltaconv"] >= sites * STEPS
 
 
 def test_patched_image_saved(server, unet_inputs):
@@ -61,7 +61,7 @@ def test_zero_blocks_equal_zeroed_attention(server, unet_inputs):
     zeroed_attn = server.run(with_model_node(txt2img("sd15", None, seed=31, unet_inputs=unet_inputs),
                                              "DeltaConvTestZeroAttn1", {}))
     plain = server.run(txt2img("sd15", None, seed=31, unet_inputs=unet_inputs))
-    assert digest(zero_blocks)["counts"] == {"delta": 7 * STEPS}
+    assert digest(zero_blocks)["counts"] == {"deltaconv": 7 * STEPS}
     assert digest(zero_blocks)["sha256"] == digest(zeroed_attn)["sha256"]
     assert digest(zero_blocks)["sha256"] != digest(plain)["sha256"]
 
@@ -83,8 +83,8 @@ def test_sigma_range_is_honoured(server, unet_inputs):
     half = digest(server.run(txt2img("sd15", "tiny_sd15_random.safetensors", seed=51, steps=steps, end=0.5,
                                      unet_inputs=unet_inputs)))
     calls = half["counts"]
-    assert calls["delta"] > 0 and calls["attention:sigma"] > 0, calls
-    assert calls["delta"] % 7 == 0 and calls["attention:sigma"] % 7 == 0  # whole steps switch, not single sites
+    assert calls["deltaconv"] > 0 and calls["attention:sigma"] > 0, calls
+    assert calls["deltaconv"] % 7 == 0 and calls["attention:sigma"] % 7 == 0  # whole steps switch, not single sites
     # An empty range never runs ΔConv and reproduces the unpatched model exactly.
     never = digest(server.run(txt2img("sd15", "tiny_sd15_random.safetensors", seed=51, steps=steps, start=1.0,
                                       end=1.0, unet_inputs=unet_inputs)))
@@ -97,14 +97,14 @@ def test_finest_level_only(server, unet_inputs):
     d = digest(server.run(txt2img("sd15", "tiny_sd15_random.safetensors", seed=61, levels="finest",
                                   unet_inputs=unet_inputs)))
     assert d["patched_sites"] == 3  # down level 0 and the two up blocks at level 0; level 1 keeps attention
-    assert d["counts"] == {"delta": 3 * STEPS}
+    assert d["counts"] == {"deltaconv": 3 * STEPS}
 
 
 def test_tome_rearranged_tokens_fall_back_per_call(server, unet_inputs):
     graph = with_model_node(txt2img("sd15", "tiny_sd15_random.safetensors", seed=71, unet_inputs=unet_inputs),
                             "TomePatchModel", {"ratio": 0.5})
     calls = digest(server.run(graph))["counts"]
-    assert calls["delta"] > 0 and calls["attention:tokens rearranged"] > 0, calls
+    assert calls["deltaconv"] > 0 and calls["attention:tokens rearranged"] > 0, calls
 
 
 def test_wrong_family_refused_with_clear_message(server, unet_inputs):
@@ -117,4 +117,5 @@ def test_pixart_sigma_range_through_the_model_wrapper(server, unet_inputs):
     # PixArt blocks see no sigma: an APPLY_MODEL wrapper hands it to the ΔConv modules.
     calls = digest(server.run(txt2img("pixart", "tiny_pixart_random.safetensors", seed=91, steps=4, end=0.5,
                                       unet_inputs=unet_inputs)))["counts"]
-    assert calls["delta"] > 0 and calls["attention:sigma"] > 0 and calls["delta"] + calls["attention:sigma"] == 4, calls
+    assert calls["deltaconv"] > 0 and calls["attention:sigma"] > 0, calls
+    assert calls["deltaconv"] + calls["attention:sigma"] == 4, calls

@@ -3,8 +3,14 @@ import pytest
 import torch
 from torch import nn
 
-from deltaconv_core.families import UnsupportedModelError, find_attention_sites, select_levels
-from devkit.tiny_models import has_pixart
+from deltaconv_core.families import (
+    FAMILIES,
+    TOKENS_REARRANGED,
+    UnsupportedModelError,
+    find_attention_sites,
+    select_levels,
+)
+from devkit.tiny_models import has_pixart, has_wan
 
 _COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,
@@ -98,6 +104,25 @@ def test_pixart_28_sites():
     assert found.default_gate == "sigmoid"
 
 
+@pytest.mark.skipif(not has_wan(), reason="this ComfyUI has no Wan")
+@pytest.mark.parametrize("config,sites", [
+    ({"model_type": "t2v", "dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30}, 30),  # 2.1 1.3B
+    ({"model_type": "i2v", "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}, 40),  # 2.1 14B I2V
+    ({"model_type": "t2v", "dim": 3072, "ffn_dim": 14336, "num_heads": 24, "num_layers": 30, "in_dim": 48,
+      "out_dim": 48}, 30),  # 2.2 TI2V 5B
+])
+def test_wan_sites(config, sites):
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = WanModel(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    found = find_attention_sites(model)
+    assert found.family == "wan" and found.patch_size == (1, 2, 2) and len(found.sites) == sites
+    assert found.sites[5].name == "blocks.5" and found.sites[5].path == "blocks.5.self_attn"
+    assert {(s.channels, s.level) for s in found.sites} == {(config["dim"], 0)}
+    assert found.variant == f"Wan 2.x {config['model_type'].upper()} ({sites} self-attention sites)"
+
+
 def test_unknown_architecture_lists_what_was_found():
     class Joint(nn.Module):
         def __init__(self):
@@ -112,7 +137,7 @@ def test_unknown_architecture_lists_what_was_found():
 def test_level_choices():
     found = find_attention_sites(build_meta_unet("SD15"))
     assert select_levels(found, "all") == {0, 1, 2, 3}
-    assert select_levels(found, "finest two") == {0, 1}
+    assert select_levels(found, "finest_two") == {0, 1}
     with pytest.raises(ValueError, match="levels must be one of"):
         select_levels(found, "coarsest")
 
@@ -120,3 +145,16 @@ def test_level_choices():
 def test_meta_build_has_no_storage():
     # Guard for the approach itself: these full-size models really are on meta (no memory, instant).
     assert next(build_meta_unet("SDXL").parameters()).device == torch.device("meta")
+
+
+@pytest.mark.parametrize("options, tokens, grid", [
+    ({"activations_shape": [2, 320, 7, 5]}, 35, (7, 5)),
+    ({"activations_shape": [1, 320, 7, 5]}, 35, TOKENS_REARRANGED),  # another batch: tiles stacked (HyperTile)
+    ({"activations_shape": [2, 320, 7, 5]}, 18, TOKENS_REARRANGED),  # merged tokens (ToMe)
+    ({"original_shape": [2, 4, 13, 9]}, 35, (7, 5)),  # older ComfyUI: the latent, halved (rounding up) per level
+    ({"original_shape": [2, 4, 13, 9]}, 11, TOKENS_REARRANGED),
+])
+def test_unet_token_grid(options, tokens, grid):
+    sd1 = FAMILIES["sd1"]
+    sites = sd1.find_sites(build_meta_unet("SD15"))
+    assert sd1.token_grid(sites, (2, tokens, 320), {"transformer_options": options}) == grid

@@ -44,7 +44,7 @@ def test_fingerprints_round_trip_and_old_files_still_load(tmp_path):
     from test_weights import own_weights
 
     w = own_weights()
-    w.site_fingerprints = {name: site_fingerprint(weight(i)) for i, name in enumerate(w.blocks)}
+    w.site_fingerprints = {name: site_fingerprint(weight(i)) for i, name in enumerate(w.students)}
     back = load_weights(save_weights(w, str(tmp_path / "new.safetensors")))
     assert back.site_fingerprints == w.site_fingerprints and back.base_fingerprint == w.base_fingerprint
     w.site_fingerprints = {}  # a file from before per-site fingerprints: its single hash is kept, not compared
@@ -59,7 +59,7 @@ def test_patch_notes_another_checkpoint_but_not_another_dtype_or_missing_blocks(
     sites = find_attention_sites(model.model.diffusion_model)
     weights = DeltaConvWeights.fresh(sites, 0)
     weights.site_fingerprints = pack.nodes.distill_run.model_fingerprints(model, sites)  # what Distill stores
-    del weights.blocks[sites.sites[0].name]  # a file without the first block
+    del weights.students[sites.sites[0].name]  # a file without the first block
 
     as_fp16 = load_tiny("tiny_sd15")
     as_fp16.model.diffusion_model.half()

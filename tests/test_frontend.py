@@ -182,3 +182,40 @@ def test_workflow_opens_readable(frontend, object_info, screenshot_dir, path):
     if name == README_PICTURE and os.environ.get("DELTACONV_README_IMAGES"):  # only a picture that passed
         os.makedirs(os.path.join(REPO, "docs", "images"), exist_ok=True)
         shutil.copyfile(shot, os.path.join(REPO, "docs", "images", "workflow_sd15_txt2img_compare.png"))
+
+
+# Each choice with a text older releases saved set to that text, the graph saved and opened again, then queued.
+AS_SAVED_BEFORE = """(async () => {
+  const legacy = %s;  // node type → input → {old text: key}
+  const old = (n, w) => Object.keys(legacy[n.type]?.[w.name] || {}).find(t => legacy[n.type][w.name][t] === w.value);
+  for (const n of app.graph.nodes) for (const w of n.widgets || []) if (old(n, w)) w.value = old(n, w);
+  await app.loadGraphData(app.graph.serialize(), true, true, 'saved_before');
+  const sent = (await app.graphToPrompt()).output;
+  const olds = (n) => n.widgets.filter(w => legacy[n.type][w.name]?.[w.value]);
+  return JSON.stringify(Object.fromEntries(app.graph.nodes.filter(n => legacy[n.type]).map(n => [n.id, {
+    broken: !!n.has_errors, shown: Object.fromEntries(olds(n).map(w => [w.name, w.value])),
+    sent: Object.fromEntries(olds(n).map(w => [w.name, sent[n.id].inputs[w.name]]))}])));
+})()"""
+
+
+@pytest.mark.parametrize("name", ["deltaconv_distill_simple", "deltaconv_distill_data_free"])
+def test_workflow_saved_with_old_choice_texts_opens_and_queues_them(frontend, pack, name):
+    """The frontend shows an old text as it is (not a choice of the list, but not an error either) and queues it;
+    the server accepts it and runs the key (test_e2e_legacy_choices.py)."""
+    legacy = {key: cls.LEGACY_CHOICES for key, cls in pack.NODE_CLASS_MAPPINGS.items()
+              if hasattr(cls, "LEGACY_CHOICES")}
+    with open(os.path.join(REPO, "workflows", "api", f"{name}.api.json")) as f:
+        api = json.load(f)
+    expected = {}  # node id → {input: the key it holds, where an old text maps to it}
+    for node_id, node in api.items():
+        if node["class_type"] in legacy:
+            tables = legacy[node["class_type"]]
+            expected[node_id] = {i: v for i, v in node["inputs"].items() if v in tables.get(i, {}).values()}
+    open_workflow(frontend, name, load(os.path.join(REPO, "workflows", f"{name}.json")))
+    nodes = json.loads(frontend.evaluate(AS_SAVED_BEFORE % json.dumps(legacy)))
+    frontend.wait_for(f"({CLOSE_DIALOGS}) === 0 ? true : null", timeout=10)
+    assert any(expected.values()) and nodes.keys() == expected.keys()
+    for node_id, node in nodes.items():
+        table = legacy[api[node_id]["class_type"]]
+        assert not node["broken"] and node["sent"] == node["shown"], node
+        assert {i: table[i][text] for i, text in node["shown"].items()} == expected[node_id], node

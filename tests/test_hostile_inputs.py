@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
 from deltaconv_core.quoting import quoted
+from deltaconv_core.students import build_student
 from deltaconv_core.weights import WeightFileError, load_weights, read_training_state, save_weights
 
 SITE = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -101,12 +102,12 @@ def test_a_save_the_file_system_refuses_is_rescued_in_the_same_folder(pack, tmp_
     path = str(tmp_path / ("é" * 200 + ".safetensors"))
     saved = pack.nodes.distill_run.save_or_rescue(weights, path, {"rng": torch.Generator().get_state()})
     assert os.path.dirname(saved) == str(tmp_path) and os.path.basename(saved).startswith("deltaconv_rescued_A_0000007")
-    assert read_training_state(saved)[1]["step"] == 7 and list(load_weights(saved).blocks) == [SITE]
+    assert read_training_state(saved)[1]["step"] == 7 and list(load_weights(saved).students) == [SITE]
     assert saved in caplog.text
 
 
 def block_file(tmp_path, tensors=None, **meta):
-    block = build_block(BlockConfig.from_dict(BLOCK)).state_dict()
+    block = build_student(BlockConfig.from_dict(BLOCK)).state_dict()
     tensors = tensors or {f"{SITE}.conv1.{k}": v for k, v in block.items()}
     path = str(tmp_path / "f.safetensors")
     save_file(tensors, path, metadata={"deltaconv_format": "1", "family": "sd1", "blocks": json.dumps({SITE: BLOCK}),
@@ -162,7 +163,7 @@ def test_block_names_from_hostile_files_are_never_read(tmp_path):
     save_file({**tensors, **hostile}, path, metadata={"deltaconv_format": "1", "family": "sd1",
                                                        "blocks": json.dumps({SITE: BLOCK})})
     weights = load_weights(path)
-    assert list(weights.blocks) == [SITE] and weights.ignored_tensors == len(hostile)
+    assert list(weights.students) == [SITE] and weights.ignored_tensors == len(hostile)
 
 
 def test_round_trip_still_works(tmp_path):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deltaconv_core.block import MAX_KERNEL_SIZE, BlockConfig, build_block
+from deltaconv_core.block import MAX_KERNEL_SIZE, BlockConfig
 from deltaconv_core.families import AttentionSite
+from deltaconv_core.students import build_student
 from deltaconv_core.weights import DeltaConvWeights, WeightFileError, load_weights, save_weights
 
 SITE = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -90,7 +91,7 @@ def test_output_path_refuses_symlinked_subfolder(validation, tmp_path):
 
 
 def block_file(tmp_path, entry, family="sd1", training="{}"):
-    tensors = {f"{SITE}.conv1.{k}": v for k, v in build_block(BlockConfig(**{**GOOD_BLOCK, "scales": (1.0, 0.5)}))
+    tensors = {f"{SITE}.conv1.{k}": v for k, v in build_student(BlockConfig(**{**GOOD_BLOCK, "scales": (1.0, 0.5)}))
                .state_dict().items()}
     path = str(tmp_path / "meta.safetensors")
     save_file(tensors, path, metadata={"deltaconv_format": "1", "family": family, "training": training,
@@ -130,11 +131,11 @@ def test_file_metadata_types_fail_at_load(tmp_path, meta, problem):
 
 
 def test_sft_files_load_and_save(tmp_path):
-    weights = DeltaConvWeights("sd1", {SITE: (BlockConfig(16, 3), build_block(BlockConfig(16, 3)).state_dict())})
+    weights = DeltaConvWeights("sd1", {SITE: (BlockConfig(16, 3), build_student(BlockConfig(16, 3)).state_dict())})
     path = save_weights(weights, str(tmp_path / "blocks.sft"))
     assert path.endswith("blocks.sft")
     loaded = load_weights(path)
-    assert torch.equal(loaded.blocks[SITE][1]["conv_up.weight"], weights.blocks[SITE][1]["conv_up.weight"])
+    assert torch.equal(loaded.students[SITE][1]["conv_up.weight"], weights.students[SITE][1]["conv_up.weight"])
 
 
 def test_sft_listed_in_the_deltaconv_folder(pack):

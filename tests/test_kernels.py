@@ -130,6 +130,44 @@ def test_bad_arguments_and_empty_batch():
     assert empty.grad.shape == empty.shape
 
 
+# ------------------------------------------------------------------------------------------ the weight gradient
+def reference_weight_grad(v, dvc, k):
+    """float64, one tap at a time: dw[i, j, c] = Σ_{b,y,x} dvc[b,y,x,c] · v[b, y+i-k//2, x+j-k//2, c], zero outside."""
+    H, W, p = v.shape[1], v.shape[2], k // 2
+    padded = F.pad(v.double(), (0, 0, p, p, p, p))
+    return torch.stack([torch.stack([(dvc.double() * padded[:, i:i + H, j:j + W]).sum((0, 1, 2)) for j in range(k)])
+                        for i in range(k)])
+
+
+def nan_fenced(t):
+    """t in storage with NaNs before and after it: a read past either end (a missing mask) poisons the sums."""
+    storage = torch.full((t.numel() + 512,), float("nan"), dtype=t.dtype, device=t.device)
+    storage[256:256 + t.numel()] = t.flatten()
+    return storage[256:256 + t.numel()].view(t.shape)
+
+
+# (batch, size, channels, k, sms): sms = 0 plans one band (the interpreter's plan), sms > 0 plans as for a GPU of that
+# many SMs: bands of 1–3 rows, some across an image border (odd H), tails of a channel block (20 of 32, 8 of 16) and
+# several channel blocks (48 = 3 × 16); a 1-pixel-high image, k = 1, and taps reaching past both borders (k = 13 on
+# 4×6, k = 9 on 3 columns).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch,hw,c,k,sms", [
+    (2, (7, 5), 12, 3, 0), (3, (5, 9), 20, 5, 2), (1, (9, 13), 8, 7, 1), (2, (1, 6), 16, 3, 4), (2, (3, 4), 8, 1, 0),
+    (1, (4, 6), 24, 13, 3), (1, (5, 3), 16, 9, 2), (1, (6, 7), 48, 3, 2),
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_weight_grad_matches_float64(dtype, batch, hw, c, k, sms):
+    """The weight-gradient kernel on its own, on fresh random v (in `dtype`) and dvc (fp32, as the gate kernel writes
+    it), against float64: only fp32 accumulation differs. Two runs agree bit for bit (no atomics)."""
+    gen = torch.Generator().manual_seed(sum(hw) * 10 + c + k)
+    v = torch.randn(batch, *hw, c, generator=gen).to(dtype)
+    dvc = torch.randn(batch, *hw, c, generator=gen)
+    args = nan_fenced(v.to(DEVICE)), nan_fenced(dvc.to(DEVICE)), k, sms
+    dw = dwconv_gate._weight_grad(*args)
+    assert dw.shape == (k, k, c) and dw.dtype == torch.float32
+    assert_close_rel(dw, reference_weight_grad(v, dvc, k), 1e-5, "weight gradient")
+    assert torch.equal(dw, dwconv_gate._weight_grad(*args)), "not reproducible"
+
+
 # ------------------------------------------------------------------------------------------------ routing / import
 def test_use_triton_routing(monkeypatch):
     monkeypatch.delenv("DELTACONV_TRITON", raising=False)

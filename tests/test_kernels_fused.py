@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
 from deltaconv_core.reference import reference_adaptive_avg_pool, reference_bilinear_resize, reference_block_forward
+from deltaconv_core.students import build_student
 from devkit.triton_interpreter import DEVICE, import_kernels, interpreter, kernels
 
 if not kernels.triton_available():
@@ -195,7 +196,7 @@ def test_projection_bad_arguments():
 
 # ------------------------------------------------------------------------------------- the block on the kernels
 def random_block(cfg, gen):
-    block = build_block(cfg, dtype=torch.float64)
+    block = build_student(cfg, dtype=torch.float64)
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
@@ -225,7 +226,7 @@ def check_block(cfg, hw, seed, dtype=torch.float32, tol=1e-4, batch=2):
     ref = block64(x64)  # float64: the torch path (no float64 kernel)
     assert_close_rel(ref, reference_block_forward(block64.state_dict(), cfg, x64), 1e-12, "torch path")
 
-    block = build_block(cfg, state_dict=block64.state_dict(), device=DEVICE, dtype=dtype)
+    block = build_student(cfg, state_dict=block64.state_dict(), device=DEVICE, dtype=dtype)
     x = x64.detach().to(device=DEVICE, dtype=dtype).requires_grad_()
     block(x)  # the first call with gradients also runs the backward kernels once, on a copy
     with counting_kernel_calls() as calls:

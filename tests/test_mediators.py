@@ -312,7 +312,7 @@ def test_from_teacher_casts_to_the_requested_dtype():
 
 
 def test_from_teacher_refuses_other_modules():
-    with pytest.raises(ValueError, match="neither an SD attn1"):
+    with pytest.raises(ValueError, match="Linear is none of the self-attention modules ΔConv knows: an SD"):
         MediatorAttention.from_teacher(torch.nn.Linear(4, 4))
     wide = CrossAttention(16, heads=4, dim_head=8, operations=comfy.ops.disable_weight_init)  # inner 32 ≠ 16
     with pytest.raises(ValueError, match="channel count 16"):

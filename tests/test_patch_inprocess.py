@@ -5,7 +5,7 @@ import pytest
 import torch
 from comfy.ldm.modules.attention import CrossAttention
 
-from deltaconv_core.attention import infer_grid
+from deltaconv_core.families.unet import infer_grid
 from deltaconv_core.weights import DeltaConvWeights, WeightFileError
 
 # ComfyUI before mid-2024 calls attn1 without transformer_options.
@@ -76,7 +76,7 @@ def test_delta_path_and_exact_fallback(patching, sd15):
         ctx = torch.randn(2, 50, 320)
         got = _run(wrapper, x, context=ctx, value=ctx, activations_shape=[2, 320, 7, 5])
         assert torch.equal(got, wrapper.original(x, context=ctx, value=ctx))
-    assert runtime.counts == {"delta": 1, "attention:tokens rearranged": 1, "attention:context": 1}
+    assert runtime.counts == {"deltaconv": 1, "attention:tokens rearranged": 1, "attention:context": 1}
 
 
 def test_older_comfyui_grid_from_latent_shape(patching, sd15):
@@ -86,7 +86,7 @@ def test_older_comfyui_grid_from_latent_shape(patching, sd15):
     x = torch.randn(1, 7 * 5, 320)  # level 1 of a 13×9 latent: ceil halves → 7×5
     with torch.no_grad():
         assert torch.equal(wrapper(x), wrapper.student(x.reshape(1, 7, 5, 320)).reshape(1, 35, 320))
-    assert runtime.counts == {"delta": 1}
+    assert runtime.counts == {"deltaconv": 1}
 
 
 @pytest.mark.parametrize("latent, tokens, grid", [((64, 64), 4096, (64, 64)), ((64, 64), 256, (16, 16)),
@@ -111,7 +111,7 @@ def test_blocks_follow_model_dtype_and_cast_per_call(patching, comfy_sd, tiny_mo
 
 def test_missing_blocks_reported_or_refused_when_strict(patching, sd15):
     weights = DeltaConvWeights.fresh(_sites(patching, sd15), seed=6)
-    del weights.blocks["mid_block.attentions.0.transformer_blocks.0"]
+    del weights.students["mid_block.attentions.0.transformer_blocks.0"]
     clone, report, _ = patching.patch_model(sd15, weights)
     assert len(clone.object_patches) == 6
     assert "1 sites have no block in the file and keep attention: mid_block.attentions.0" in report
@@ -122,8 +122,8 @@ def test_missing_blocks_reported_or_refused_when_strict(patching, sd15):
 def test_wrong_channels_refused_naming_the_block(patching, sd15):
     weights = DeltaConvWeights.fresh(_sites(patching, sd15), seed=7)
     name = "up_blocks.0.attentions.1.transformer_blocks.0"
-    config, sd = weights.blocks[name]
-    weights.blocks[name] = (type(config)(640, config.kernel_size), sd)
+    config, sd = weights.students[name]
+    weights.students[name] = (type(config)(640, config.kernel_size), sd)
     with pytest.raises(WeightFileError, match=f"block {name} expects 320 channels, the file has 640"):
         patching.patch_model(sd15, weights)
 

@@ -28,7 +28,7 @@ def _mediators(patching, model, schedule=SCHEDULE, seed=0):
     """Mediator students from the model's attention, with a random DWC so that it matters."""
     weights = DeltaConvWeights.fresh_mediators(_sites(patching, model), model.model.diffusion_model, schedule)
     g = torch.Generator().manual_seed(seed)
-    for _, state in weights.blocks.values():
+    for _, state in weights.students.values():
         state["dwc.weight"] = torch.randn(state["dwc.weight"].shape, generator=g) * 0.1
     return weights
 
@@ -98,7 +98,7 @@ def test_mixed_file_runs_each_student_at_its_sites(patching, sd15):
     mediators = _mediators(patching, sd15)
     level0 = [s.name for s in sites.sites if s.level == 0]
     for name in level0:
-        weights.blocks[name] = mediators.blocks[name]
+        weights.students[name] = mediators.students[name]
     clone, report, _ = patching.patch_model(sd15, weights)
     kinds = {p.site: p.student_type for p in clone.object_patches.values()}
     assert kinds == {s.name: "mediators" if s.name in level0 else "deltaconv" for s in sites.sites}

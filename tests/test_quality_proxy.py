@@ -1,4 +1,4 @@
-"""The quality proxy benchmark's smallest configuration, end to end, checking its own invariants.
+"""The quality proxy's smallest configuration (scripts/quality_proxy/), end to end, checking its own invariants.
 
 Real photos (scikit-image's wheel), a real teacher trained for a few seconds, the pack's Distiller and wrappers.
 Quality at this size means nothing; what must hold is that training learns, that the students are better than
@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from deltaconv_core.students import DELTACONV
 from quality_proxy import data, report
 from quality_proxy.experiment import PRESETS, run
 
@@ -54,7 +55,7 @@ def test_schedules_ran_and_are_costed(result):
     mediators, hybrid, delta = by_kind["mediators"], by_kind["hybrid"], by_kind["deltaconv"]
     assert len(mediators["calls"]) > 1 and sum(mediators["calls"].values()) == steps  # several counts, every step
     assert all(key.startswith("mediators:") for key in mediators["calls"])
-    assert hybrid["calls"] == {"attention:sigma": steps - round(0.8 * steps), "delta": round(0.8 * steps)}
+    assert hybrid["calls"] == {"attention:sigma": steps - round(0.8 * steps), DELTACONV: round(0.8 * steps)}
     assert delta["macs_per_run"] < hybrid["macs_per_run"] < models["teacher"]["macs_per_run"]
     assert 0 < mediators["macs_per_run"] < models["teacher"]["macs_per_run"]
 

@@ -35,7 +35,7 @@ def cpu_policy(timer, mode="auto"):
     return SpeedPolicy(mode, timer=timer, timed_devices=("cpu",))
 
 
-def ask(policy, x, site="s", key="delta"):
+def ask(policy, x, site="s", key="deltaconv"):
     with torch.no_grad():
         return policy.student_is_faster(site, key, x, lambda: "student", lambda: "attention")
 
@@ -66,7 +66,7 @@ def test_what_is_never_timed():
     assert ask(cpu_policy(timer, mode="always"), x)
     assert ask(SpeedPolicy("auto", timer=timer), x)  # the CPU is not a timed device by default
     with torch.enable_grad():  # training: the student always
-        assert cpu_policy(timer).student_is_faster("s", "delta", x, lambda: 0, lambda: 0)
+        assert cpu_policy(timer).student_is_faster("s", "deltaconv", x, lambda: 0, lambda: 0)
     assert timer.calls == []
     with pytest.raises(ValueError, match="speed policy 'sometimes': choose one of auto, always"):
         SpeedPolicy("sometimes")
@@ -99,7 +99,7 @@ def test_under_torch_compile_a_made_choice_holds_and_nothing_is_timed_while_trac
     policy = cpu_policy(timer)
 
     def step(x):
-        return x * 2 if policy.student_is_faster("s", "delta", x, lambda: None, lambda: None) else x * 3
+        return x * 2 if policy.student_is_faster("s", "deltaconv", x, lambda: None, lambda: None) else x * 3
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)  # fullgraph: a graph break fails the test
     with torch.no_grad():
@@ -140,5 +140,5 @@ def test_patched_sites_run_exactly_the_chosen_path(patching, load_tiny, student,
                 expected = (wrapper.student(x.reshape(2, 6, 5, c)).reshape(2, 30, c) if student < attention
                             else wrapper.original(x))
             assert torch.equal(out, expected), site
-    key = "delta" if student < attention else "attention:slower"
+    key = "deltaconv" if student < attention else "attention:slower"
     assert runtime.counts == {key: 4} and len(timer.calls) == 4

@@ -94,7 +94,7 @@ def test_a_patched_workflow_runs_through_the_users_comfyui(user_server):
     unet_inputs = {"weight_dtype": "default"} if "weight_dtype" in required else {}
     d = digest(user_server.run(txt2img("sd15", "tiny_sd15_random.safetensors", steps=2, unet_inputs=unet_inputs)))
     assert d["patched_sites"] == SITE_COUNTS["tiny_sd15"] and d["finite"]
-    assert set(d["counts"]) == {"delta"} and d["counts"]["delta"] >= 2 * SITE_COUNTS["tiny_sd15"], d["counts"]
+    assert set(d["counts"]) == {"deltaconv"} and d["counts"]["deltaconv"] >= 2 * SITE_COUNTS["tiny_sd15"], d["counts"]
 
 
 def test_gpu_check_smoke_with_the_users_python(installed, tmp_path):
@@ -127,7 +127,7 @@ def test_main_job_with_the_users_python(installed, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["bench/bench_block.py", "bench/bench_unet.py", "bench/bench_distill.py",
-                                    "bench/bench_quality_proxy.py"])
+                                    "scripts/make_benchmarks_doc.py", "scripts/quality_proxy/run.py"])
 def test_benchmarks_start_with_the_users_python(installed, tmp_path, script):
     result, output = run_script(installed, tmp_path, script, "--help", timeout=120)
     assert result.returncode == 0 and "usage:" in output, output[-3000:]

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import deltaconv_core.weights as weights_mod
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
 from deltaconv_core.families import AttentionSite, ModelSites
+from deltaconv_core.students import build_student
 from deltaconv_core.weights import (
     DeltaConvWeights,
     WeightFileError,
@@ -119,12 +120,12 @@ def test_official_file_loads(tmp_path, tensor_cache, family, dw_bias):
 
     assert w.family == expected_family
     assert w.format == "official ConvFusion" and w.base_fingerprint is None and w.training == {}
-    assert len(w.blocks) == len(layout) == {"sd1": 16, "sdxl": 70, "pixart": 28}[expected_family]
-    assert set(w.blocks) == {name for name, _, _ in layout}  # no resnet "block" among them
+    assert len(w.students) == len(layout) == {"sd1": 16, "sdxl": 70, "pixart": 28}[expected_family]
+    assert set(w.students) == {name for name, _, _ in layout}  # no resnet "block" among them
     assert w.ignored_tensors == len(extras)
     total = 0
     for name, c, k in layout:
-        cfg, sd = w.blocks[name]
+        cfg, sd = w.students[name]
         assert cfg == BlockConfig(dim=c, kernel_size=k, scales=SCALES[n], gate=gate, dw_bias=dw_bias), name
         for key, t in sd.items():
             assert tuple(t.shape) == tuple(tensors[f"{name}.conv1.{key}"].shape), (name, key)
@@ -132,13 +133,13 @@ def test_official_file_loads(tmp_path, tensor_cache, family, dw_bias):
         # strict load (nothing missing/unexpected, every shape right); meta device: no 800 MB of copies
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op"
-            build_block(cfg, sd, device="meta")
+            build_student(cfg, sd, device="meta")
     assert total == totals[dw_bias]  # per-model parameter totals of the block formula (test_block.py)
 
     # values survive: real (not meta) loads of the first and last block, compared bit for bit
     for name, _, _ in (layout[0], layout[-1]):
-        cfg, sd = w.blocks[name]
-        block = build_block(cfg, sd, dtype=torch.float16)
+        cfg, sd = w.students[name]
+        block = build_student(cfg, sd, dtype=torch.float16)
         for key, t in block.state_dict().items():
             assert torch.equal(t, tensors[f"{name}.conv1.{key}"]), (name, key)
     if family == "sd1":  # the random values are not all equal, so the comparison above means something
@@ -170,7 +171,7 @@ def test_match_sites_pairs_every_block(sd1_weights):
     sites = sd1_sites()
     match = match_sites(sd1_weights, ModelSites("sd1", "SD1.x UNet (16 sites)", sites), sites)
     assert [s.name for s, _, _ in match.present] == [name for name, _, _ in SD1_LAYOUT]
-    assert all(cfg.dim == s.channels and sd is sd1_weights.blocks[s.name][1] for s, cfg, sd in match.present)
+    assert all(cfg.dim == s.channels and sd is sd1_weights.students[s.name][1] for s, cfg, sd in match.present)
     assert match.missing == [] and match.unused == []
     # a selection covers only its sites; a model site absent from the file is reported missing
     extra = AttentionSite("x.attn1", "down_blocks.0.attentions.0.transformer_blocks.1", 320, "down", 0, 7)
@@ -314,7 +315,7 @@ def own_weights(seed=0):
     }
     blocks = {}
     for name, (cfg, dtype) in configs.items():
-        sd = build_block(cfg, device="meta").state_dict()
+        sd = build_student(cfg, device="meta").state_dict()
         blocks[name] = (cfg, {k: torch.randn(v.shape, generator=gen).to(dtype) for k, v in sd.items()})
     return DeltaConvWeights("sd1", blocks, base_fingerprint="0123456789abcdef",
                             training={"steps": 750, "lr": 3e-4, "levels": "finest two", "sites": [1, 2]})
@@ -332,14 +333,14 @@ def test_save_load_round_trip(tmp_path):
     assert back.family == "sd1" and back.format.startswith("deltaconv")
     assert back.base_fingerprint == "0123456789abcdef"
     assert back.training == w.training
-    assert list(back.blocks) == list(w.blocks)
-    for name, (cfg, sd) in w.blocks.items():
-        cfg2, sd2 = back.blocks[name]
+    assert list(back.students) == list(w.students)
+    for name, (cfg, sd) in w.students.items():
+        cfg2, sd2 = back.students[name]
         assert cfg2 == cfg
         assert set(sd2) == set(sd)
         for key in sd:
             assert sd2[key].dtype == sd[key].dtype and torch.equal(sd2[key], sd[key]), (name, key)
-        build_block(cfg2, sd2)  # strict
+        build_student(cfg2, sd2)  # strict
     assert temp_files(tmp_path) == []
     # no fingerprint stays None (not "")
     w.base_fingerprint = None
@@ -354,8 +355,8 @@ def test_save_refuses_overwrite(tmp_path):
     assert pathlib.Path(path).read_bytes() == before
     save_weights(own_weights(1), path, overwrite=True)
     name = "down_blocks.0.attentions.0.transformer_blocks.0"
-    assert torch.equal(load_weights(path).blocks[name][1]["conv_up.weight"],
-                       own_weights(1).blocks[name][1]["conv_up.weight"])
+    assert torch.equal(load_weights(path).students[name][1]["conv_up.weight"],
+                       own_weights(1).students[name][1]["conv_up.weight"])
     assert temp_files(tmp_path) == []
 
 
@@ -389,3 +390,19 @@ def test_damaged_own_metadata_is_weight_file_error(tmp_path, meta):
     save_file({"transformer_blocks.0.conv1.conv_up.bias": torch.zeros(4)}, path, metadata=meta)
     with pytest.raises(WeightFileError, match="damaged ΔConv metadata"):
         load_weights(path)
+
+
+def test_fresh_blocks_leave_the_global_random_state_alone():
+    """Fresh blocks come from their seed alone and leave torch's global generator (ComfyUI's) where it was."""
+    sites = ModelSites("sd1", "tiny", (AttentionSite("a", "down_blocks.0.attentions.0.transformer_blocks.0", 16,
+                                                     "down", 0, 3),))
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = DeltaConvWeights.fresh(sites, seed=5)
+    assert torch.equal(torch.rand(4), expected)  # the global stream continues as if nothing had drawn from it
+    second = DeltaConvWeights.fresh(sites, seed=5)
+    other = DeltaConvWeights.fresh(sites, seed=6)
+    name = sites.sites[0].name
+    assert all(torch.equal(v, second.students[name][1][k]) for k, v in first.students[name][1].items())
+    assert not torch.equal(first.students[name][1]["conv_up.weight"], other.students[name][1]["conv_up.weight"])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import deltaconv_core.weights as weights_mod
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.block import BlockConfig
+from deltaconv_core.students import build_student
 from deltaconv_core.weights import DeltaConvWeights, load_weights, remove_stale_temp_files, save_weights
 from devkit.comfy_env import child_env
 
@@ -23,7 +24,8 @@ CHILD = textwrap.dedent("""
     from devkit.comfy_env import import_core
     import_core()
     import deltaconv_core.weights as w
-    from deltaconv_core.block import BlockConfig, build_block
+    from deltaconv_core.block import BlockConfig
+    from deltaconv_core.students import build_student
 
     real = w.save_file
     def save_then_hang(tensors, filename, metadata=None):
@@ -32,7 +34,7 @@ CHILD = textwrap.dedent("""
         time.sleep(600)
     w.save_file = save_then_hang
     cfg = BlockConfig(8, 3, (1.0, 0.5), "scaled")
-    sd = {k: torch.full_like(v, 2.0) for k, v in build_block(cfg).state_dict().items()}
+    sd = {k: torch.full_like(v, 2.0) for k, v in build_student(cfg).state_dict().items()}
     w.save_weights(w.DeltaConvWeights("sd1", {sys.argv[2]: (cfg, sd)}), sys.argv[1], overwrite=True)
 """)
 
@@ -40,7 +42,7 @@ CHILD = textwrap.dedent("""
 def weights_filled_with(value: float) -> DeltaConvWeights:
     cfg = BlockConfig(8, 3, (1.0, 0.5), "scaled")
     return DeltaConvWeights("sd1", {NAME: (cfg, {k: torch.full_like(v, value)
-                                                 for k, v in build_block(cfg).state_dict().items()})})
+                                                 for k, v in build_student(cfg).state_dict().items()})})
 
 
 def temp_files(folder) -> list[str]:
@@ -67,7 +69,7 @@ def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(tmp_p
     os.utime(tmp_path / left[0], (old, old))
     save_weights(weights_filled_with(3.0), path, overwrite=True)
     assert temp_files(tmp_path) == []
-    assert torch.equal(load_weights(path).blocks[NAME][1]["conv_pool.weight"], torch.full((8, 8), 3.0))
+    assert torch.equal(load_weights(path).students[NAME][1]["conv_pool.weight"], torch.full((8, 8), 3.0))
 
 
 def test_stale_rules_spare_live_writers_and_foreign_files(tmp_path):

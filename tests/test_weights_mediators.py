@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from deltaconv_core.block import BlockConfig, DeltaConvBlock, build_block
+from deltaconv_core.block import BlockConfig, DeltaConvBlock
 from deltaconv_core.families import AttentionSite, ModelSites
 from deltaconv_core.mediator_schedule import MediatorSchedule
 from deltaconv_core.mediators import MediatorAttention, MediatorConfig
@@ -32,7 +32,7 @@ def mixed_weights(seed=0):
     delta = BlockConfig(16, 3, (1.0, 0.5), "scaled")
     med = MediatorConfig(16, 4, MediatorSchedule.parse("0.0:4,0.5:16,0.8:64"))
     med2 = MediatorConfig(8, 2, MediatorSchedule.fixed(9))
-    blocks = {DELTA_SITE: (delta, random_state(build_block(delta, device="meta"), gen, torch.float32)),
+    blocks = {DELTA_SITE: (delta, random_state(build_student(delta, device="meta"), gen, torch.float32)),
               MEDIATOR_SITE: (med, random_state(MediatorAttention(med, device="meta"), gen, torch.bfloat16)),
               MEDIATOR_SITE_2: (med2, random_state(MediatorAttention(med2, device="meta"), gen, torch.float16))}
     return DeltaConvWeights("sd1", blocks, base_fingerprint="00112233aabbccdd", training={"student": "mixed"})
@@ -54,18 +54,18 @@ def test_mixed_file_round_trips(tmp_path):
     assert f"{MEDIATOR_SITE}.mediators.qkv.weight" in keys and f"{DELTA_SITE}.conv1.conv_up.weight" in keys
 
     back = load_weights(path)
-    assert list(back.blocks) == list(w.blocks) and back.family == "sd1"
+    assert list(back.students) == list(w.students) and back.family == "sd1"
     assert back.base_fingerprint == w.base_fingerprint and back.training == w.training
-    for name, (cfg, sd) in w.blocks.items():
-        cfg2, sd2 = back.blocks[name]
+    for name, (cfg, sd) in w.students.items():
+        cfg2, sd2 = back.students[name]
         assert cfg2 == cfg and type(cfg2) is type(cfg)
         assert set(sd2) == set(sd)
         for key in sd:
             assert sd2[key].dtype == sd[key].dtype and torch.equal(sd2[key], sd[key]), (name, key)
         module = build_student(cfg2, sd2)  # strict
         assert isinstance(module, MediatorAttention if isinstance(cfg, MediatorConfig) else DeltaConvBlock)
-    assert back.blocks[MEDIATOR_SITE_2][0].schedule == MediatorSchedule.fixed(9)
-    assert [student_type(c) for c, _ in back.blocks.values()] == ["deltaconv", "mediators", "mediators"]
+    assert back.students[MEDIATOR_SITE_2][0].schedule == MediatorSchedule.fixed(9)
+    assert [student_type(c) for c, _ in back.students.values()] == ["deltaconv", "mediators", "mediators"]
     summary = back.summary()
     assert "1 ΔConv blocks" in summary and "2 mediator-attention sites" in summary
     assert "0.0:4,0.5:16,0.8:64" in summary and "0.0:9" in summary
@@ -73,23 +73,23 @@ def test_mixed_file_round_trips(tmp_path):
 
 def test_mediator_only_file_round_trips(tmp_path):
     w = mixed_weights()
-    del w.blocks[DELTA_SITE]
+    del w.students[DELTA_SITE]
     back = load_weights(save_weights(w, str(tmp_path / "med.safetensors")))
-    assert {n: c for n, (c, _) in back.blocks.items()} == {n: c for n, (c, _) in w.blocks.items()}
+    assert {n: c for n, (c, _) in back.students.items()} == {n: c for n, (c, _) in w.students.items()}
     assert "ΔConv blocks" not in back.summary() and "2 mediator-attention sites" in back.summary()
 
 
 def test_file_without_student_types_loads_as_deltaconv(tmp_path):
     """A file as the pack wrote it before mediators existed: metadata entries are plain BlockConfig dicts."""
     cfg = BlockConfig(16, 5, (1.0, 0.5), "sigmoid")
-    sd = build_block(cfg).state_dict()
+    sd = build_student(cfg).state_dict()
     path = str(tmp_path / "old.safetensors")
     save_file({f"{DELTA_SITE}.conv1.{k}": v for k, v in sd.items()}, path, metadata={
         "deltaconv_format": "1", "family": "sd1", "base_fingerprint": "",
         "blocks": json.dumps({DELTA_SITE: {"dim": 16, "kernel_size": 5, "scales": [1.0, 0.5], "gate": "sigmoid",
                                            "dw_bias": False}}), "training": "{}"})
     back = load_weights(path)
-    assert back.blocks[DELTA_SITE][0] == cfg and student_type(cfg) == "deltaconv"
+    assert back.students[DELTA_SITE][0] == cfg and student_type(cfg) == "deltaconv"
     assert config_from_dict({**cfg.to_dict(), "student": "deltaconv"}) == cfg  # explicit type accepted too
 
 
@@ -153,7 +153,7 @@ def test_missing_mediator_tensor_refused(tmp_path):
 
 
 def test_student_type_must_match_tensors(tmp_path):
-    delta = {f"{DELTA_SITE}.conv1.{k}": v for k, v in build_block(BlockConfig(16, 3)).state_dict().items()}
+    delta = {f"{DELTA_SITE}.conv1.{k}": v for k, v in build_student(BlockConfig(16, 3)).state_dict().items()}
     with pytest.raises(WeightFileError, match=f"block {DELTA_SITE} is a mediators student in the metadata, but its "
                                               "tensors are deltaconv tensors"):
         load_weights(save_raw(tmp_path, {DELTA_SITE: GOOD}, delta))
@@ -172,7 +172,7 @@ def test_site_with_both_kinds_of_tensors_refused(tmp_path):
 def test_mediator_tensors_without_metadata_refused(tmp_path):
     path = str(tmp_path / "bare.safetensors")
     save_file(mediator_tensors(MEDIATOR_SITE), path)
-    with pytest.raises(WeightFileError, match="heads and schedule cannot be read from shapes"):
+    with pytest.raises(WeightFileError, match=r"mediator attention tensors .* without this pack's metadata"):
         load_weights(path)
 
 
@@ -198,16 +198,16 @@ def test_fresh_mediators_from_the_model():
     model_sites = ModelSites("sd1", "SD1.x UNet (2 sites)", sites)
     schedule = MediatorSchedule.parse("0:16,0.6:64")
     w = DeltaConvWeights.fresh_mediators(model_sites, model, schedule)
-    assert {n: c for n, (c, _) in w.blocks.items()} == {MEDIATOR_SITE: MediatorConfig(16, 4, schedule),
+    assert {n: c for n, (c, _) in w.students.items()} == {MEDIATOR_SITE: MediatorConfig(16, 4, schedule),
                                                         MEDIATOR_SITE_2: MediatorConfig(8, 2, schedule)}
-    _, sd = w.blocks[MEDIATOR_SITE]
+    _, sd = w.students[MEDIATOR_SITE]
     attn = model.a["attn1"]
     assert torch.equal(sd["qkv.weight"], torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
     assert torch.equal(sd["proj.weight"], attn.to_out[0].weight) and not sd["dwc.weight"].any()
     match = match_sites(w, model_sites, sites)
     assert [s.name for s, _, _ in match.present] == [MEDIATOR_SITE, MEDIATOR_SITE_2] and not match.missing
     only_one = DeltaConvWeights.fresh_mediators(model_sites, model, sites=sites[1:])
-    assert list(only_one.blocks) == [MEDIATOR_SITE_2]
+    assert list(only_one.students) == [MEDIATOR_SITE_2]
 
 
 def test_fresh_mediators_for_pixart():
@@ -219,7 +219,7 @@ def test_fresh_mediators_for_pixart():
     nn.init.normal_(model.blocks[0].attn.qkv.bias)
     site = AttentionSite("blocks.0.attn", "transformer_blocks.0", 16, "dit", 0, 13)
     w = DeltaConvWeights.fresh_mediators(ModelSites("pixart", "PixArt-α (1 site)", (site,)), model)
-    cfg, sd = w.blocks["transformer_blocks.0"]
+    cfg, sd = w.students["transformer_blocks.0"]
     assert cfg.heads == 4 and torch.equal(sd["qkv.bias"], model.blocks[0].attn.qkv.bias)
 
 

@@ -214,7 +214,7 @@ SMALL = {"KSampler": {"steps": 2}, "DeltaConvCompare": {"steps": 2}, "LoadImage"
          "LoadImageSetFromFolderNode": {"folder": "deltaconv_test_set"},
          "DeltaConvDistill": {"steps": 2, "batch_size": 2, "save_every": 0, "warmup_steps": 0,
                               "training_dtype": "fp32", "allow_cpu": True},
-         "DeltaConvDistillSimple": {"preset": "check: stage A then B, 2 steps each (runs on the CPU too)"}}
+         "DeltaConvDistillSimple": {"preset": "check"}}
 
 
 def family(name):
@@ -325,10 +325,10 @@ def test_workflow_runs_on_tiny_models(name, tiny_run):
     assert all(" dB, SSIM " in report for report in compares), compares
     for nid, d in digests.items():
         if patched(g, g[nid]["inputs"]["model"]):
-            assert d["patched_sites"] == SITE_COUNTS[unet] and set(d["counts"]) <= {"delta"}, (nid, d)
+            assert d["patched_sites"] == SITE_COUNTS[unet] and set(d["counts"]) <= {"deltaconv"}, (nid, d)
         else:
             assert d["patched_sites"] == 0
-    delta_calls = sum(d["counts"].get("delta", 0) for d in digests.values())
+    delta_calls = sum(d["counts"].get("deltaconv", 0) for d in digests.values())
     delta_calls += sum(int(m[1]) for report in compares if (m := re.search(r"(\d+) ran ΔConv", report)))
     assert delta_calls > 0, "ΔConv never ran"
     if "students" in name:  # and mediator attention, in its own Compare

@@ -1,10 +1,14 @@
 """Tiny, seeded, randomly initialised models built with ComfyUI's own classes, which its detection accepts.
 
 ComfyUI's model detection (`comfy.model_detection`) matches a state dict's shapes against its catalogue: it pins
-model_channels 320 and context_dim 768 (SD1.5), the transformer depth lists (SDXL family: here KOALA-700M's) and the
-hidden size 1152 (PixArt). Everything else (levels, depth, image size) is made small so a step takes milliseconds.
+model_channels 320 and context_dim 768 (SD1.5), the transformer depth lists (SDXL family: here KOALA-700M's), the
+hidden size 1152 (PixArt) and Wan's 128 channels per head (its text width is its class default, 4096: T5).
+Everything else (levels, depth, image size, frames) is made small so a step takes milliseconds. Each model
+family's adapter names its tiny model (FamilyAdapter.tiny_model, a key of TINY_MODELS).
 """
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -24,7 +28,14 @@ KOALA_TINY = {  # KOALA-700M depths (an SDXL subclass), every level at 320 chann
     "use_spatial_transformer": True, "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential",
     "use_checkpoint": False, "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-SITE_COUNTS = {"tiny_sd15": 7, "tiny_sd15_inpaint": 7, "tiny_sdxl": 21, "tiny_pixart": 1}
+# The families told apart by context width alone, built in-process only (the adapter tests), never written.
+SD2_TINY = {**{k: v for k, v in SD15_TINY.items() if k != "num_heads"}, "context_dim": 1024,
+            "use_linear_in_transformer": True, "num_head_channels": 64}
+OTHER_UNET_TINY = {**SD15_TINY, "context_dim": 512}  # a width no known family has: the "unet" family
+# Wan 2.1 T2V's layout; detection reads dim (heads = dim // 128), ffn_dim, layers and in_dim from the shapes.
+WAN_TINY = {"model_type": "t2v", "dim": 256, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "in_dim": 16,
+            "out_dim": 16, "text_dim": 4096}
+SITE_COUNTS = {"tiny_sd15": 7, "tiny_sd15_inpaint": 7, "tiny_sdxl": 21, "tiny_pixart": 1, "tiny_wan": 2}
 
 
 def init_random(module: nn.Module, seed: int) -> nn.Module:
@@ -69,6 +80,18 @@ def build_pixart(seed: int) -> nn.Module:
     return init_random(model, seed)
 
 
+def build_wan(seed: int) -> nn.Module:
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    model = init_random(WanModel(**WAN_TINY, operations=comfy.ops.disable_weight_init), seed)
+    with torch.no_grad():  # RMSNorm weights near zero would zero q and k: make them the identity, as trained ones are
+        for name, p in model.named_parameters():
+            if ".norm_q." in name or ".norm_k." in name:
+                p.fill_(1.0)
+    return model
+
+
 def build_controlnet(seed: int) -> nn.Module:
     """A ControlNet matching SD15_TINY, in the classic `control_model.*` layout ComfyUI's loader detects."""
     import comfy.ops
@@ -84,21 +107,53 @@ def build_taesd(seed: int):
     return init_random(TAESD(), seed)
 
 
-def write_block_files(name: str, module: nn.Module, folder: str, out: dict):
-    """Random and zero-output ΔConv blocks, and mediator attention from the model's own attention (with a random
-    DWC, so that it matters; default schedule), for one tiny model in our own format (read by ΔConv Load)."""
+def write_block_files(name: str, module: nn.Module, folder: str, out: dict, deltaconv: bool = True):
+    """Random and zero-output ΔConv blocks (unless `deltaconv` is off: video models have no ΔConv student yet), and
+    mediator attention from the model's own attention (with a random DWC, so that it matters; default schedule),
+    for one tiny model in our own format (read by ΔConv Load)."""
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights, save_weights
 
     sites = find_attention_sites(module)
-    for variant, zero in (("random", False), ("zero", True)):
+    for variant, zero in (("random", False), ("zero", True)) if deltaconv else ():
         weights = DeltaConvWeights.fresh(sites, seed=7, zero_output=zero)
         out[f"{name}_{variant}"] = save_weights(weights, os.path.join(folder, f"{name}_{variant}.safetensors"))
     mediators = DeltaConvWeights.fresh_mediators(sites, module)
     g = torch.Generator().manual_seed(8)
-    for _, state in mediators.blocks.values():
-        state["dwc.weight"] = torch.randn(state["dwc.weight"].shape, generator=g) * 0.1
+    for _, state in mediators.students.values():
+        for dwc in ("dwc.weight", "dwc_time.weight"):
+            if dwc in state:
+                state[dwc] = torch.randn(state[dwc].shape, generator=g) * 0.1
     out[f"{name}_mediators"] = save_weights(mediators, os.path.join(folder, f"{name}_mediators.safetensors"))
+
+
+class TinyModel(NamedTuple):
+    build: Callable[[int], nn.Module]  # seed → the diffusion model
+    context_dim: int  # width of the text conditioning its forward takes
+    pooled_dim: int | None = None  # width of the pooled conditioning `y` (SDXL), when it takes one
+    channels: int = 4  # latent channels
+    frames: int = 0  # latent frames of a video model's inputs (0: an image model, latents [B, C, H, W])
+    timestep_arg: str = "timesteps"  # what its forward calls the timesteps
+
+    def inputs(self, latent_hw, seed: int = 0) -> dict:
+        """Keyword arguments of one forward of the model at a latent size, batch 1."""
+        g = torch.Generator().manual_seed(seed)
+        shape = (1, self.channels, *((self.frames,) if self.frames else ()), *latent_hw)
+        inputs = {"x": torch.randn(shape, generator=g), self.timestep_arg: torch.full((1,), 500.0),
+                  "context": torch.randn(1, 16, self.context_dim, generator=g)}  # PixArt's model_max_length
+        if self.pooled_dim:
+            inputs["y"] = torch.randn(1, self.pooled_dim, generator=g)
+        return inputs
+
+
+# The tiny model of each family, under the name its adapter gives.
+TINY_MODELS = {"tiny_sd15": TinyModel(lambda seed: build_unet(SD15_TINY, seed), SD15_TINY["context_dim"]),
+               "tiny_sd2": TinyModel(lambda seed: build_unet(SD2_TINY, seed), SD2_TINY["context_dim"]),
+               "tiny_sdxl": TinyModel(lambda seed: build_unet(KOALA_TINY, seed), KOALA_TINY["context_dim"],
+                                      KOALA_TINY["adm_in_channels"]),
+               "tiny_unet": TinyModel(lambda seed: build_unet(OTHER_UNET_TINY, seed), OTHER_UNET_TINY["context_dim"]),
+               "tiny_pixart": TinyModel(build_pixart, 4096),  # PixArt: T5-XXL captions
+               "tiny_wan": TinyModel(build_wan, WAN_TINY["text_dim"], channels=16, frames=3, timestep_arg="timestep")}
 
 
 def write_tiny_models(base) -> dict:
@@ -107,17 +162,19 @@ def write_tiny_models(base) -> dict:
     unet_dir = os.path.join(base, "models", "unet")
     blocks_dir = os.path.join(base, "models", "deltaconv")
     out = {"base": base}
-    builders = [("tiny_sd15", lambda: build_unet(SD15_TINY, 1)),
+    builders = [("tiny_sd15", lambda: TINY_MODELS["tiny_sd15"].build(1)),
                 ("tiny_sd15_inpaint", lambda: build_unet(SD15_TINY, 2, 9)),
-                ("tiny_sdxl", lambda: build_unet(KOALA_TINY, 3))]
+                ("tiny_sdxl", lambda: TINY_MODELS["tiny_sdxl"].build(3))]
     if has_pixart():
-        builders.append(("tiny_pixart", lambda: build_pixart(4)))
+        builders.append(("tiny_pixart", lambda: TINY_MODELS["tiny_pixart"].build(4)))
+    if has_wan():
+        builders.append(("tiny_wan", lambda: TINY_MODELS["tiny_wan"].build(9)))
     for name, build in builders:
         module = build()
         out[name] = os.path.join(unet_dir, f"{name}.safetensors")
         _save(module, out[name])
         if name != "tiny_sd15_inpaint":
-            write_block_files(name, module, blocks_dir, out)
+            write_block_files(name, module, blocks_dir, out, deltaconv=name != "tiny_wan")
     controlnet = build_controlnet(6)
     out["tiny_controlnet"] = os.path.join(base, "models", "controlnet", "tiny_sd15_controlnet.safetensors")
     os.makedirs(os.path.dirname(out["tiny_controlnet"]), exist_ok=True)
@@ -138,3 +195,9 @@ def has_pixart() -> bool:
 
     return importlib.util.find_spec("comfy.ldm.pixart") is not None
 
+
+
+def has_wan() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("comfy.ldm.wan") is not None

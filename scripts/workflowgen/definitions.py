@@ -73,7 +73,7 @@ def deltaconv_sd15_compare_students():
             "them as denoising proceeds). Each ΔConv Compare samples the original and one patched model from the "
             "same settings and reports PSNR, SSIM, a difference heat map, both sampling times and how often each "
             "student ran (mediator calls by count).\nMediator weights: there is no official release. Make "
-            f"{USER_FILES['sd15_mediators']} yourself with ΔConv Distill (student: mediator attention; see the "
+            f"{USER_FILES['sd15_mediators']} yourself with ΔConv Distill (student: mediators; see the "
             "data-free distillation workflow) and ΔConv Save; ΔConv Patch's mediator_schedule overrides its "
             "schedule (e.g. 0.0:4,0.5:16,0.8:64; empty: the one it was trained with).\nModels: DreamShaper 8 in "
             "models/checkpoints; ConvFusion-sd15-mjv5 in models/deltaconv.\n" + DC_NOTE)
@@ -219,11 +219,11 @@ def deltaconv_distill_data_free():
 @workflow
 def deltaconv_distill_simple():
     g = {**teacher_samples(),
-         **distill(("ckpt", 0), ("teacher", 0), "my_sd15_deltaconv_simple", preset="quick: stage A, 2000 steps")}
+         **distill(("ckpt", 0), ("teacher", 0), "my_sd15_deltaconv_simple", preset="quick")}
     return ("ΔConv Distill (simple) · pick a preset", g,
             "The easiest way to make ΔConv blocks for your own checkpoint: the model's own samples are the training "
             "latents, and a preset chooses every setting. Run check first (2 steps per stage, any machine), then "
-            "quick (stage A) or full (stage A, then stage B, the paper's recipe; far more memory). fine-tune "
+            "quick (stage A) or full (stage A, then stage B, the paper's recipe; far more memory). fine_tune "
             "trains blocks connected as deltaconv (ΔConv Load), e.g. the official ones for a fine-tuned "
             "checkpoint. The console lists every ΔConv Distill setting a preset used. Blocks are saved to "
             "models/deltaconv (ΔConv Save), checkpoints to output/deltaconv. Needs a GPU, except check.\nModels: "

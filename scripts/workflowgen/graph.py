@@ -76,7 +76,7 @@ def distill(model, latents, prefix, preset=None):
     data = dict(model=model, latents=latents, positive=("pos", 0), negative=("neg", 0), filename_prefix=prefix)
     return {
         "distill": N("DeltaConvDistillSimple", color="purple", preset=preset, **data) if preset else
-        N("DeltaConvDistill", color="purple", stage="A: block-local", steps=2000, learning_rate=3e-4, batch_size=4,
+        N("DeltaConvDistill", color="purple", stage="A", steps=2000, learning_rate=3e-4, batch_size=4,
           seed=Seed(0, "fixed"), save_every=500, warmup_steps=500, grad_accumulation=1, training_dtype="bf16",
           gradient_checkpointing=False, min_snr_gamma=0.0, kernel_preset="", allow_cpu=False, **data),
         "dc_save": N("DeltaConvSave", color="purple", deltaconv=("distill", 0), filename=prefix, overwrite=False),

@@ -1,16 +1,16 @@
-"""The benchmarks' one way of naming the device they ran on: a readable name for reports and a slug for file names.
+"""The benchmarks' one way of naming the device they ran on (a readable name for reports, a slug for file names),
+and of telling how busy the host was while they ran.
 
     device_name("cpu")  → "AMD EPYC (2 cores)"      device_slug("cpu")  → "cpu-amd-epyc-2c"
     device_name("cuda") → "NVIDIA H200"             device_slug("cuda") → "nvidia-h200"
 
-Results are written as bench/results/<benchmark>[_<variant>]_<slug>.{json,md}; thread counts, dtypes and the like
-belong in the report, not in the name, so reruns on one machine replace its file.
+Results are named <benchmark>[_<variant>]_<slug>.{json,md}; thread counts, dtypes and the like belong in the
+report, not in the name, so reruns on one machine replace its file.
 """
 from __future__ import annotations
 
 import os
 import re
-import resource
 from pathlib import Path
 
 # Vendor marks and clock speeds say nothing about which machine it was: "Intel(R) Xeon(R) CPU @ 2.20GHz" → "Intel Xeon"
@@ -56,5 +56,24 @@ def busy_cpu_s() -> float | None:
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     except OSError:
         return None
+    import resource  # Unix only, like /proc/stat
+
     own = resource.getrusage(resource.RUSAGE_SELF)
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.ru_utime - own.ru_stime
+
+
+def foreign_load(busy_before: float | None, seconds: float) -> float | None:
+    """The share (%) of all the host's cores that other processes used over the last `seconds`, from busy_cpu_s()
+    taken at their start; None where /proc/stat is not readable."""
+    busy = busy_cpu_s()
+    if busy is None or busy_before is None:
+        return None
+    return 100 * max(0.0, busy - busy_before) / (max(seconds, 1e-9) * (os.cpu_count() or 1))
+
+
+def load_average() -> float | None:
+    """The 1-minute load average; None where there is none (Windows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

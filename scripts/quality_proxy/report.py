@@ -1,5 +1,6 @@
-"""The quality proxy's results: JSON, a markdown table with the issue's targets judged, and PNG figures drawn with
-Pillow (same-seed samples, MSE ratio per σ, quality against cost, the teacher's attention locality)."""
+"""The quality proxy's results: JSON, a markdown report (tables, the issue's targets judged, what they say in words,
+the figures) and PNG figures drawn with Pillow (same-seed samples, MSE ratio per σ, quality against cost, the
+teacher's attention locality)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from deltaconv_core.metrics import colormap
 
 COLOURS = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 128)]
-MSE_TARGET = 1.05  # hybrids: denoising MSE within 5 % of the teacher's
+MSE_TARGET, PSNR_TARGET = 1.05, 28.0  # denoising MSE within 5 % of the teacher's; same-seed samples ≥ 28 dB
 HALF_RMS_DB = 20 * math.log10(2)  # PSNR gained by halving the RMS difference to the teacher's samples
 
 
@@ -187,7 +188,46 @@ def targets(models: dict) -> list[dict]:
     return found
 
 
-def markdown(result: dict, device: str, command: str) -> str:
+def reading(result: dict) -> str:
+    """What the tables say, in words, computed from them (so the sentences cannot disagree with the numbers)."""
+    models, sig = result["models"], result["config"]["eval_sigmas"]
+    official = next((n for n in models if n.startswith("ΔConv")), None)
+    if official is None:
+        return ""
+    o = models[official]
+    worst = max(range(len(o["mse_ratio"])), key=o["mse_ratio"].__getitem__)
+    text = [f"The official block ({official}) reaches {o['psnr']:.1f} dB against the teacher's samples "
+            f"(target {PSNR_TARGET:g} dB: {'met' if o['psnr'] >= PSNR_TARGET else 'missed'}) and a denoising error "
+            f"{o['mse_ratio_mean']:.3f}× the teacher's (target ≤ {MSE_TARGET}: "
+            f"{'met' if o['mse_ratio_mean'] <= MSE_TARGET else 'missed'}; worst at σ {sig[worst]:g}, "
+            f"{o['mse_ratio'][worst]:.3f}×)."]
+    if max((m["psnr"], n) for n, m in models.items() if n != "teacher")[1] == official:
+        text.append("Its samples stay closest to the teacher's of all students.")
+    nopool = models.get("without pool branch")
+    if nopool is not None:
+        loss = o["psnr"] - nopool["psnr"]
+        worse = "worse" if nopool["mse_ratio_mean"] > o["mse_ratio_mean"] else "no worse"
+        text.append(f"Without the pooled branch the samples {'lose' if loss > 0 else 'gain'} {abs(loss):.1f} dB; its "
+                    f"one-step denoising error is {worse} ({nopool['mse_ratio_mean']:.3f}×)"
+                    + (", as in the paper's ablation: the pooled branch matters over a whole sampling run." if loss > 0
+                       else "."))
+    zero = next((m for n, m in models.items() if n.startswith("zero")), None)
+    if zero is not None:
+        text.append(f"Removing attention altogether gives {zero['psnr']:.1f} dB.")
+    mass = [s["mass_in_kernel"] for s in result["sites"].values()]
+    text.append(f"This teacher's attention is less local than SD's ({min(mass):.2f}–{max(mass):.2f} of the mass "
+                "inside the kernel window), so it is a hard case for a convolution.")
+    return " ".join(text)
+
+
+FIGURES = {"samples": "same seeds, teacher and every student, with |student − teacher| ×4",
+           "mse": "denoising MSE ratio to the teacher per σ",
+           "cost": "quality against cost: MSE ratio and PSNR over the attention-site MACs, every model",
+           "locality": "the teacher's centroid-aligned attention maps per site"}
+
+
+def markdown(result: dict, device: str, command: str, stem: str = "", figures=tuple(FIGURES)) -> str:
+    """The report; `stem`: the results' file name without extension, for the figures saved beside it."""
     cfg, models = result["config"], result["models"]
     sig = cfg["eval_sigmas"]
     lines = [f"# Quality proxy (a proxy, not Stable Diffusion): {device}", "",
@@ -199,7 +239,7 @@ def markdown(result: dict, device: str, command: str) -> str:
              f"{cfg['teacher_steps']} steps × {cfg['teacher_batch']} crops of {cfg['crop']}×{cfg['crop']} from "
              "scikit-image's sample photos; held-out photos (chelsea, coffee) for every evaluation. "
              f"Students: stage A {cfg['stage_a_steps']} + stage B {cfg['stage_b_steps']} steps, batch "
-             f"{cfg['distill_batch']}, the pack's Distiller and DeltaConvSelfAttention wrappers, the same for ΔConv "
+             f"{cfg['distill_batch']}, the pack's Distiller and StudentSelfAttention wrappers, the same for ΔConv "
              "and mediator students. Hybrids are not trained: the official ΔConv student with the wrappers' σ range "
              "ending part-way, after which the original attention runs.", "",
              f"## Teacher attention locality (held-out crops, σ = {cfg['locality_sigma']})", "",
@@ -210,9 +250,9 @@ def markdown(result: dict, device: str, command: str) -> str:
                      f"{s['uniform_fraction']:.2f} | {s['erf']} | {s['suggested_kernel']} |")
     lines += ["", "## Students vs teacher", "",
               f"Denoising MSE ratio = student MSE(x̂₀, x₀) / teacher's on {cfg['eval_crops']} held-out crops, mean over "
-              f"σ ∈ {{{', '.join(f'{s:g}' for s in sig)}}} (target ≤ 1.05). "
-              f"Same-seed samples: {cfg['samples']} images, "
-              f"deterministic Euler, {cfg['sample_steps']} steps, student vs teacher (target PSNR ≥ 28 dB).", "",
+              f"σ ∈ {{{', '.join(f'{s:g}' for s in sig)}}} (target ≤ {MSE_TARGET}). "
+              f"Same-seed samples: {cfg['samples']} images, deterministic Euler, {cfg['sample_steps']} steps, student "
+              f"vs teacher (target PSNR ≥ {PSNR_TARGET:g} dB).", "",
               "Cost = multiply-accumulates of the self-attention sites over one sampling run of one image (the rest "
               "of the UNet is the same for every model), mediators at their schedule's count per step, hybrids "
               "on attention after their threshold; relative = over the teacher's.", "",
@@ -224,7 +264,7 @@ def markdown(result: dict, device: str, command: str) -> str:
         if name == "teacher":
             continue
         worst = max(m["mse_ratio"])
-        cost = "—" if full is None else f"{m['macs_per_run'] / 1e6:.1f} | {m['macs_per_run'] / full:.2f}×"
+        cost = "— | —" if full is None else f"{m['macs_per_run'] / 1e6:.1f} | {m['macs_per_run'] / full:.2f}×"
         calls = ", ".join(f"{k} {v}" for k, v in m.get("calls", {}).items()) or "—"
         distil = f"{m['distill_s']:.0f}" if "distill_s" in m else "—"  # the zero block and hybrids train nothing
         lines.append(f"| {name} | {m.get('block_params', 0) / 1e3:.1f} k | {m['mse_ratio_mean']:.3f} | {worst:.3f} | "
@@ -237,9 +277,10 @@ def markdown(result: dict, device: str, command: str) -> str:
               "|---|" + "---|" * len(sig)]
     for name, m in models.items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in m["mse"]) + " |")
-    lines += ["", "Figures: `*_samples.png` (same seeds, |Δ| ×4), `*_mse.png` (MSE ratio vs σ), `*_cost.png` "
-              "(quality against cost), `*_locality.png` (teacher's centroid-aligned attention maps).", ""]
-    return "\n".join(lines)
+    lines += ["", reading(result)]
+    for kind in figures if stem else ():
+        lines += ["", f"{FIGURES[kind][0].upper()}{FIGURES[kind][1:]}:", "", f"![{FIGURES[kind]}]({stem}_{kind}.png)"]
+    return "\n".join(lines) + "\n"
 
 
 def save(result: dict, out_dir: str, slug: str, device: str, command: str) -> list[str]:
@@ -251,7 +292,7 @@ def save(result: dict, out_dir: str, slug: str, device: str, command: str) -> li
     with open(base + ".json", "w") as f:
         json.dump({"device": device, "command": command, **public}, f, indent=1, ensure_ascii=False)
     with open(base + ".md", "w") as f:
-        f.write(markdown(result, device, command))
+        f.write(markdown(result, device, command, os.path.basename(base)))
     samples_figure(result["_images"]).save(base + "_samples.png")
     sig = result["config"]["eval_sigmas"]
     series = {n: (sig, m["mse_ratio"]) for n, m in result["models"].items() if not n.startswith("zero")}

@@ -3,15 +3,19 @@ for a given shape is recorded (grid, arguments, constexprs, warps), compiled by 
 sm_90 with the specialisation a real call gets (16-divisible integers and 16-aligned pointers, as Triton's launcher
 derives them from the arguments), and its registers, spills and shared memory read from the compiled kernel.
 
-    python bench/kernel_static.py [--arch 90] [--sms 132]   # the SD1.5 / SDXL / PixArt sites at 512²–2048², fp16
+    python scripts/kernel_static.py [--arch 90] [--sms 132] [--images 512 1024 2048] [--backward]
+
+SD1.5 / SDXL / PixArt sites at those image sizes, fp16, batch 2; --backward adds the backward launches (training).
 
 Any Python with torch and triton (no GPU, no TRITON_INTERPRET). The recording runs the real host functions on CPU
-tensors with stand-ins for the kernels, planned for a GPU with `sms` multiprocessors.
+tensors with stand-ins for the kernels, planned for a GPU with `sms` multiprocessors. A development tool:
+tests/test_kernels_compile.py holds the kernels to its figures, and bench/gpu_model.py estimates GPU times from them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -23,7 +27,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-import devkit_path  # noqa: F401  (scripts/devkit importable, whatever Python runs this)
 import torch
 
 from devkit.comfy_env import import_core
@@ -61,6 +64,7 @@ class Launch:
     constexprs: dict
     attrs: dict
     options: dict
+    scalars: dict = field(default_factory=dict)  # the integer arguments (sizes, bands), by name
     site: str = ""
     compiled: dict = field(default_factory=dict)
 
@@ -96,8 +100,9 @@ class _Recorder:
         def launch(*args, num_warps=4, num_stages=3, **constexprs):
             signature, fixed, attrs = _specialise(self.fn, args)
             signature.update({name: "constexpr" for name in constexprs})
+            scalars = {p.name: a for p, a in zip(self.fn.params, args) if isinstance(a, int)}
             self.out.append(Launch(self.name, tuple(grid), signature, {**fixed, **constexprs}, attrs,
-                                   dict(num_warps=num_warps, num_stages=num_stages)))
+                                   dict(num_warps=num_warps, num_stages=num_stages), scalars))
         return launch
 
 
@@ -250,23 +255,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--sms", type=int, default=132, help="multiprocessors of the GPU planned for (H100/H200: 132)")
+    p.add_argument("--images", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--backward", action="store_true", help="the backward launches too (training), no host time")
     args = p.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
-    launches = [launch for site in sites() for launch in record_site(site, args.sms, args.arch)]
+    chosen = [dataclasses.replace(site, backward=args.backward) for site in sites(tuple(args.images))]
+    launches = [launch for site in chosen for launch in record_site(site, args.sms, args.arch)]
     compile_all(launches, args.arch)
-    print("| site | kernel | grid | programs/SM | constexprs | regs | spill instructions | smem | occupancy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| site | kernel | grid | programs/SM | constexprs | regs | spill instructions | smem | occupancy | "
+          "SASS/FMA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for launch in launches:
         c, n = launch.compiled, functools.reduce(lambda a, b: a * b, launch.grid)
         shown = {k: v for k, v in launch.constexprs.items() if k.isupper()}
         print(f"| {launch.site} | {launch.kernel} | {launch.grid} | {n / args.sms:.1f} | {shown} | "
-              + (f"{c['registers']} | {c['spills']} | {c['shared']} | {c['occupancy']:.0%} |" if "error" not in c
-                 else f"error: {c['error']} | | | |"))
-    site = sites((512,))[0]
-    print(f"\nhost time of the kernel path per block ({site.label}, launches stubbed, this CPU): "
-          f"{host_microseconds(site, args.sms, args.arch):.0f} µs")
+              + (f"{c['registers']} | {c['spills']} | {c['shared']} | {c['occupancy']:.0%} | "
+                 f"{c.get('per_fma', float('nan')):.2f} |" if "error" not in c else f"error: {c['error']} | | | | |"))
+    if not args.backward:
+        site = chosen[0]
+        print(f"\nhost time of the kernel path per block ({site.label}, launches stubbed, this CPU): "
+              f"{host_microseconds(site, args.sms, args.arch):.0f} µs")
     return 1 if any("error" in launch.compiled for launch in launches) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

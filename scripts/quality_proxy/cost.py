@@ -1,8 +1,8 @@
 """What a quality-proxy model costs: multiply-accumulates of its self-attention sites over one sampling run.
 
 Per site and model call, on an h×w grid of C channels (N = h·w tokens):
-- attention: 4·N·C² + 2·N²·C (bench_block.attention_macs);
-- ΔConv block: bench_block.deltaconv_macs with the student's kernel and scales;
+- attention: 4·N·C² + 2·N²·C (the q/k/v/out projections, then scores and their weighted sum);
+- ΔConv block: DeltaConvBlock.macs with the student's kernel and scales;
 - mediator attention: mediators.mediator_macs at the count its schedule gives for that step's σ;
 - zero block (attention removed): 0.
 A hybrid runs its student while σ ≥ its threshold and attention below. The rest of the UNet (convolutions, MLPs)
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench_block import attention_macs, deltaconv_macs
-
+from deltaconv_core.block import BlockConfig, DeltaConvBlock
 from deltaconv_core.mediator_schedule import SigmaCounts
 from deltaconv_core.mediators import mediator_macs
 
@@ -38,11 +37,11 @@ class Cost:
     def site_macs(self, site: Site, sigma: float) -> int:
         n, c = site.grid[0] * site.grid[1], site.channels
         if self.student == "attention" or sigma < self.sigma_end:
-            return attention_macs(n, c)
+            return 4 * n * c * c + 2 * n * n * c
         if self.student == "zero":
             return 0
         if self.student == "deltaconv":
-            return deltaconv_macs(n, c, site.kernel, self.scales)
+            return DeltaConvBlock.macs(BlockConfig(c, site.kernel, self.scales), site.grid)
         if self.student == "mediators":
             return mediator_macs(site.grid, c, self.counts(sigma))
         raise ValueError(f"unknown student {self.student!r}")

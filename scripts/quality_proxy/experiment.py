@@ -8,6 +8,7 @@ only in what replaces attention. Hybrids are evaluation-only: the trained offici
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -18,16 +19,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from deltaconv_core.analysis import locality_stats
-from deltaconv_core.attention import DeltaConvSelfAttention, PatchRuntime
-from deltaconv_core.block import BlockConfig, build_block
+from deltaconv_core.attention import PatchRuntime, StudentSelfAttention
+from deltaconv_core.block import BlockConfig
 from deltaconv_core.distill import DistillConfig, Distiller, MediatorTraining
+from deltaconv_core.families import FAMILIES
 from deltaconv_core.mediator_schedule import MediatorSchedule
 from deltaconv_core.mediators import MediatorAttention
 from deltaconv_core.metrics import psnr, ssim
+from deltaconv_core.students import DELTACONV, MEDIATORS, build_student
 
 from . import data
 from .cost import Cost, Site
 from .model import TinyUNet, attention_blocks, denoise, edm_loss, karras_sigmas, percent_to_sigma, sample_euler
+
+# The proxy's UNet passes transformer_options as ComfyUI's UNets do: the UNet adapter's token grid reads them.
+GRID = functools.partial(FAMILIES["sd1"].token_grid, None)
 
 # name → (scales, global pooling branch): the official block and the paper's ablations.
 VARIANTS = {
@@ -184,14 +190,14 @@ def make_student(teacher: TinyUNet, kernels: dict[str, int], scales, pool: bool,
     runtime, blocks, taps = PatchRuntime(), {}, {}
     for name, tb in attention_blocks(unet).items():
         dim = tb.attn1.to_q.in_features
-        block = build_block(BlockConfig(dim, kernels[name], tuple(scales)))
+        block = build_student(BlockConfig(dim, kernels[name], tuple(scales)))
         if zero:  # the "attention removed" baseline: the block outputs exactly 0
             for p in block.parameters():
                 p.data.zero_()
         if not pool:  # ablation: no global branch (conv_pool's bias merges with conv_out's, so only the weight goes)
             block.conv_pool.weight.data.zero_()
             block.conv_pool.weight.requires_grad_(False)
-        tb.attn1 = DeltaConvSelfAttention(tb.attn1, block, runtime, name)
+        tb.attn1 = StudentSelfAttention(tb.attn1, block, runtime, name, grid=GRID)
         blocks[name], taps[name] = block, tb.norm2
     return unet, runtime, blocks, taps
 
@@ -210,7 +216,8 @@ def make_mediator_student(teacher: TinyUNet, schedule: MediatorSchedule):
     runtime, students, taps = PatchRuntime(), {}, {}
     for name, tb in attention_blocks(unet).items():
         student = MediatorAttention.from_teacher(tb.attn1, schedule)
-        tb.attn1 = DeltaConvSelfAttention(tb.attn1, student, runtime, name, schedule.resolve(percent_to_sigma))
+        tb.attn1 = StudentSelfAttention(tb.attn1, student, runtime, name, schedule.resolve(percent_to_sigma),
+                                        grid=GRID)
         students[name], taps[name] = student, tb.norm2
     return unet, runtime, students, taps
 
@@ -253,7 +260,7 @@ def expected_calls(cost: Cost, n_sites: int, step_sigmas) -> dict[str, int]:
         if sigma < cost.sigma_end:
             key = "attention:sigma"
         else:
-            key = "delta" if cost.student in ("deltaconv", "zero") else f"mediators:{cost.counts(sigma)}"
+            key = DELTACONV if cost.student in ("deltaconv", "zero") else f"{MEDIATORS}:{cost.counts(sigma)}"
         calls[key] = calls.get(key, 0) + n_sites
     return calls
 

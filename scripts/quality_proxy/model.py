@@ -1,7 +1,7 @@
 """A small pixel-space diffusion UNet with self-attention, the teacher of the quality proxy.
 
 Its self-attention modules follow ComfyUI's `attn1` interface (to_q/to_k/to_v/to_out, forward(x, context, value,
-mask, transformer_options) with `activations_shape` in the options), so the pack's own DeltaConvSelfAttention
+mask, transformer_options) with `activations_shape` in the options), so the pack's own StudentSelfAttention
 wrapper replaces them exactly as it does inside ComfyUI; like ComfyUI, the step's σ reaches them as
 `transformer_options["sigmas"]` (the wrappers' σ range and mediator counts read it). EDM preconditioning (Karras
 et al. 2022): the network sees c_in·x_t and ln(σ)/4 and predicts x̂_0 = c_skip·x_t + c_out·F, with x_t = x_0 + σ·ε

@@ -1,0 +1,100 @@
+"""Wan 2.x (ComfyUI's WanModel and its variants): a list of DiT blocks, each with a video self-attention `self_attn`
+(q/k/v/o linears, RMSNorms over the whole q and k, 3-D RoPE) and a separate cross-attention; the tokens are the
+latent video cut into (1, 2, 2) patches by a Conv3d, on a frames × h × w grid.
+
+The self-attention call passes only (x, freqs, transformer_options): the grid comes from the step's latent shape,
+which the patch's model wrapper reads once per step (PatchRuntime.begin_step), divided by the patch size.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .base import GRID_UNKNOWN, TOKENS_REARRANGED, AttentionSite, FamilyAdapter, ModelSites, TeacherProjections
+
+# No ConvFusion release and no locality measurement for Wan yet: the UNets' fallback kernel. Only a ΔConv student
+# would read it, and ΔConv blocks are 2-D (mediator attention's DWC is 3×3 whatever the site's kernel).
+KERNEL = 7
+NAME = "blocks.{}"  # our block names (no official release to follow): the DiT block's own path
+
+
+def _is_rms_norm(module: nn.Module, dim: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return (any(c.__name__ == "RMSNorm" for c in type(module).__mro__) and weight is not None
+            and tuple(weight.shape) == (dim,) and isinstance(getattr(module, "eps", None), float))
+
+
+class WanFamily(FamilyAdapter):
+    key = "wan"
+    label = "Wan 2.x"
+    gate = "sigmoid"  # a DiT like PixArt; no ΔConv block runs on Wan yet
+    wrapper = "StudentWanAttention"
+    attention = "a Wan self_attn (q/k/v/o, norm_q/norm_k)"
+    tiny_model = "tiny_wan"
+    grid_dims = 3
+
+    def _is_block(self, block: nn.Module) -> bool:
+        attn = getattr(block, "self_attn", None)
+        return attn is not None and self.is_attention(attn) and hasattr(block, "cross_attn")
+
+    def detect(self, diffusion_model):
+        blocks = getattr(diffusion_model, "blocks", None)
+        return (isinstance(getattr(diffusion_model, "patch_embedding", None), nn.Conv3d)
+                and isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(self._is_block(b) for b in blocks))
+
+    def find_sites(self, diffusion_model):
+        sites = tuple(AttentionSite(f"blocks.{i}.self_attn", NAME.format(i), b.self_attn.q.in_features, "dit", 0,
+                                    self.kernel_size("dit", 0))
+                      for i, b in enumerate(diffusion_model.blocks))
+        kind = " ".join(filter(None, ("Wan 2.x", str(getattr(diffusion_model, "model_type", "")).upper())))
+        variant = f"{kind} ({len(sites)} self-attention sites)"
+        return ModelSites(self.key, variant, sites, patch_size=tuple(diffusion_model.patch_embedding.kernel_size))
+
+    def kernel_size(self, direction, level):
+        return KERNEL
+
+    def token_grid(self, model_sites, x_shape, call):
+        """The step's latent [B, C, T, H, W] in patches (rounded up, as the model pads to the patch size); tokens
+        beyond that grid (a reference latent or frames concatenated in time, S2V's motion tokens) are rearranged."""
+        latent = call.get("latent_shape")
+        if latent is None or len(latent) != 5:
+            return GRID_UNKNOWN
+        grid = tuple(math.ceil(n / p) for n, p in zip(latent[2:], model_sites.patch_size))
+        return grid if math.prod(grid) == x_shape[1] else TOKENS_REARRANGED
+
+    def is_attention(self, module):
+        return all(hasattr(module, n) for n in ("q", "k", "v", "o", "norm_q", "norm_k"))
+
+    def projection_weight(self, attention):
+        return attention.q.weight
+
+    def teacher_projections(self, attention):
+        """q/k/v/o and the q/k RMSNorms (kept by mediator attention); RoPE is the model's, applied per call."""
+        if not self.is_attention(attention):
+            raise ValueError(f"{type(attention).__name__} is not {self.attention}")
+        norms = (attention.norm_q, attention.norm_k)
+        if all(isinstance(n, nn.Identity) for n in norms):  # qk_norm=False
+            norms = None
+        elif not all(_is_rms_norm(n, attention.q.out_features) for n in norms):
+            raise ValueError(f"teacher attention normalises q/k with {type(norms[0]).__name__}; mediator attention "
+                             "keeps only an RMSNorm over the whole q and k")
+        return TeacherProjections((attention.q, attention.k, attention.v), attention.o, attention.num_heads, norms)
+
+    def queries_keys(self, attention, x):
+        """Normalised, without RoPE: the positions are not known here."""
+        return attention.norm_q(attention.q(x)), attention.norm_k(attention.k(x)), attention.num_heads
+
+    def feature_tap_path(self, site_path):
+        """The block's norm3 (before its cross-attention; an Identity without cross_attn_norm), which reads that
+        stream first."""
+        return f"{site_path.rsplit('.', 1)[0]}.norm3"
+
+    def checkpoint_blocks(self, diffusion_model):
+        return list(diffusion_model.blocks)
+
+    def claims_official(self, block_names):
+        return False  # no ConvFusion release for Wan
+
+
+WAN = WanFamily()

@@ -1,0 +1,2 @@
+"""The quality proxy, a research experiment: a small diffusion model trained on real photos, distilled into ΔConv and
+mediator-attention students, to see how close each gets to its teacher. Run it with scripts/quality_proxy/run.py."""

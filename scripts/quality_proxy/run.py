@@ -1,0 +1,54 @@
+"""Quality proxy: how close do distilled students get to their teacher? (No Stable Diffusion weights here.)
+
+    python scripts/quality_proxy/run.py [--preset cpu|small|smoke] [--threads 2] [--out scripts/quality_proxy/results]
+
+A research experiment, not a benchmark: it trains a small pixel-space diffusion UNet with self-attention on crops of
+scikit-image's sample photos (the wheel is downloaded once into .cache/proxy, not installed), measures its attention
+locality, distils the official ΔConvBlock and the paper's ablations (no pool branch; 1 and 3 scales) and
+mediator-attention students (fixed counts and a dynamic schedule) with stage A then stage B, evaluates hybrids (the
+ΔConv student for the first 80 % / 90 % of the sampling steps, then attention), and compares each with the teacher:
+held-out denoising MSE across σ, same-seed sample PSNR/SSIM and the self-attention sites' MACs per sampling run.
+Presets: cpu (the full budget), small (every student on a smaller budget, ~25 min on a busy 2-core machine), smoke
+(the tests'). The teacher is cached by its config, so re-runs only redo the students. Results:
+scripts/quality_proxy/results/quality_proxy_<preset>_<device>.{json,md,*.png}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: scripts/ (devkit, this package) instead of this folder on sys.path
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+
+from devkit.comfy_env import import_core
+from devkit.device_info import device_name, device_slug
+
+import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path
+from quality_proxy import report  # noqa: E402
+from quality_proxy.data import CACHE  # noqa: E402
+from quality_proxy.experiment import PRESETS, run  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--no-cache", action="store_true", help="retrain the teacher even if a cached one matches")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result = run(PRESETS[args.preset], cache=None if args.no_cache else CACHE)
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    device = f"CPU {device_name('cpu')}, {threads}, torch {torch.__version__}"
+    command = f"python scripts/quality_proxy/run.py --preset {args.preset} --threads {args.threads}"
+    for path in report.save(result, args.out, f"{args.preset}_{device_slug('cpu')}", device, command):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
