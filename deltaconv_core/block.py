@@ -1,12 +1,16 @@
 """ΔConvBlock: the convolutional replacement for one self-attention layer.
 
-Channel-last throughout ([B, H, W, C]), parameter names matching the official ConvFusion checkpoints, so an
-official block state dict loads with no renaming:
+Channel-last throughout ([B, H, W, C], video [B, T, H, W, C]), parameter names matching the official ConvFusion
+checkpoints, so an official block state dict loads with no renaming:
 
     conv_up                      Linear(C, C_i)            C_i = C // 2
-    gates.{i}.conv_spatial       depthwise k×k, weight [k, k, C_i] (+ optional bias [C_i])
+    conv_time                    (video blocks) depthwise over time on conv_up's output, weight [k_t, C_i], no
+                                 bias, added to it (u + conv_time(u)) and zero-initialised: a fresh or zero one
+                                 leaves every frame's u as the image block's
+    gates.{i}.conv_spatial       depthwise k×k, weight [k, k, C_i] (+ optional bias [C_i]); per frame on video
     conv_out                     Linear(n · C_i // 2, C)
-    conv_pool                    Linear(C, C)              applied to the spatial mean of the block input
+    conv_pool                    Linear(C, C)              applied to the mean of the block input over the
+                                                           image (video: the whole clip, T·H·W)
 """
 from __future__ import annotations
 
@@ -36,13 +40,15 @@ class BlockConfig:
     scales: tuple[float, ...] = (1.0, 0.5)
     gate: str = "scaled"  # "scaled": a·b·√(C_i/2) (released SD/SDXL weights); "sigmoid": a·σ(b) (PixArt)
     dw_bias: bool = False  # depthwise bias, present in checkpoints of the initial official code
+    time_kernel: int = 0  # taps of conv_time, the depthwise convolution over time of video blocks; 0: none
 
     student: ClassVar[str] = "deltaconv"  # not stored: entries without a student type are ΔConv (students.py)
     schedule: ClassVar[None] = None  # the same block at every step
+    OPTIONAL: ClassVar[dict] = {"time_kernel": 0}  # stored only when set: image entries stay as old readers know
 
     def __post_init__(self):
         # Types first: configs also come from weight-file metadata, where 320.0 or "7" must not get through.
-        for name in ("dim", "kernel_size"):
+        for name in ("dim", "kernel_size", "time_kernel"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise ValueError(f"{name} must be an integer, got {quoted(getattr(self, name))}")
         if not isinstance(self.dw_bias, bool):
@@ -55,6 +61,9 @@ class BlockConfig:
         if not 1 <= self.kernel_size <= MAX_KERNEL_SIZE or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd number from 1 to {MAX_KERNEL_SIZE}, got "
                              f"{quoted(self.kernel_size)}")
+        if self.time_kernel and (not 1 <= self.time_kernel <= MAX_KERNEL_SIZE or self.time_kernel % 2 == 0):
+            raise ValueError(f"time_kernel must be 0 (no convolution over time) or an odd number from 1 to "
+                             f"{MAX_KERNEL_SIZE}, got {quoted(self.time_kernel)}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {quoted(self.gate)}")
         if not self.scales or self.scales[0] != 1.0 or any(not 0 < s <= 1 for s in self.scales):
@@ -66,7 +75,8 @@ class BlockConfig:
         return self.dim // 2
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "scales": list(self.scales)}
+        d = {**asdict(self), "scales": list(self.scales)}
+        return {k: v for k, v in d.items() if k not in self.OPTIONAL or v != self.OPTIONAL[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> BlockConfig:
@@ -180,7 +190,9 @@ class PyramidGate(nn.Module):
 
 
 class DeltaConvBlock(nn.Module):
-    """Pyramid depthwise convolutions with a gate plus a global pooling branch, [B, H, W, C] → [B, H, W, C].
+    """Pyramid depthwise convolutions with a gate plus a global pooling branch, [B, H, W, C] → [B, H, W, C];
+    on video [B, T, H, W, C], the same per frame after conv_time mixes conv_up's output over time, pooled over the
+    whole clip.
 
     A student (students.Student): its class attributes and static methods are what weight files, patching and
     the reports need to know about it."""
@@ -188,9 +200,9 @@ class DeltaConvBlock(nn.Module):
     kind = "deltaconv"  # its type name in weight files
     label = "ΔConv block"
     tensor_group = "conv1"  # `<site>.conv1.<param>` in weight files
-    param_pattern = r"(?:conv_up|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias)"
+    param_pattern = r"(?:conv_up|conv_time|conv_out|conv_pool|gates\.\d+\.conv_spatial)\.(?:weight|bias)"
     config_type = BlockConfig
-    grid_dims = (2,)  # images only: a video ΔConv block does not exist yet
+    grid_dims = (2, 3)  # images and video (a block without conv_time runs a video frame by frame, pooled per clip)
 
     def __init__(self, config: BlockConfig, ops=TORCH_OPS, device=None, dtype=None):
         super().__init__()
@@ -198,6 +210,7 @@ class DeltaConvBlock(nn.Module):
         factory = {"device": device, "dtype": dtype}
         c, ci = config.dim, config.inner_dim
         self.conv_up = ops.Linear(c, ci, **factory)
+        self.conv_time = ops.TimeDepthwiseConv(ci, config.time_kernel, **factory) if config.time_kernel else None
         self.gates = nn.ModuleList(
             PyramidGate(ci, config.kernel_size, s, config.gate, config.dw_bias, ops, **factory) for s in config.scales
         )
@@ -210,10 +223,14 @@ class DeltaConvBlock(nn.Module):
             nn.Linear.reset_parameters(linear)
         for gate in self.gates:
             gate.conv_spatial.reset_parameters()
+        if self.conv_time is not None:
+            nn.init.zeros_(self.conv_time.weight)  # the image block at first; the residual still passes gradient
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
+        """x: [B, H, W, C], or a video [B, T, H, W, C]; a video block takes an image as one frame."""
+        if x.dim() == 5 or self.conv_time is not None:
+            return self._forward_video(x if x.dim() == 5 else x.unsqueeze(1)).view(x.shape)
         u = self.conv_up(x)  # [B, H, W, C_i]
         pooled = self.conv_pool(x.mean(dim=(1, 2)))  # uses the block input, not conv_up's output
         # Fused Triton kernels (CUDA; off with DELTACONV_TRITON=0), except under torch.compile: dynamo cannot trace
@@ -222,6 +239,24 @@ class DeltaConvBlock(nn.Module):
             out = self._forward_kernels(u, pooled)
             if out is not None:
                 return out
+        return self._project(u, pooled)
+
+    def _forward_video(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, W, C]. The frames go through the torch path as a batch of images: the fused kernels are
+        2-D and are tested on images only."""
+        b, t, h, w, _ = x.shape
+        u = self.conv_up(x)  # [B, T, H, W, C_i]
+        if self.conv_time is not None:  # added, not replacing u: zero weights leave each frame's u as it was
+            u = u + self.conv_time(u.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        # The uniform part of video attention is the mean over every frame it attends to: the whole clip.
+        pooled = self.conv_pool(x.mean(dim=(1, 2, 3)))
+        return self._project(u.reshape(b * t, h, w, -1), pooled.repeat_interleave(t, dim=0))
+
+    def _project(self, u: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The rest of the block in torch: u [N, H, W, C_i] (conv_up's output), pooled [N, C] (conv_pool's) →
+        [N, H, W, C]."""
+        b, h, w, _ = u.shape
+        c = pooled.shape[1]
         # conv_out(concat(branches)) + conv_pool(mean x) computed as one per-image bias plus a sum of per-branch
         # projections: no concatenated tensor and no extra pass to add the pooled branch. Weights in u's dtype
         # (x's, or the autocast dtype), so that the in-place baddbmm_ below sees one dtype under autocast too.
@@ -247,12 +282,14 @@ class DeltaConvBlock(nn.Module):
     @classmethod
     def initial(cls, site, teacher: nn.Module, model_sites, kernel_size: int | None = None, schedule=None):
         """Student protocol: a fresh block for `site` (kernel: `kernel_size`, else the site's official default; the
-        family's gate), randomly initialised from torch's generator, which the caller seeds. Needs no teacher."""
-        config = BlockConfig(site.channels, kernel_size or site.kernel_size, gate=model_sites.default_gate)
+        family's gate and taps over time), randomly initialised from torch's generator, which the caller seeds
+        (conv_time zero). Needs no teacher."""
+        config = BlockConfig(site.channels, kernel_size or site.kernel_size, gate=model_sites.default_gate,
+                             time_kernel=model_sites.adapter.time_kernel)
         return cls(config).reset_parameters()
 
-    def run(self, tokens: torch.Tensor, grid: tuple[int, int], setting=None) -> torch.Tensor:
-        """Student protocol: tokens [B, N, C] on an (h, w) grid; ΔConv has no per-step setting."""
+    def run(self, tokens: torch.Tensor, grid: tuple[int, ...], setting=None) -> torch.Tensor:
+        """Student protocol: tokens [B, N, C] on an (h, w) or (t, h, w) grid; ΔConv has no per-step setting."""
         b, n, c = tokens.shape
         return self(tokens.reshape(b, *grid, c)).reshape(b, n, c)
 
@@ -262,6 +299,8 @@ class DeltaConvBlock(nn.Module):
         shapes = {"conv_up.weight": (ci, c), "conv_up.bias": (ci,),
                   "conv_out.weight": (c, len(config.scales) * (ci // 2)), "conv_out.bias": (c,),
                   "conv_pool.weight": (c, c), "conv_pool.bias": (c,)}
+        if config.time_kernel:
+            shapes["conv_time.weight"] = (config.time_kernel, ci)
         for i in range(len(config.scales)):
             shapes[f"gates.{i}.conv_spatial.weight"] = (k, k, ci)
             if config.dw_bias:
@@ -269,20 +308,24 @@ class DeltaConvBlock(nn.Module):
         return shapes
 
     @staticmethod
-    def macs(config: BlockConfig, grid: tuple[int, int], setting=None) -> int:
-        """Per token C·C/2 (conv_up) + (n·C/4)·C (conv_out) + k²·(C/2)·Σs² (depthwise on the pooled grids),
-        × N; + C² for the pooled branch."""
+    def macs(config: BlockConfig, grid: tuple[int, ...], setting=None) -> int:
+        """Per token C·C/2 (conv_up) + k_t·C/2 (conv_time) + (n·C/4)·C (conv_out) + k²·(C/2)·Σs² (depthwise on
+        the pooled grids), × N tokens (video: all frames'); + C² for the pooled branch, once per image or clip."""
         c, k, scales = config.dim, config.kernel_size, config.scales
-        per_token = c * c // 2 + len(scales) * (c // 4) * c + k * k * (c // 2) * sum(s * s for s in scales)
+        per_token = (c * c // 2 + config.time_kernel * (c // 2) + len(scales) * (c // 4) * c
+                     + k * k * (c // 2) * sum(s * s for s in scales))
         return int(math.prod(grid) * per_token + c * c)
 
     @staticmethod
     def describe(configs: list[BlockConfig]) -> str:
         kernels_used = sorted({cfg.kernel_size for cfg in configs})
         scales = "/".join(str(n) for n in sorted({len(cfg.scales) for cfg in configs}))
-        return f"{len(configs)} ΔConv blocks, kernels {kernels_used}, {scales} scales"
+        time = sorted({cfg.time_kernel for cfg in configs} - {0})
+        over_time = f", {'/'.join(map(str, time))} taps in time" if time else ""
+        return f"{len(configs)} ΔConv blocks, kernels {kernels_used}, {scales} scales{over_time}"
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"dim={c.dim}, kernel_size={c.kernel_size}, scales={c.scales}, gate={c.gate}"
+        over_time = f", time_kernel={c.time_kernel}" if c.time_kernel else ""
+        return f"dim={c.dim}, kernel_size={c.kernel_size}, scales={c.scales}, gate={c.gate}{over_time}"
 

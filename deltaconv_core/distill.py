@@ -13,8 +13,8 @@ The engine works on any denoiser callable whose self-attention sites are ΔConv 
 Mediator students train one count per step, every count of their schedule in turn (MediatorSchedule.training_count),
 at the noise levels where the schedule runs that count; `TeacherSwitch.mediators` hands the count to the wrappers.
 
-Noise follows ComfyUI's ε convention, x_t = x_0 + σ·ε, for ε- and v-prediction models alike (the denoiser
-returns x̂_0, so ε̂ = (x_t − x̂_0)/σ).
+Noise follows ComfyUI's convention, x_t = a(σ)·x_0 + σ·ε with the model's signal scale a: 1 for ε- and
+v-prediction models alike, 1 − σ for flow models such as Wan (the denoiser returns x̂_0, so ε̂ = (x_t − a·x̂_0)/σ).
 """
 from __future__ import annotations
 
@@ -157,12 +157,14 @@ class Distiller:
 
     blocks: site name → student (ΔConvBlock or MediatorAttention) inside the wrappers; taps: site name → module
     whose forward input is the residual stream right after that site's self-attention (stage B's feature loss);
-    mediators: how mediator students train (required when some are among the blocks).
+    mediators: how mediator students train (required when some are among the blocks); signal_scale: σ → a(σ) of
+    the model's noising x_t = a·x_0 + σ·ε (default 1: ε and v prediction; flow models 1 − σ).
     """
 
     def __init__(self, denoise, teacher, blocks: dict[str, nn.Module], latents: torch.Tensor,
                  sigma_table: torch.Tensor, config: DistillConfig, taps: dict[str, nn.Module] | None = None,
-                 device=None, processes: Processes = ONE_PROCESS, mediators: MediatorTraining | None = None):
+                 device=None, processes: Processes = ONE_PROCESS, mediators: MediatorTraining | None = None,
+                 signal_scale: Callable[[torch.Tensor], torch.Tensor] = torch.ones_like):
         if not isinstance(teacher, TeacherSwitch):  # a PatchRuntime here would silently train against the student
             raise TypeError(f"teacher must be the wrappers' TeacherSwitch (runtime.teacher), not {type(teacher)}")
         if config.batch_size > latents.shape[0]:
@@ -175,6 +177,7 @@ class Distiller:
         self.latents = latents
         self.sigma_table = sigma_table.detach().float().cpu()
         self.mediators = mediators
+        self.signal_scale = signal_scale
         self.count_sigmas = self._count_sigmas(blocks)
         self.device = device or latents.device
         self.rank, self.world = rank, world
@@ -234,7 +237,9 @@ class Distiller:
         return torch.autocast(torch.device(self.device).type, dtype=dtype)
 
     def _forward(self, batch: Batch, teacher: bool):
-        x_t = batch.x0 + batch.sigma.view(-1, 1, 1, 1) * batch.noise
+        sigma = batch.sigma.view(-1, *[1] * (batch.x0.ndim - 1))  # images [B, C, H, W], videos [B, C, T, H, W]
+        scale = self.signal_scale(sigma)
+        x_t = scale * batch.x0 + sigma * batch.noise
         self.teacher.on = teacher
         try:
             with self._autocast():
@@ -243,7 +248,7 @@ class Distiller:
             self.teacher.on = False
         if x0_pred.shape[1] == 2 * x_t.shape[1]:  # learned-variance outputs (PixArt): keep the mean channels
             x0_pred = x0_pred[:, : x_t.shape[1]]
-        return (x_t - x0_pred.float()) / batch.sigma.view(-1, 1, 1, 1)
+        return (x_t - scale * x0_pred.float()) / sigma
 
     def _stage_a_loss(self, batch: Batch) -> torch.Tensor:
         self.teacher.recording = {}
@@ -284,9 +289,10 @@ class Distiller:
 
         def compute():
             eps = self._forward(batch, teacher=False)
-            per_sample = ((eps - batch.noise) ** 2 + (eps - eps_teacher) ** 2).mean(dim=(1, 2, 3))
-            if self.config.min_snr_gamma > 0:  # ε-prediction Min-SNR-γ: min(1, γ/SNR), SNR = 1/σ²
-                per_sample = per_sample * torch.clamp(self.config.min_snr_gamma * batch.sigma ** 2, max=1.0)
+            per_sample = ((eps - batch.noise) ** 2 + (eps - eps_teacher) ** 2).flatten(1).mean(dim=1)
+            if self.config.min_snr_gamma > 0:  # ε-prediction Min-SNR-γ: min(1, γ/SNR), SNR = a²/σ²
+                inverse_snr = (batch.sigma / self.signal_scale(batch.sigma)) ** 2  # a = 0 (pure noise): inf → 1
+                per_sample = per_sample * torch.clamp(self.config.min_snr_gamma * inverse_snr, max=1.0)
             feature = sum(F.mse_loss(self._tap_values[k].float(), feats_teacher[k].float()) for k in feats_teacher)
             self._tap_values = {}
             return per_sample.mean() + self.config.feature_weight * feature

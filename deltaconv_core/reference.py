@@ -60,7 +60,14 @@ def reference_block_forward(state: dict, config: BlockConfig, x: torch.Tensor) -
         return F.conv2d(t, w[:, :, None, None], p[f"{name}.bias"])
 
     u = pointwise(xc, "conv_up")
-    ci = u.shape[1]
+    z = pointwise(_reference_pyramid(p, config, u), "conv_out")
+    pooled = pointwise(xc.sum(dim=(2, 3), keepdim=True) / (H * W), "conv_pool")
+    return (z + pooled).permute(0, 2, 3, 1)
+
+
+def _reference_pyramid(p: dict, config: BlockConfig, u: torch.Tensor) -> torch.Tensor:
+    """conv_up's output u: [N, C_i, H, W] → the gated scales concatenated, [N, n·C_i/2, H, W]."""
+    _N, ci, H, W = u.shape
     outs = []
     for i, s in enumerate(config.scales):
         v = u
@@ -74,9 +81,25 @@ def reference_block_forward(state: dict, config: BlockConfig, x: torch.Tensor) -
         if s != 1.0:
             y = reference_bilinear_resize(y, (H, W))
         outs.append(y)
-    z = pointwise(torch.cat(outs, dim=1), "conv_out")
-    pooled = pointwise(xc.sum(dim=(2, 3), keepdim=True) / (H * W), "conv_pool")
-    return (z + pooled).permute(0, 2, 3, 1)
+    return torch.cat(outs, dim=1)
+
+
+def reference_video_block_forward(state: dict, config: BlockConfig, x: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, W, C] → [B, T, H, W, C] in x's dtype: einsum projections, conv_time as shifted sums along T
+    (zero beyond the clip) added to conv_up's output, the pyramid per frame as in the image reference, and the
+    pooled branch on the mean over the whole clip."""
+    p = {k: v.to(x.dtype) for k, v in state.items()}
+    B, T, H, W, _C = x.shape
+    u = torch.einsum("btyxc,oc->btyxo", x, p["conv_up.weight"]) + p["conv_up.bias"]
+    if "conv_time.weight" in p:
+        k_t = p["conv_time.weight"].shape[0]
+        padded = x.new_zeros(B, T + k_t - 1, H, W, u.shape[-1])
+        padded[:, k_t // 2:k_t // 2 + T] = u
+        u = u + sum(padded[:, i:i + T] * p["conv_time.weight"][i] for i in range(k_t))
+    y = _reference_pyramid(p, config, u.reshape(B * T, H, W, -1).permute(0, 3, 1, 2))
+    z = torch.einsum("ncyx,oc->nyxo", y, p["conv_out.weight"]) + p["conv_out.bias"]
+    pooled = x.sum(dim=(1, 2, 3)) / (T * H * W) @ p["conv_pool.weight"].t() + p["conv_pool.bias"]  # [B, C]
+    return z.reshape(B, T, H, W, -1) + pooled[:, None, None, None]
 
 
 def reference_softmax(logits: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ DELTACONV, MEDIATORS = DeltaConvBlock.kind, MediatorAttention.kind
 
 
 def check_grid(cls: type, model_sites) -> None:
-    """ValueError unless students of `cls` run on the token grids of the model's family (ΔConv: images only)."""
+    """ValueError unless students of `cls` run on the token grids of the model's family."""
     adapter = model_sites.adapter
     if adapter.grid_dims not in cls.grid_dims:
         takes = ", ".join(k for k, c in STUDENTS.items() if adapter.grid_dims in c.grid_dims)

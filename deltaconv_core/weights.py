@@ -76,7 +76,8 @@ class DeltaConvWeights:
     @classmethod
     def fresh(cls, model_sites: ModelSites, seed: int = 0, kernel_sizes: dict | None = None,
               scales=(1.0, 0.5), zero_output: bool = False) -> DeltaConvWeights:
-        """Newly initialised blocks for every site (official kernel sizes unless `kernel_sizes` maps names to k).
+        """Newly initialised blocks for every site (official kernel sizes unless `kernel_sizes` maps names to k; on
+        video, the family's taps over time with conv_time zero).
 
         zero_output zeroes conv_out and conv_pool, so each block outputs exactly zero (a neutral start). The
         seed drives a private copy of the CPU generator: torch's global random state (ComfyUI's, the user's seeds)
@@ -88,7 +89,8 @@ class DeltaConvWeights:
             torch.manual_seed(seed)
             for site in model_sites.sites:
                 k = (kernel_sizes or {}).get(site.name, site.kernel_size)
-                config = BlockConfig(site.channels, k, tuple(scales), model_sites.default_gate)
+                config = BlockConfig(site.channels, k, tuple(scales), model_sites.default_gate,
+                                     time_kernel=model_sites.adapter.time_kernel)
                 sd = build_student(config).state_dict()
                 if zero_output:
                     for key in ("conv_out.weight", "conv_out.bias", "conv_pool.weight", "conv_pool.bias"):

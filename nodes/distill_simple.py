@@ -12,6 +12,8 @@ import comfy.model_management
 import torch
 
 from ..deltaconv_core.distill import DistillError
+from ..deltaconv_core.families import find_attention_sites
+from ..deltaconv_core.students import DELTACONV, STUDENTS
 from . import compat
 from .distill import CHECKPOINT_SUFFIX_BYTES, DeltaConvDistill, output_dir
 from .validation import check_widgets, output_path_error, require_widgets, validates_widgets, widget_inputs
@@ -40,10 +42,17 @@ def training_dtype(device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "fp32"
 
 
-def preset_settings(preset: str, filename_prefix: str, n_latents: int, device) -> list[dict]:
+def fitting_student(model) -> str:
+    """ΔConv blocks where they run on the model's token grids, else the first student that does (mediator
+    attention): this node has no student widget, so it picks one that can train on the model."""
+    grid_dims = find_attention_sites(model.model.diffusion_model).adapter.grid_dims
+    return next(kind for kind, cls in STUDENTS.items() if grid_dims in cls.grid_dims)
+
+
+def preset_settings(preset: str, filename_prefix: str, n_latents: int, device, student: str = DELTACONV) -> list[dict]:
     """The ΔConv Distill widget values of each phase of `preset`: every input, as the advanced node takes them."""
     machine = {"batch_size": min(BATCH_SIZE, n_latents), "training_dtype": training_dtype(device),
-               "filename_prefix": filename_prefix}
+               "filename_prefix": filename_prefix, "student": student}
     return [{**advanced_defaults(), **machine, **phase} for phase in PRESETS[preset]]
 
 
@@ -51,7 +60,8 @@ def preset_settings(preset: str, filename_prefix: str, n_latents: int, device) -
 class DeltaConvDistillSimple:
     DESCRIPTION = ("ΔConv Distill with its settings chosen by a preset: quick (stage A), full (stage A, then stage B "
                    "from A's blocks), fine_tune (the connected blocks), or check (2 steps per stage). It logs every "
-                   "ΔConv Distill setting it used, so ΔConv Distill reproduces the run. Needs a GPU, except check.")
+                   "ΔConv Distill setting it used, so ΔConv Distill reproduces the run. Needs a GPU, except check. "
+                   "Trains ΔConv blocks, or mediator attention where ΔConv blocks do not run (the log says which).")
     CATEGORY = "ΔConv/training"
     SEARCH_ALIASES = ("distill simple", "train deltaconv", "distillation", "convfusion", "linear attention",
                       "speed", "preset")
@@ -118,10 +128,10 @@ class DeltaConvDistillSimple:
             raise DistillError("the fine_tune preset trains the blocks connected as deltaconv (ΔConv Load): "
                                "connect them, or choose quick or full for fresh blocks")
         device = comfy.model_management.get_torch_device()
-        phases = preset_settings(preset, filename_prefix, latents["samples"].shape[0], device)
-        if device.type == "cpu" and not all(p["allow_cpu"] for p in phases):
+        if device.type == "cpu" and not all(p.get("allow_cpu") for p in PRESETS[preset]):
             raise DistillError(f"ComfyUI runs on the CPU here, where the {preset} preset would take days. Start "
                                "ComfyUI with a GPU; the check preset runs on the CPU too.")
+        phases = preset_settings(preset, filename_prefix, latents["samples"].shape[0], device, fitting_student(model))
         weights, losses, checkpoint = deltaconv, [], None
         for i, settings in enumerate(phases, 1):
             start = ("fresh blocks" if weights is None else "the connected deltaconv" if i == 1 else

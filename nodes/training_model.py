@@ -1,9 +1,11 @@
 """A ΔConv-patched ComfyUI model made ready for training: its blocks, the feature taps of stage B, weights that
 backward can use, and gradient checkpointing of the diffusion model's blocks."""
+import contextlib
+
 import comfy.utils
 import torch
 
-from .wrappers import PREFIX
+from .wrappers import PREFIX, delta_runtimes
 
 
 def trainable_students(patcher, sites) -> dict:
@@ -36,11 +38,12 @@ class gradient_checkpointing:
     def __init__(self, patcher, model_sites, enabled: bool):
         self.enabled = enabled
         self.modules = model_sites.adapter.checkpoint_blocks(patcher.model.diffusion_model)
+        self.runtimes = delta_runtimes(patcher)
 
     def __enter__(self):
         if self.enabled:
             for m in self.modules:
-                m.forward = _checkpointed(m.forward)
+                m.forward = _checkpointed(m.forward, self.runtimes)
         return self
 
     def __exit__(self, *exc):
@@ -50,7 +53,24 @@ class gradient_checkpointing:
         return False
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, runtimes):
     def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        steps = [(r, r.step) for r in runtimes]
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False,
+                                                 context_fn=lambda: (contextlib.nullcontext(), _in_step(steps)),
+                                                 **kwargs)
     return run
+
+
+@contextlib.contextmanager
+def _in_step(steps):
+    """Backward recomputes a block after its step ended: its sites see that step again (Wan's sites take their
+    grid from it; without it they would fall back to attention and recompute other tensors)."""
+    before = [(r, r.step) for r, _ in steps]
+    for r, step in steps:
+        r.step = step
+    try:
+        yield
+    finally:
+        for r, step in before:
+            r.step = step

@@ -6,9 +6,10 @@
 
 --images: a folder of images with optional same-name .txt captions (resized and centre-cropped to --resolution,
 encoded with the checkpoint's VAE and text encoder). --latents: a safetensors file with `latents` [N,C,H,W]
-(raw VAE output, as in a ComfyUI LATENT), `cond` [N or 1, T, D], optional `pooled` [N or 1, P], optional
-`uncond`/`uncond_pooled` (used for caption drop). Checkpoints (our format, resumable with --resume) are written
-by rank 0 as <out>_<stage>_<step>.safetensors. --batch-size is the global batch, split across processes.
+(video models such as Wan: [N,C,T,H,W]; raw VAE output, as in a ComfyUI LATENT), `cond` [N or 1, T, D], optional
+`pooled` [N or 1, P], optional `uncond`/`uncond_pooled` (used for caption drop). Checkpoints (our format,
+resumable with --resume) are written by rank 0 as <out>_<stage>_<step>.safetensors. --batch-size is the global
+batch, split across processes.
 """
 import argparse
 import glob
@@ -112,7 +113,7 @@ def read_latents(path):
 
     t = load_file(path)
     if "latents" not in t or "cond" not in t:
-        raise SystemExit(f"{path} needs tensors 'latents' [N,C,H,W] and 'cond' [N or 1,T,D]")
+        raise SystemExit(f"{path} needs tensors 'latents' [N,C,H,W] (video: [N,C,T,H,W]) and 'cond' [N or 1,T,D]")
 
     def entries(cond, pooled):
         return [[cond[i:i + 1], {"pooled_output": pooled[i:i + 1]} if pooled is not None else {}]

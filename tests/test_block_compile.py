@@ -19,10 +19,13 @@ def explain(block, x):
 
 @pytest.mark.parametrize("gate", ["scaled", "sigmoid"])
 @pytest.mark.parametrize("layers", ["torch", "comfy"])
-def test_block_traces_as_one_graph(pack, layers, gate):
+@pytest.mark.parametrize("frames", [0, 3], ids=["image", "video"])
+def test_block_traces_as_one_graph(pack, layers, gate, frames):
     ops = {"ops": comfy_ops(pack)} if layers == "comfy" else {}
-    block = build_student(BlockConfig(dim=32, kernel_size=3, gate=gate, scales=(1.0, 0.5, 0.25), dw_bias=True), **ops)
-    result = explain(block, torch.randn(2, 6, 5, 32))
+    config = BlockConfig(dim=32, kernel_size=3, gate=gate, scales=(1.0, 0.5, 0.25), dw_bias=True,
+                         time_kernel=3 if frames else 0)
+    block = build_student(config, **ops)
+    result = explain(block, torch.randn(2, *((frames,) if frames else ()), 6, 5, 32))
     assert (result.graph_count, result.graph_break_count) == (1, 0), result.break_reasons
 
 
@@ -35,10 +38,13 @@ def test_kernel_path_is_not_traced(monkeypatch):
     assert result.graph_break_count == 0, result.break_reasons
 
 
-def test_inductor_matches_eager():
+@pytest.mark.parametrize("frames", [0, 3], ids=["image", "video"])
+def test_inductor_matches_eager(frames):
     torch.manual_seed(0)
-    block = build_student(BlockConfig(dim=32, kernel_size=5, scales=(1.0, 0.5))).eval()
-    x = torch.randn(2, 7, 9, 32)
+    block = build_student(BlockConfig(dim=32, kernel_size=5, scales=(1.0, 0.5), time_kernel=3 if frames else 0)).eval()
+    if frames:
+        torch.nn.init.normal_(block.conv_time.weight)
+    x = torch.randn(2, *((frames,) if frames else ()), 7, 9, 32)
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="inductor", fullgraph=True)
     with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from deltaconv_core.weights import load_weights, read_training_state
+from devkit.tiny_models import has_wan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,3 +90,24 @@ def test_ddp_two_processes_equal_one_process_with_the_whole_batch(comfy_path, ti
     assert read_training_state(str(tmp_path / "resumed_A_0000005.safetensors"))[1]["step"] == 5
     assert sorted(os.listdir(tmp_path)) == ["ddp_A_0000003.safetensors", "resumed_A_0000005.safetensors",
                                             "single_A_0000003.safetensors"]
+
+
+@pytest.mark.skipif(not has_wan(), reason="this ComfyUI has no Wan")
+def test_wan_video_latents_stage_a_then_b(comfy_path, tiny_models, tmp_path):
+    """--latents with video latents [N, C, T, H, W] and T5-wide cond: mediator students, stage A, then stage B
+    from A's checkpoint with gradient checkpointing."""
+    g = torch.Generator().manual_seed(0)
+    latents = str(tmp_path / "video.safetensors")
+    save_file({"latents": torch.randn(2, 16, 3, 8, 12, generator=g), "cond": torch.randn(1, 16, 4096, generator=g),
+               "uncond": torch.zeros(1, 16, 4096)}, latents)
+    common = ["--unet", tiny_models["tiny_wan"], "--latents", latents, "--steps", "2", "--batch-size", "2",
+              "--lr", "1e-3", "--warmup", "0", "--save-every", "0", "--dtype", "fp32", "--student", "mediators",
+              "--cpu"]
+    assert "step 2/2" in cli(comfy_path, [sys.executable], *common, "--stage", "A", "--out", str(tmp_path / "wan"))
+    stage_a = str(tmp_path / "wan_A_0000002.safetensors")
+    cli(comfy_path, [sys.executable], *common, "--stage", "B", "--gradient-checkpointing", "--resume", stage_a,
+        "--out", str(tmp_path / "wan"))
+    for path, stage in ((stage_a, "A"), (str(tmp_path / "wan_B_0000002.safetensors"), "B")):
+        weights, info = load_weights(path), read_training_state(path)[1]
+        assert weights.family == "wan" and {cfg.student for cfg, _ in weights.students.values()} == {"mediators"}
+        assert info["config"]["stage"] == stage and len(info["losses"]) == 2

@@ -39,7 +39,8 @@ def test_attributes(key):
     adapter = FAMILIES[key]
     assert isinstance(adapter, FamilyAdapter) and adapter.key == key
     assert all(isinstance(getattr(adapter, a), str) and getattr(adapter, a) for a in ATTRIBUTES)
-    BlockConfig(16, 3, gate=adapter.gate)  # a gate the blocks have
+    BlockConfig(16, 3, gate=adapter.gate, time_kernel=adapter.time_kernel)  # a gate and taps in time blocks have
+    assert (adapter.time_kernel > 0) == (adapter.grid_dims == 3)  # ΔConv mixes time on video, and only there
     assert issubclass(getattr(attention, adapter.wrapper), nn.Module)
     assert adapter.tiny_model in TINY_MODELS
     assert adapter.grid_dims in (2, 3) and (TINY_MODELS[adapter.tiny_model].frames > 0) == (adapter.grid_dims == 3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deltaconv_core.attention import PatchRuntime, StudentWanAttention
-from deltaconv_core.block import BlockConfig
+from deltaconv_core.block import BlockConfig, DeltaConvBlock
 from deltaconv_core.families import FAMILIES, find_attention_sites
 from deltaconv_core.mediator_schedule import MediatorSchedule
 from deltaconv_core.mediators import MediatorAttention
@@ -102,16 +102,33 @@ def test_teacher_only_and_teacher_switch_run_the_original(call):
     assert switched.teacher.recording[wrapper.site][1] == (3, 4, 6)  # what stage A would train on
 
 
-def test_deltaconv_blocks_are_refused(call, load_tiny, patching):
-    sites = call[0]
-    with pytest.raises(ValueError, match=r"ΔConv block runs on 2-D token grids, and Wan 2\.x has 3-D ones"):
-        DeltaConvWeights.fresh(sites)
-    with pytest.raises(ValueError, match="its sites take: mediators"):
-        DeltaConvWeights.fresh_students(DELTACONV, sites, torch.nn.Module())
-    config = BlockConfig(256, 7, gate="sigmoid")
-    weights = DeltaConvWeights("wan", {"blocks.0": (config, build_student(config).state_dict())})
-    with pytest.raises(ValueError, match="ΔConv block runs on 2-D"):
-        patching.patch_model(load_tiny("tiny_wan"), weights)
+def test_fresh_deltaconv_blocks_are_video_blocks(call):
+    """Both constructors give the family's 3-D block: 3 taps in time, conv_time zero, the DiT gate."""
+    sites, original = call[:2]
+    model = TINY_MODELS["tiny_wan"].build(0)
+    expected = BlockConfig(256, 7, gate="sigmoid", time_kernel=3)
+    for weights in (DeltaConvWeights.fresh(sites), DeltaConvWeights.fresh_students(DELTACONV, sites, model)):
+        assert [cfg for cfg, _ in weights.students.values()] == [expected] * SITE_COUNTS["tiny_wan"]
+        assert all(torch.equal(state["conv_time.weight"], torch.zeros(3, 128)) for _, state in
+                   weights.students.values())
+    assert DeltaConvBlock.initial(sites.sites[0], original, sites).config == expected
+
+
+def test_deltaconv_block_runs_on_the_step_latent_grid(call):
+    sites, original, x, freqs, options, latent = call
+    config = BlockConfig(256, 7, gate="sigmoid", time_kernel=3)
+    student = build_student(config)
+    with torch.no_grad():
+        student.conv_time.weight.normal_()  # so that time matters
+    runtime = PatchRuntime()
+    wrapper = StudentWanAttention(original, student, runtime, sites.sites[0].name,
+                                  grid=functools.partial(sites.adapter.token_grid, sites))
+    with torch.no_grad():
+        runtime.begin_step(None, latent)
+        out = wrapper(x, freqs, options)
+        runtime.end_step()
+        assert torch.equal(out, student(x.view(1, 3, 4, 6, 256)).view(x.shape))
+    assert runtime.counts == {"deltaconv": 1}
 
 
 def test_compiled_site_has_no_graph_breaks_and_one_graph_per_step_state(patching, load_tiny, monkeypatch):

@@ -13,9 +13,12 @@ from torch import nn
 
 from .base import GRID_UNKNOWN, TOKENS_REARRANGED, AttentionSite, FamilyAdapter, ModelSites, TeacherProjections
 
-# No ConvFusion release and no locality measurement for Wan yet: the UNets' fallback kernel. Only a ΔConv student
-# would read it, and ΔConv blocks are 2-D (mediator attention's DWC is 3×3 whatever the site's kernel).
+# No ConvFusion release and no locality measurement for Wan yet: the UNets' fallback kernel, read by ΔConv blocks
+# only (mediator attention's DWC is 3×3 whatever the site's kernel).
 KERNEL = 7
+# ΔConv's taps over time, in latent frames: one frame either side. A latent frame stands for 4 video frames (Wan's
+# VAE), so this already spans 12 frames; the clip-wide pooled branch carries what lies further (mediators: 3 too).
+TIME_KERNEL = 3
 NAME = "blocks.{}"  # our block names (no official release to follow): the DiT block's own path
 
 
@@ -28,11 +31,12 @@ def _is_rms_norm(module: nn.Module, dim: int) -> bool:
 class WanFamily(FamilyAdapter):
     key = "wan"
     label = "Wan 2.x"
-    gate = "sigmoid"  # a DiT like PixArt; no ΔConv block runs on Wan yet
+    gate = "sigmoid"  # a DiT like PixArt (no released ΔConv blocks to follow)
     wrapper = "StudentWanAttention"
     attention = "a Wan self_attn (q/k/v/o, norm_q/norm_k)"
     tiny_model = "tiny_wan"
     grid_dims = 3
+    time_kernel = TIME_KERNEL
 
     def _is_block(self, block: nn.Module) -> bool:
         attn = getattr(block, "self_attn", None)

@@ -107,16 +107,20 @@ def build_taesd(seed: int):
     return init_random(TAESD(), seed)
 
 
-def write_block_files(name: str, module: nn.Module, folder: str, out: dict, deltaconv: bool = True):
-    """Random and zero-output ΔConv blocks (unless `deltaconv` is off: video models have no ΔConv student yet), and
-    mediator attention from the model's own attention (with a random DWC, so that it matters; default schedule),
-    for one tiny model in our own format (read by ΔConv Load)."""
+def write_block_files(name: str, module: nn.Module, folder: str, out: dict):
+    """Random and zero-output ΔConv blocks (video: the random ones with a random conv_time, so that it matters),
+    and mediator attention from the model's own attention (with a random DWC, so that it matters; default
+    schedule), for one tiny model in our own format (read by ΔConv Load)."""
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.weights import DeltaConvWeights, save_weights
 
     sites = find_attention_sites(module)
-    for variant, zero in (("random", False), ("zero", True)) if deltaconv else ():
+    g = torch.Generator().manual_seed(9)
+    for variant, zero in (("random", False), ("zero", True)):
         weights = DeltaConvWeights.fresh(sites, seed=7, zero_output=zero)
+        for _, state in weights.students.values() if not zero else ():
+            if "conv_time.weight" in state:
+                state["conv_time.weight"] = torch.randn(state["conv_time.weight"].shape, generator=g) * 0.1
         out[f"{name}_{variant}"] = save_weights(weights, os.path.join(folder, f"{name}_{variant}.safetensors"))
     mediators = DeltaConvWeights.fresh_mediators(sites, module)
     g = torch.Generator().manual_seed(8)
@@ -174,7 +178,7 @@ def write_tiny_models(base) -> dict:
         out[name] = os.path.join(unet_dir, f"{name}.safetensors")
         _save(module, out[name])
         if name != "tiny_sd15_inpaint":
-            write_block_files(name, module, blocks_dir, out, deltaconv=name != "tiny_wan")
+            write_block_files(name, module, blocks_dir, out)
     controlnet = build_controlnet(6)
     out["tiny_controlnet"] = os.path.join(base, "models", "controlnet", "tiny_sd15_controlnet.safetensors")
     os.makedirs(os.path.dirname(out["tiny_controlnet"]), exist_ok=True)

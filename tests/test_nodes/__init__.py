@@ -40,6 +40,28 @@ class DeltaConvTestZeroAttn1:
         return (m,)
 
 
+class ZeroWanSelfAttention(torch.nn.Module):
+    def forward(self, x, freqs, transformer_options={}):  # noqa: B006 (Wan's own signature)
+        return torch.zeros_like(x)
+
+
+class DeltaConvTestZeroWanSelfAttn:
+    """Removes Wan's self-attention (every block's self_attn outputs zero), as object patches."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    def patch(self, model):
+        m = model.clone()
+        for i in range(len(m.model.diffusion_model.blocks)):
+            m.add_object_patch(f"diffusion_model.blocks.{i}.self_attn", ZeroWanSelfAttention())
+        return (m,)
+
+
 class DeltaConvTestAttn2Zero:
     """Replaces every cross-attention (attn2) core through set_model_attn2_replace, the mechanism IP-Adapter uses."""
     CATEGORY = "ΔConv/tests"
@@ -171,6 +193,7 @@ class DeltaConvTestCopyKV:
 NODE_CLASS_MAPPINGS = {
     "DeltaConvTestConditioning": DeltaConvTestConditioning,
     "DeltaConvTestZeroAttn1": DeltaConvTestZeroAttn1,
+    "DeltaConvTestZeroWanSelfAttn": DeltaConvTestZeroWanSelfAttn,
     "DeltaConvTestDigest": DeltaConvTestDigest,
     "DeltaConvTestAttn2Zero": DeltaConvTestAttn2Zero,
     "DeltaConvTestSaveTensor": DeltaConvTestSaveTensor,
