@@ -218,18 +218,19 @@ SMALL = {"KSampler": {"steps": 2}, "DeltaConvCompare": {"steps": 2}, "LoadImage"
 
 
 def family(name):
-    return "sdxl" if "sdxl" in name else "pixart" if "pixart" in name else "sd15"
+    return "sdxl" if "sdxl" in name else "pixart" if "pixart" in name else "wan" if "wan" in name else "sd15"
 
 
 def tiny_graph(name, api, info):
     """The API twin on tiny files: loaders → tiny UNet/TAESD, text encoders → random conditioning, small sizes."""
     fam = family(name)
-    dim, pooled = {"sd15": (768, 0), "sdxl": (2048, 1280), "pixart": (4096, 0)}[fam]
+    dim, pooled = {"sd15": (768, 0), "sdxl": (2048, 1280), "pixart": (4096, 0), "wan": (4096, 0)}[fam]
     unet = "tiny_sd15_inpaint" if "inpaint" in name else f"tiny_{fam}"
     size = 320 if fam == "pixart" else 64
     dtype = {"weight_dtype": "default"} if "weight_dtype" in info["UNETLoader"]["input"]["required"] else {}
     g = {**json.loads(json.dumps(api)), "vae": {"class_type": "VAELoader", "inputs": {
-        "vae_name": "taesd" if fam == "sd15" else "taesdxl"}}}
+        "vae_name": "taesd" if fam == "sd15" else "taesdxl"}} if fam != "wan" else {  # no TAESD for Wan latents
+        "class_type": "DeltaConvTestWanVAE", "inputs": {"seed": 0}}}
     redirect, consumed = {}, {v[0] for n in g.values() for v in n["inputs"].values() if isinstance(v, list)}
     for nid, node in list(g.items()):
         kind, inp = node["class_type"], node["inputs"]
@@ -250,6 +251,8 @@ def tiny_graph(name, api, info):
         elif kind == "DeltaConvLoad":
             student = "mediators" if "mediators" in inp["weights_name"] else "random"  # a user-made mediator file
             inp["weights_name"] = f"tiny_{fam}_{student}.safetensors"
+        elif kind == "EmptyHunyuanLatentVideo":  # 9 frames of 96 × 64: 3 latent frames of 8 × 12
+            inp.update(width=96, height=64, length=9, batch_size=min(inp["batch_size"], 2))
         elif kind in ("EmptyLatentImage", "ImageScale"):
             inp.update(width=size, height=size, **({"batch_size": min(inp["batch_size"], 2)} if "batch_size" in inp
                                                    else {}))
@@ -276,13 +279,15 @@ def tiny_run(comfy_server, object_info, tiny_inputs, pack):
     """run(name): the workflow's API twin run once on tiny models, for every test that reads it: {graph, unet,
     outputs, written}; `written`: node id → the files a ΔConv Save or Distill node wrote, removed again so the
     shared server's folders stay as other tests expect them."""
-    from devkit.tiny_models import has_pixart
+    from devkit.tiny_models import has_pixart, has_wan
 
     runs = {}
 
     def run(name):
         if name in NOT_RUN or (family(name) == "pixart" and not has_pixart()):
             pytest.skip(NOT_RUN.get(name, "this ComfyUI has no PixArt"))
+        if family(name) == "wan" and not has_wan():
+            pytest.skip("this ComfyUI has no Wan")
         if name not in runs:
             g, unet = tiny_graph(name, load(name)[1], object_info)
             if (any(n["class_type"] == "DeltaConvDistillSimple" for n in g.values())
@@ -336,7 +341,7 @@ def test_workflow_runs_on_tiny_models(name, tiny_run):
     if name.endswith("_compare"):  # attention and ΔConv from the same seed differ
         assert len({d["sha256"] for d in digests.values()}) == len(digests) == 2
     for nid, node in g.items():
-        if node["class_type"] == "SaveImage":
+        if node["class_type"] in ("SaveImage", "SaveAnimatedWEBP"):
             assert outputs[nid]["images"], nid
     assert all(run["written"].values()), run["written"]  # each Save wrote its file, each Distill its checkpoints
 

@@ -243,3 +243,76 @@ def deltaconv_distill_image_folder():
             "Trains ΔConv blocks on your images: put them in ComfyUI/input/deltaconv_training, they are resized to "
             "512², VAE-encoded and used as training latents with one caption. For large runs (captions per image, "
             "several GPUs) use scripts/distill.py.\nModels: any SD1.x/SDXL/PixArt checkpoint (DreamShaper 8 here).")
+
+
+WAN_NOTE = ("Models (Wan 2.1 T2V 1.3B, Comfy-Org's repackaged files): wan2.1_t2v_1.3B_fp16 in models/diffusion_models; "
+            "umt5_xxl_fp8_e4m3fn_scaled in models/text_encoders; wan_2.1_vae in models/vae. Needs ComfyUI with Wan "
+            "support (2025 on).")
+WAN_SAMPLING = dict(steps=30, cfg=6.0, sampler_name="uni_pc", scheduler="simple")
+
+
+def wan_base(pos):
+    """Wan 2.1 T2V 1.3B: its diffusion model, umt5_xxl text encoder and VAE, the prompts; a video latent."""
+    return {"unet": N("UNETLoader", unet_name=Model("wan21_t2v_1.3b"), weight_dtype="default"),
+            "clip": N("CLIPLoader", clip_name=Model("umt5_xxl"), type="wan", device="default"),
+            "vae": N("VAELoader", vae_name=Model("wan21_vae")),
+            **prompts(("clip", 0), pos, "static, blurry, low quality, worst quality, deformed, watermark, text")}
+
+
+def video(frames, width=832, height=480, batch_size=1):
+    return N("EmptyHunyuanLatentVideo", width=width, height=height, length=frames, batch_size=batch_size)
+
+
+@workflow
+def deltaconv_wan_t2v():
+    g = wan_base("a red fox trotting through fresh snow in a pine forest, soft morning light, cinematic")
+    g |= {"latent": video(33),
+          "dc_load": N("DeltaConvLoad", "ΔConv Load (your distilled students)", "purple",
+                       weights_name=USER_FILES["wan_deltaconv"]),
+          "dc_patch": N("DeltaConvPatch", color="purple", model=("unet", 0), deltaconv=("dc_load", 0),
+                        start_percent=0.0, end_percent=1.0, levels="all", strict=False),
+          "ks": sampler(("dc_patch", 0), ("latent", 0), Seed(42), **WAN_SAMPLING),
+          "decode": N("VAEDecode", samples=("ks", 0), vae=("vae", 0)),
+          "save": N("SaveAnimatedWEBP", images=("decode", 0), filename_prefix="deltaconv_wan/t2v", fps=16.0,
+                    lossless=False, quality=90, method="default"),
+          "compare_latent": video(9),
+          "compare": N("DeltaConvCompare", "ΔConv Compare (9 frames)", "purple", model=("unet", 0),
+                       patched_model=("dc_patch", 0), vae=("vae", 0), positive=("pos", 0), negative=("neg", 0),
+                       latent_image=("compare_latent", 0), seed=Seed(123456789, "fixed"), denoise=1.0,
+                       **WAN_SAMPLING),
+          "save_original": N("SaveAnimatedWEBP", "Original (attention)", images=("compare", 0),
+                             filename_prefix="deltaconv_wan/compare_attention", fps=16.0, lossless=False, quality=90,
+                             method="default"),
+          "save_patched": N("SaveAnimatedWEBP", "Patched (ΔConv)", images=("compare", 1),
+                            filename_prefix="deltaconv_wan/compare_deltaconv", fps=16.0, lossless=False, quality=90,
+                            method="default"),
+          "heat_map": N("PreviewImage", "Difference heat map (per frame)", images=("compare", 2))}
+    return ("Wan 2.1 T2V 1.3B · ΔConv text to video", g,
+            "Text to video (33 frames, 832×480) with every self-attention layer of Wan 2.1 T2V 1.3B replaced by your "
+            "distilled students, saved as an animated WebP. ΔConv Compare samples the original and the patched "
+            "model on 9 frames from the same seed and reports PSNR, SSIM (over all frames), a per-frame difference "
+            "heat map and both sampling times.\nStudents: there is no official release for Wan. Make "
+            f"{USER_FILES['wan_deltaconv']} yourself with the Wan distillation workflow (deltaconv_distill_wan: "
+            "ΔConv Distill + ΔConv Save) and put it in models/deltaconv.\n" + WAN_NOTE)
+
+
+@workflow
+def deltaconv_distill_wan():
+    g = wan_base("a busy city street at night, a dog running on a beach, ocean waves, a person walking in a park, "
+                 "birds flying over a lake")
+    g |= {"latent": video(17, 480, 320, batch_size=4),
+          "teacher": sampler(("unet", 0), ("latent", 0), Seed(1, "fixed"), title="Teacher samples",
+                             **{**WAN_SAMPLING, "steps": 20}),
+          **distill(("unet", 0), ("teacher", 0), "wan21_t2v_1.3b_deltaconv", preset="quick",
+                    try_latent=video(17, 480, 320), vae=("vae", 0), **{**WAN_SAMPLING, "steps": 20}),
+          "try_save": N("SaveAnimatedWEBP", "Try the student", images=("try_decode", 0),
+                        filename_prefix="deltaconv_wan/student", fps=16.0, lossless=False, quality=90,
+                        method="default")}
+    del g["try_preview"]
+    return ("ΔConv Distill · Wan 2.1 video, data-free", g,
+            "Makes ΔConv students for Wan 2.1 T2V 1.3B with no dataset: the model's own video samples (17 frames, "
+            "480×320, four at a time) are the training latents. ΔConv Distill (simple) trains 3-D ΔConv blocks "
+            "(convolutions across frames too); run check first, then quick or full. ΔConv Save writes "
+            f"{USER_FILES['wan_deltaconv']} to models/deltaconv, for the Wan text-to-video workflow "
+            "(deltaconv_wan_t2v); checkpoints go to output/deltaconv. For mediator students or your own settings use "
+            "ΔConv Distill (student: mediators). Needs a GPU, except check.\n" + WAN_NOTE)

@@ -71,7 +71,7 @@ def sd15_base(ckpt="dreamshaper", size=512, pos="a cozy wooden cabin in a snowy 
             **deltaconv(("ckpt", 0), "dc_sd15")}
 
 
-def distill(model, latents, prefix, preset=None):
+def distill(model, latents, prefix, preset=None, try_latent=None, vae=("ckpt", 2), **try_sampler):
     """ΔConv Distill, or ΔConv Distill (simple) with `preset`, then Save, a loss graph and a try-out sampler."""
     data = dict(model=model, latents=latents, positive=("pos", 0), negative=("neg", 0), filename_prefix=prefix)
     return {
@@ -84,9 +84,10 @@ def distill(model, latents, prefix, preset=None):
         # try the new blocks right away: the same model, patched with what was just learned
         "dc_patch": N("DeltaConvPatch", "ΔConv Patch (student)", "purple", model=model, deltaconv=("distill", 0),
                       start_percent=0.0, end_percent=1.0, levels="all", strict=False),
-        "try_latent": N("EmptyLatentImage", width=512, height=512, batch_size=1),
-        "try": sampler(("dc_patch", 0), ("try_latent", 0), Seed(7, "fixed"), steps=20, title="KSampler (student)"),
-        "try_decode": N("VAEDecode", samples=("try", 0), vae=("ckpt", 2)),
+        "try_latent": try_latent or N("EmptyLatentImage", width=512, height=512, batch_size=1),
+        "try": sampler(("dc_patch", 0), ("try_latent", 0), Seed(7, "fixed"), **{"steps": 20, **try_sampler},
+                       title="KSampler (student)"),
+        "try_decode": N("VAEDecode", samples=("try", 0), vae=vae),
         "try_preview": N("PreviewImage", images=("try_decode", 0)),
     }
 

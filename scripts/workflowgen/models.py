@@ -21,9 +21,15 @@ MODELS = {
     "ipadapter_sd15": hf("h94/IP-Adapter", "models/ip-adapter_sd15.safetensors", "ipadapter"),
     "clip_vision_h": hf("h94/IP-Adapter", "models/image_encoder/model.safetensors", "clip_vision",
                         name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"),
+    "wan21_t2v_1.3b": hf("Comfy-Org/Wan_2.1_ComfyUI_repackaged",
+                         "split_files/diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors", "diffusion_models"),
+    "umt5_xxl": hf("Comfy-Org/Wan_2.1_ComfyUI_repackaged",
+                   "split_files/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
+    "wan21_vae": hf("Comfy-Org/Wan_2.1_ComfyUI_repackaged", "split_files/vae/wan_2.1_vae.safetensors", "vae"),
     **{f"dc_{k}": hf("7eu7d7/ConvFusion", f"ConvFusion-{k}-mjv5.safetensors", "deltaconv")
        for k in ("sd15", "sdxl", "pixart1024")},
 }
 
 # Files the user makes in ComfyUI (ΔConv Distill + ΔConv Save): nothing to download, so no entry above.
-USER_FILES = {"sd15_mediators": "my_sd15_mediators.safetensors"}
+USER_FILES = {"sd15_mediators": "my_sd15_mediators.safetensors",
+              "wan_deltaconv": "wan21_t2v_1.3b_deltaconv.safetensors"}

@@ -190,7 +190,37 @@ class DeltaConvTestCopyKV:
         return (m,)
 
 
+_WAN_VAES = {}
+
+
+class DeltaConvTestWanVAE:
+    """A Wan 2.1 VAE with seeded random weights, made in memory (a real-size file would be 250 MB): the tiny
+    workflow runs decode Wan video latents with it."""
+    CATEGORY = "ΔConv/tests"
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def make(self, seed):
+        import comfy.sd
+        from comfy.ldm.wan.vae import WanVAE
+
+        if seed not in _WAN_VAES:
+            shapes = {k: v.shape for k, v in WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                                   attn_scales=[], temperal_downsample=[False, True, True],
+                                                   dropout=0.0).state_dict().items()}
+            g = torch.Generator().manual_seed(seed)
+            sd = {k: torch.ones(s) if k.endswith("gamma") else torch.zeros(s) if k.endswith("bias") else
+                  torch.randn(s, generator=g) * (1.0 / max(1, s[1:].numel())) ** 0.5 for k, s in shapes.items()}
+            _WAN_VAES[seed] = comfy.sd.VAE(sd=sd)
+        return (_WAN_VAES[seed],)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DeltaConvTestWanVAE": DeltaConvTestWanVAE,
     "DeltaConvTestConditioning": DeltaConvTestConditioning,
     "DeltaConvTestZeroAttn1": DeltaConvTestZeroAttn1,
     "DeltaConvTestZeroWanSelfAttn": DeltaConvTestZeroWanSelfAttn,
