@@ -186,6 +186,14 @@ class _Wrapper(nn.Module):
     def original(self) -> nn.Module:
         return self._original[0]
 
+    def _route(self, x, step: Step, call: dict) -> Route:
+        """The student on the call's token grid, as the family's token_grid reads it from `call`; the original
+        attention while the step is outside the sigma range, or when the call has no plain grid."""
+        if not step.active:
+            return Route(reason="sigma")
+        grid = self.grid(x.shape, call)
+        return Route(reason=grid) if isinstance(grid, str) else Route(grid=grid)
+
     def _run(self, x, route: Route, step: Step, kwargs: dict):
         if self.is_teacher_only or self.runtime.teacher.on:
             return self.runtime.teacher.run(self.site, self.original, x, route.grid, **kwargs)
@@ -208,20 +216,13 @@ class StudentSelfAttention(_Wrapper):
     PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
     OPTIONAL = ("heads", "dim_head", "attn_precision")
 
-    def _route(self, x, context, value, mask, options, step: Step) -> Route:
-        if not step.active:
-            return Route(reason="sigma")
-        hw = self.grid(x.shape, {"transformer_options": options})
-        if isinstance(hw, str):
-            return Route(reason=hw)  # grid unknown; tokens rearranged (ToMe, HyperTile, window attention)
-        if mask is not None or (context is not None and context is not x) or (value is not None and value is not x):
-            return Route(reason="context")  # keys/values from elsewhere (reference-only, hypernetworks)
-        return Route(grid=hw)
-
     def forward(self, x, context=None, value=None, mask=None, transformer_options=None):
         options = transformer_options if transformer_options is not None else self.runtime.stashed_options or {}
         step = self.runtime.current_step(options.get("sigmas"))
-        route = self._route(x, context, value, mask, options, step)
+        route = self._route(x, step, {"transformer_options": options})  # ToMe, HyperTile: tokens rearranged
+        elsewhere = any(t is not None and t is not x for t in (context, value)) or mask is not None
+        if route.grid is not None and elsewhere:
+            route = Route(reason="context")  # keys/values from elsewhere (reference-only, hypernetworks)
         kwargs = {"context": context, "value": value, "mask": mask}
         if transformer_options is not None:
             kwargs["transformer_options"] = transformer_options
@@ -232,15 +233,9 @@ class StudentDiTAttention(_Wrapper):
     """Replaces a PixArt `blocks.i.attn`: forward(x, mask=None, HW=None, block_id=None); HW is the latent size."""
     OPTIONAL = ("qkv", "proj", "q_norm", "k_norm", "num_heads", "dim", "sr_ratio")
 
-    def _route(self, x, HW, step: Step) -> Route:
-        if not step.active:
-            return Route(reason="sigma")
-        hw = self.grid(x.shape, {"HW": HW})
-        return Route(reason=hw) if isinstance(hw, str) else Route(grid=hw)
-
     def forward(self, x, mask=None, HW=None, block_id=None):
         step = self.runtime.current_step()  # DiTs see no sigma: the model wrapper's step, or outside sampling
-        return self._run(x, self._route(x, HW, step), step, {"mask": mask, "HW": HW, "block_id": block_id})
+        return self._run(x, self._route(x, step, {"HW": HW}), step, {"mask": mask, "HW": HW, "block_id": block_id})
 
 
 class StudentWanAttention(_Wrapper):
@@ -251,13 +246,7 @@ class StudentWanAttention(_Wrapper):
     PROJECTIONS = ("q", "k", "v", "o", "norm_q", "norm_k")
     OPTIONAL = ("dim", "num_heads", "head_dim", "window_size", "qk_norm", "eps")
 
-    def _route(self, x, step: Step) -> Route:
-        if not step.active:
-            return Route(reason="sigma")
-        grid = self.grid(x.shape, {"latent_shape": step.latent_shape})
-        return Route(reason=grid) if isinstance(grid, str) else Route(grid=grid)
-
     def forward(self, x, freqs, transformer_options={}):  # noqa: B006 (Wan's own signature; never mutated)
         step = self.runtime.current_step(transformer_options.get("sigmas"))
-        kwargs = {"freqs": freqs, "transformer_options": transformer_options}
-        return self._run(x, self._route(x, step), step, kwargs)
+        route = self._route(x, step, {"latent_shape": step.latent_shape})
+        return self._run(x, route, step, {"freqs": freqs, "transformer_options": transformer_options})

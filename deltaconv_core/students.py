@@ -61,11 +61,16 @@ STUDENT_TYPES = tuple(STUDENTS)
 DELTACONV, MEDIATORS = DeltaConvBlock.kind, MediatorAttention.kind
 
 
+def students_for(model_sites) -> list[str]:
+    """The kinds of student that run on the token grids of the model's family, in STUDENTS order."""
+    return [kind for kind, cls in STUDENTS.items() if model_sites.adapter.grid_dims in cls.grid_dims]
+
+
 def check_grid(cls: type, model_sites) -> None:
     """ValueError unless students of `cls` run on the token grids of the model's family."""
     adapter = model_sites.adapter
     if adapter.grid_dims not in cls.grid_dims:
-        takes = ", ".join(k for k, c in STUDENTS.items() if adapter.grid_dims in c.grid_dims)
+        takes = ", ".join(students_for(model_sites))
         raise ValueError(f"a {cls.label} runs on {cls.grid_dims[0]}-D token grids, and {adapter.label} has "
                          f"{adapter.grid_dims}-D ones; its sites take: {takes}")
 

@@ -29,7 +29,6 @@ from .students import (
     DELTACONV,
     STUDENTS,
     StudentConfig,
-    build_student,
     check_grid,
     config_from_dict,
     student_class,
@@ -75,43 +74,32 @@ class DeltaConvWeights:
 
     @classmethod
     def fresh(cls, model_sites: ModelSites, seed: int = 0, kernel_sizes: dict | None = None,
-              scales=(1.0, 0.5), zero_output: bool = False) -> DeltaConvWeights:
-        """Newly initialised blocks for every site (official kernel sizes unless `kernel_sizes` maps names to k; on
-        video, the family's taps over time with conv_time zero).
-
-        zero_output zeroes conv_out and conv_pool, so each block outputs exactly zero (a neutral start). The
-        seed drives a private copy of the CPU generator: torch's global random state (ComfyUI's, the user's seeds)
-        is left as it was.
-        """
-        check_grid(STUDENTS[DELTACONV], model_sites)
-        blocks = {}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for site in model_sites.sites:
-                k = (kernel_sizes or {}).get(site.name, site.kernel_size)
-                config = BlockConfig(site.channels, k, tuple(scales), model_sites.default_gate,
-                                     time_kernel=model_sites.adapter.time_kernel)
-                sd = build_student(config).state_dict()
-                if zero_output:
-                    for key in ("conv_out.weight", "conv_out.bias", "conv_pool.weight", "conv_pool.bias"):
-                        sd[key].zero_()
-                blocks[site.name] = (config, sd)
-        return cls(model_sites.family, blocks, source=f"fresh (seed {seed})", format="fresh")
+              zero_output: bool = False) -> DeltaConvWeights:
+        """Fresh ΔConv blocks for every site (fresh_students; they need no teacher). zero_output zeroes conv_out and
+        conv_pool, so each block outputs exactly zero (a neutral start)."""
+        weights = cls.fresh_students(DELTACONV, model_sites, None, seed, kernel_sizes)
+        if zero_output:
+            for _, sd in weights.students.values():
+                for key in ("conv_out.weight", "conv_out.bias", "conv_pool.weight", "conv_pool.bias"):
+                    sd[key].zero_()
+        return weights
 
     @classmethod
-    def fresh_students(cls, kind: str, model_sites: ModelSites, diffusion_model: torch.nn.Module, seed: int = 0,
-                       kernel_sizes: dict | None = None, schedule: MediatorSchedule | None = None,
+    def fresh_students(cls, kind: str, model_sites: ModelSites, diffusion_model: torch.nn.Module | None,
+                       seed: int = 0, kernel_sizes: dict | None = None, schedule: MediatorSchedule | None = None,
                        sites=None) -> DeltaConvWeights:
         """Fresh students of one kind for `sites` (default: all) of a model, to distil (Student.initial): random
         ones from `seed` (a private copy of the CPU generator: torch's global state stays as it was), or from the
-        model's own attention (a site already wrapped by a patch works too: the wrapper keeps the projections)."""
+        model's own attention (a site already wrapped by a patch works too: the wrapper keeps the projections).
+        `diffusion_model` may be None for students that need no teacher (ΔConv)."""
         check_grid(STUDENTS[kind], model_sites)
         students = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for site in model_sites.sites if sites is None else sites:
-                student = STUDENTS[kind].initial(site, diffusion_model.get_submodule(site.path), model_sites,
-                                                 (kernel_sizes or {}).get(site.name), schedule)
+                teacher = None if diffusion_model is None else diffusion_model.get_submodule(site.path)
+                student = STUDENTS[kind].initial(site, teacher, model_sites, (kernel_sizes or {}).get(site.name),
+                                                 schedule)
                 students[site.name] = (student.config, student.state_dict())
         return cls(model_sites.family, students, source=f"fresh {kind} (seed {seed})", format="fresh")
 

@@ -13,7 +13,7 @@ import torch
 
 from ..deltaconv_core.distill import DistillError
 from ..deltaconv_core.families import find_attention_sites
-from ..deltaconv_core.students import DELTACONV, STUDENTS
+from ..deltaconv_core.students import DELTACONV, students_for
 from . import compat
 from .distill import CHECKPOINT_SUFFIX_BYTES, DeltaConvDistill, output_dir
 from .validation import check_widgets, output_path_error, require_widgets, validates_widgets, widget_inputs
@@ -45,8 +45,7 @@ def training_dtype(device) -> str:
 def fitting_student(model) -> str:
     """ΔConv blocks where they run on the model's token grids, else the first student that does (mediator
     attention): this node has no student widget, so it picks one that can train on the model."""
-    grid_dims = find_attention_sites(model.model.diffusion_model).adapter.grid_dims
-    return next(kind for kind, cls in STUDENTS.items() if grid_dims in cls.grid_dims)
+    return students_for(find_attention_sites(model.model.diffusion_model))[0]
 
 
 def preset_settings(preset: str, filename_prefix: str, n_latents: int, device, student: str = DELTACONV) -> list[dict]:
