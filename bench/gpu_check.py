@@ -1,6 +1,6 @@
-"""GPU check: one command that measures, on one CUDA GPU in about 8 minutes, what this pack claims.
+"""GPU check: one command that measures, on one CUDA GPU in about 9 minutes, what this pack claims.
 
-    python bench/gpu_check.py [--only kernels,block,unet,distill] [--out bench/results]
+    python bench/gpu_check.py [--only kernels,block,wan,unet,distill] [--out bench/results]
     python bench/gpu_check.py --smoke --out /tmp/check   # CPU, tiny shapes, seconds
 
 Any Python with torch (and triton for the kernels) runs it, ComfyUI's own for one; ComfyUI is $COMFYUI_PATH, else
@@ -10,6 +10,9 @@ then runs the stages:
   without triton);
 - block: SD1.5, SDXL and PixArt layer shapes at 512²–4096², fp16, against ComfyUI's optimized_attention (and
   SageAttention if it imports), with mediator attention and the time over the bandwidth floor (bench_block.py);
+- wan: one Wan 2.1 1.3B and 14B self-attention site at 480p and 720p (81 frames), fp16: attention (ComfyUI's
+  optimized_attention), mediator attention at 64 mediators and the 3-D ΔConv block, beside the performance model's
+  estimate (bench_wan.py);
 - unet: one step of full-size SD1.5 and SDXL UNets, fp16, batch 2: attention, ΔConv, mediator attention and no
   self-attention (the ceiling), beside the performance model's estimate (bench_unet.py, gpu_model.py);
 - distill: full-size SD1.5 distillation, stage A and B, batch 8 at 64² latents, bf16 autocast (bench_distill.py).
@@ -37,6 +40,7 @@ from pathlib import Path
 import bench_block
 import bench_distill
 import bench_unet
+import bench_wan
 import harness
 import kernel_check
 import torch
@@ -44,7 +48,7 @@ import torch
 from devkit.comfy_env import find_comfyui
 from devkit.device_info import device_name, device_slug
 
-STAGES = ("kernels", "block", "unet", "distill")
+STAGES = ("kernels", "block", "wan", "unet", "distill")
 UNET_SPEEDUPS = [("sd15", 512, 1.3), ("sd15", 1024, 2.5), ("sd15", 2048, 5.0), ("sdxl", 1024, 1.3), ("sdxl", 2048, 3.0)]
 FLOOR_IMAGE, FLOOR_RATIO = 4096, 1.5  # the block within 1.5× of one read of x + one write of y at copy speed
 NOTES = ("error", "skipped")  # what an unmeasured row carries instead of numbers
@@ -62,6 +66,11 @@ class Plan:
     block_images: tuple = tuple(bench_block.IMAGES)
     block_dtype: torch.dtype = torch.float16
     block_timing: tuple = (7, 2, 1.0)  # repeats, warm-up runs, seconds of timed runs per cell
+    wan_models: dict = dataclasses.field(default_factory=lambda: dict(bench_wan.MODELS))
+    wan_resolutions: dict = dataclasses.field(default_factory=lambda: dict(bench_wan.RESOLUTIONS))
+    wan_frames: int = bench_wan.FRAMES
+    wan_dtype: torch.dtype = torch.float16
+    wan_timing: tuple = (3, 1, 1.0)  # 14B 720p attention takes about 0.3 s a call: a few runs per cell
     unet_runs: tuple = (("sd15", (512, 1024, 2048)), ("sdxl", (512, 1024, 2048)), ("sd15", (4096,)))  # 4096² last
     unet_dtype: torch.dtype = torch.float16
     unet_repeats: int = 3
@@ -70,11 +79,13 @@ class Plan:
     model_kernels: bool = True  # the UNets' blocks on the Triton kernels
 
 
-GPU = Plan("cuda", False, {"kernels": 90, "block": 110, "unet": 180, "distill": 75})  # ≈ 7.6 min with set-up
+GPU = Plan("cuda", False, {"kernels": 90, "block": 110, "wan": 50, "unet": 180, "distill": 75})  # ≈ 8.5 min
 # Smoke: Triton's interpreter runs each kernel program as Python, seconds per call at 320 channels, so the block
 # stage takes one small made-up site (label, C, k, pixels per token, heads) and the UNets run on PyTorch ops.
 SMOKE = Plan("cpu", True, {stage: 600 for stage in STAGES}, block_families={"smoke": [("tiny", 16, 3, 8, 2)]},
-             block_images=(64,), block_dtype=torch.float32, block_timing=(1, 1, 0.5), unet_runs=(("tiny", (32,)),),
+             block_images=(64,), block_dtype=torch.float32, block_timing=(1, 1, 0.5),
+             wan_models={"smoke": bench_wan.WanShape(16, 2, 1)}, wan_resolutions={"64²": (64, 64)}, wan_frames=5,
+             wan_dtype=torch.float32, wan_timing=(1, 1, 0.5), unet_runs=(("tiny", (32,)),),
              unet_dtype=torch.float32, unet_repeats=1, distill=("tiny", 2, 4, 1, 1, "fp32"),  # bf16 crawls on CPUs
              model_kernels=False)
 
@@ -175,6 +186,30 @@ def stage_block(plan: Plan, deadline: float, notes: list) -> list[dict]:
     return collect(planned, results, deadline)
 
 
+def wan_predictions(device: str) -> dict:
+    """(model, resolution) → the performance model's row for this GPU class (bench_wan.py's committed estimates)."""
+    path = harness.RESULTS / "wan_macs_model.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"devices": {}, "model": []}
+    model = data["devices"].get("h100" if "H100" in device else "h200", {})
+    return {(p["model"], p["resolution"]): p for p in data["model"] if p["device"] == model.get("name")}
+
+
+def stage_wan(plan: Plan, deadline: float, notes: list) -> list[dict]:
+    comfy_setup(plan.device == "cpu")
+    from comfy.ldm.modules.attention import optimized_attention
+
+    notes.append(f"ComfyUI attention: {optimized_attention.__module__}.{optimized_attention.__name__} inside Wan's "
+                 f"self_attn without its RoPE; batch 1, {str(plan.wan_dtype)[6:]}, {plan.wan_frames} frames; "
+                 f"mediator attention at {bench_wan.MEDIATORS} mediators; the 3-D ΔConv block on PyTorch ops (the "
+                 "fused kernels are 2-D); peak memory above the inputs; model ms: the performance model's estimate")
+    planned = [{"model": m, "resolution": r, "frames": plan.wan_frames} for m in plan.wan_models
+               for r in plan.wan_resolutions]
+    repeats, warmup, budget = plan.wan_timing
+    rows = bench_wan.measure(plan.wan_models, plan.wan_resolutions, plan.wan_frames, plan.device, plan.wan_dtype,
+                             repeats, warmup, budget, attention=optimized_attention)
+    return collect(planned, rows, deadline)
+
+
 def unet_kernels(plan: Plan):
     """The UNets' blocks on the Triton kernels or not, as the plan says (DELTACONV_TRITON, read per call)."""
     return unittest.mock.patch.dict(os.environ, {} if plan.model_kernels else {"DELTACONV_TRITON": "0"})
@@ -216,7 +251,8 @@ def stage_distill(plan: Plan, deadline: float, notes: list) -> list[dict]:
         return collect([{"stage": "A"}, {"stage": "B"}], rows, deadline)
 
 
-STAGE_FUNCTIONS = {"kernels": stage_kernels, "block": stage_block, "unet": stage_unet, "distill": stage_distill}
+STAGE_FUNCTIONS = {"kernels": stage_kernels, "block": stage_block, "wan": stage_wan, "unet": stage_unet,
+                   "distill": stage_distill}
 
 
 # --------------------------------------------------------------------------------------------------- environment
@@ -302,12 +338,13 @@ def targets(stages: dict) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------------------------- report
-def stage_table(name: str, rows: list[dict]) -> str:
+def stage_table(name: str, rows: list[dict], device: str = "") -> str:
     """A stage's rows as its benchmark shows them; rows it did not measure say why after the cells naming them."""
     mediators = {k: s.format() for k, s in bench_block.MEDIATORS.items()}
     baselines = ["attention", *["sage"] * any("sage_median_ms" in r for r in rows)]
     ids, columns = {"kernels": (1, kernel_check.COLUMNS), "distill": (1, bench_distill.COLUMNS),
                     "block": (6, bench_block.columns(measured(rows), baselines, mediators, family=True)),
+                    "wan": (2, bench_wan.columns(measured(rows), wan_predictions(device))),
                     "unet": (3, bench_unet.columns(rows, GPU.unet_mediators))}[name]
     return harness.columns_table(columns, rows, ids)
 
@@ -327,7 +364,7 @@ def markdown(result: dict) -> str:
         parts += ["", f"## {name}", "", f"- status: {stage['status']} in {stage['seconds']:.0f} s"
                   + (f" — {stage['error']}" if stage["error"] else ""), *(f"- {note}" for note in stage["notes"])]
         if stage["rows"]:
-            parts += ["", stage_table(name, stage["rows"])]
+            parts += ["", stage_table(name, stage["rows"], env["device"])]
     return "\n".join(parts) + "\n"
 
 

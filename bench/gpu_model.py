@@ -12,7 +12,10 @@ ESTIMATES from stated constants, for bench/gpu_check.py's measurements to replac
 - attention (attn1): SDPA FLOPs (4·N²·C per image) at an SDPA rate range (head dim 40 runs at about half rate), the
   q/k/v/out projections (8·N·C²) at the GEMM rate;
 - the rest of the step: FLOPs, non-GEMM bytes and ops of ComfyUI's own UNet without attn1 on the meta device, at the
-  GEMM and DRAM rates; a step takes at least its host time (ops × one eager op), ΔConv adds its host path.
+  GEMM and DRAM rates; a step takes at least its host time (ops × one eager op), ΔConv adds its host path;
+- a forward on PyTorch ops (bench_wan.py's Wan blocks: the 3-D ΔConv block, mediator attention, Wan's attention),
+  recorded op by op on fake CUDA tensors (op_count.py): each op its MACs at the GEMM, SDPA or CUDA-core rate or its
+  bytes at the DRAM rate, at least the launch floor (torch_path_us).
 The ceiling: the same step with attn1 removed entirely.
 """
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Device:
     launch_floor_us: float  # the shortest a kernel takes on the device, launch to completion
     host_us_per_op: float  # the CPU time of one eager torch op or Triton launch on a desktop CPU
     schedulers_per_sm: int = 4
+    cuda_core_tflops: float = 30.0  # what depthwise convolutions and fp32 SDPA reach without tensor cores (a guess)
     issue_efficiency: tuple[float, float, float] = (0.6, 0.8, 0.9)  # warps per scheduler ≤ 1, ≤ 2, more
 
 
@@ -104,6 +108,23 @@ def attention_us(c: int, tokens: int, batch: int, d: Device) -> tuple[float, flo
     sdpa = 4 * batch * tokens * tokens * c
     return tuple(projections + max(sdpa / (rate * 1e6), d.launch_floor_us)
                  for rate in (d.sdpa_tflops[1], d.sdpa_tflops[0]))
+
+
+def op_us(op, d: Device, sdpa_tflops: float) -> float:
+    """One recorded op (op_count.Op) as one launch: its MACs at its kind's rate (GEMMs at the GEMM rate, an fp16
+    SDPA at `sdpa_tflops`, convolutions and fp32 SDPA on CUDA cores) or its bytes at the DRAM rate, whichever is
+    longer, and at least the launch floor."""
+    rate = {"gemm": d.gemm_tflops, "attention": sdpa_tflops if op.half else d.cuda_core_tflops,
+            "conv": d.cuda_core_tflops}.get(op.kind)
+    compute = 2 * op.macs / (rate * 1e6) if rate else 0.0
+    return max(compute, op.bytes / (d.bandwidth_tbs * 1e6), d.launch_floor_us)
+
+
+def torch_path_us(ops: list, d: Device) -> tuple[tuple[float, float], float]:
+    """((GPU µs at the fast, at the slow SDPA rate), host µs) of a forward on PyTorch ops, recorded as `ops`
+    (op_count.record on fake CUDA tensors): each op one launch (op_us), each one eager op of host time."""
+    gpu = tuple(sum(op_us(op, d, rate) for op in ops) for rate in (d.sdpa_tflops[1], d.sdpa_tflops[0]))
+    return gpu, len(ops) * d.host_us_per_op
 
 
 BACKWARD = ("_bwd_gate_kernel", "_bwd_input_kernel", "_bwd_weight_kernel")

@@ -42,9 +42,18 @@ class Step:
     latent_shape: tuple[int, ...] | None = None  # the step's latent, as the model wrapper saw it (Wan's grid)
 
 
+class Recorded(NamedTuple):
+    """One teacher call, as recorded: its input tokens, grid, attention output and the call's other arguments
+    (Wan's RoPE `freqs`: the locality analysis needs the positions the attention saw)."""
+    x: torch.Tensor
+    grid: tuple[int, ...]
+    out: torch.Tensor
+    call: dict
+
+
 class TeacherSwitch:
     """Training-time state of one patched model: while `on`, every wrapper runs its original attention (the
-    teacher); while `recording` is a dict, each such call stores site → (input, grid, attention output); while
+    teacher); while `recording` is a dict, each such call stores site → Recorded; while
     `mediators` is a count, every mediator student runs that count (the one distillation trains this step)."""
 
     def __init__(self):
@@ -55,7 +64,7 @@ class TeacherSwitch:
     def run(self, site: str, original, x, grid, **kwargs):
         out = original(x, **kwargs)
         if self.recording is not None and grid is not None:  # calls that are not a plain grid train nothing
-            self.recording[site] = (x.detach(), grid, out.detach())
+            self.recording[site] = Recorded(x.detach(), grid, out.detach(), kwargs)
         return out
 
 

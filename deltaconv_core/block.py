@@ -280,12 +280,17 @@ class DeltaConvBlock(nn.Module):
                                           pooled + bias)
 
     @classmethod
-    def initial(cls, site, teacher: nn.Module, model_sites, kernel_size: int | None = None, schedule=None):
-        """Student protocol: a fresh block for `site` (kernel: `kernel_size`, else the site's official default; the
-        family's gate and taps over time), randomly initialised from torch's generator, which the caller seeds
-        (conv_time zero). Needs no teacher."""
-        config = BlockConfig(site.channels, kernel_size or site.kernel_size, gate=model_sites.default_gate,
-                             time_kernel=model_sites.adapter.time_kernel)
+    def initial(cls, site, teacher: nn.Module, model_sites, kernel_size: int | tuple[int, int] | None = None,
+                schedule=None):
+        """Student protocol: a fresh block for `site` (kernel: `kernel_size`, a video block's as (spatial, time);
+        else the site's official default and the family's taps over time; the family's gate), randomly
+        initialised from torch's generator, which the caller seeds (conv_time zero). Needs no teacher."""
+        kernel, time_kernel = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, None)
+        if time_kernel is not None and not model_sites.adapter.time_kernel:
+            raise ValueError(f"kernel_preset gives block {site.name} a kernel over time ({time_kernel}), but "
+                             f"{model_sites.adapter.label} makes images: give one kernel size per block")
+        config = BlockConfig(site.channels, kernel or site.kernel_size, gate=model_sites.default_gate,
+                             time_kernel=time_kernel or model_sites.adapter.time_kernel)
         return cls(config).reset_parameters()
 
     def run(self, tokens: torch.Tensor, grid: tuple[int, ...], setting=None) -> torch.Tensor:
@@ -309,12 +314,14 @@ class DeltaConvBlock(nn.Module):
 
     @staticmethod
     def macs(config: BlockConfig, grid: tuple[int, ...], setting=None) -> int:
-        """Per token C·C/2 (conv_up) + k_t·C/2 (conv_time) + (n·C/4)·C (conv_out) + k²·(C/2)·Σs² (depthwise on
-        the pooled grids), × N tokens (video: all frames'); + C² for the pooled branch, once per image or clip."""
+        """Per token C·C/2 (conv_up) + k_t·C/2 (conv_time) + (n·C/4)·C (conv_out), × N tokens (video: all
+        frames'); + k²·C/2 per pixel of each scale's pooled grid (per frame; odd sides round down); + C² for the
+        pooled branch, once per image or clip."""
         c, k, scales = config.dim, config.kernel_size, config.scales
-        per_token = (c * c // 2 + config.time_kernel * (c // 2) + len(scales) * (c // 4) * c
-                     + k * k * (c // 2) * sum(s * s for s in scales))
-        return int(math.prod(grid) * per_token + c * c)
+        *frames, h, w = grid
+        per_token = c * c // 2 + config.time_kernel * (c // 2) + len(scales) * (c // 4) * c
+        pooled_pixels = math.prod(frames) * sum(math.prod(pooled_size((h, w), s)) for s in scales)
+        return int(math.prod(grid) * per_token + pooled_pixels * k * k * (c // 2) + c * c)
 
     @staticmethod
     def describe(configs: list[BlockConfig]) -> str:

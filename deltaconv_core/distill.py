@@ -267,7 +267,7 @@ class Distiller:
             total = 0.0
             with self._autocast():
                 for name, student in zip(self.bank.names, self.bank.students):
-                    x, grid, y = recorded[name]
+                    x, grid, y, _ = recorded[name]
                     setting = self.teacher.mediators if student.config.schedule is not None else None
                     total = total + F.mse_loss(student.run(x, grid, setting).float(), y.float())
             return total

@@ -46,8 +46,10 @@ def sample(model, latent, seed, steps, cfg, sampler_name, scheduler, positive, n
 
 
 def decode(vae, latent):
+    """(images [N, H, W, C], frames per video): video VAEs give [B, T, H, W, C], flattened to B·T frames as VAEDecode
+    does; frames is 0 for images."""
     images = vae.decode(latent["samples"])
-    return images.reshape(-1, *images.shape[-3:])  # video VAEs give [B, T, H, W, C]
+    return images.reshape(-1, *images.shape[-3:]), images.shape[1] if images.dim() == 5 else 0
 
 
 def call_counts(runtimes) -> Counter:
@@ -70,18 +72,27 @@ def student_calls(calls, kinds) -> str:
     return ", ".join(parts)
 
 
-def report(settings, original, patched, times, calls, student_kinds, notes):
+def report(settings, original, patched, times, calls, student_kinds, notes, frames=0):
+    """`frames`: frames per video when the images are videos' frames (0: images); each video then gets its frames'
+    lines and their mean."""
     p, s = psnr(original, patched), ssim(original, patched)
     diff = abs_difference(original, patched)
     lines = [f"ΔConv Compare: {settings}"]
     for i in range(len(p)):
         quality = f"identical (PSNR inf, SSIM {s[i]:.4f})" if p[i].isinf() else f"PSNR {p[i]:.2f} dB, SSIM {s[i]:.4f}"
-        lines.append(f"  image {i + 1}: {quality}, mean |Δ| {diff[i].mean():.4f}, max |Δ| {diff[i].max():.4f}")
+        label = f"video {i // frames + 1}, frame {i % frames + 1}" if frames else f"image {i + 1}"
+        lines.append(f"  {label}: {quality}, mean |Δ| {diff[i].mean():.4f}, max |Δ| {diff[i].max():.4f}")
+        if frames and (i + 1) % frames == 0:
+            video = slice(i + 1 - frames, i + 1)
+            lines.append(f"  video {i // frames + 1}, mean over {frames} frames: PSNR {p[video].mean():.2f} dB, "
+                         f"SSIM {s[video].mean():.4f}")
     if p.isinf().all():
         lines.append("  the patched images are identical to the original ones: ΔConv changed nothing "
                      "(check start/end percent of ΔConv Patch)")
     else:
-        lines.append(f"  mean over {len(p)} image(s): PSNR {p.mean():.2f} dB, SSIM {s.mean():.4f}")
+        videos = len(p) // max(frames, 1)
+        what = f"{videos} video{'s' * (videos != 1)} of {frames} frames" if frames else f"{len(p)} image(s)"
+        lines.append(f"  mean over {what}: PSNR {p.mean():.2f} dB, SSIM {s.mean():.4f}")
     scale = float(diff.max())
     lines.append(f"  heat map: per-pixel mean |Δ| over the channels (pixel values 0-1), black = 0 to pale yellow = "
                  f"{scale:.4f} (the largest)" if scale > 0 else "  heat map: black, no difference")
@@ -97,11 +108,11 @@ def report(settings, original, patched, times, calls, student_kinds, notes):
 @validates_widgets
 class DeltaConvCompare:
     DESCRIPTION = ("Samples the original and the ΔConv-patched model from the same seed and settings (as KSampler "
-                   "does), decodes both and measures the difference: PSNR and SSIM per image, a heat map of the "
-                   "per-pixel difference, both sampling times and how often each student (ΔConv, mediator "
-                   "attention by count) ran. Times exclude weight "
-                   "loading; the first run after starting ComfyUI also includes one-off warm-up (kernel "
-                   "compilation): run again with another seed for steady-state times.")
+                   "does), decodes both and measures the difference: PSNR and SSIM per image (video: per frame and per "
+                   "video), a heat map of the per-pixel difference, both sampling times and how often each "
+                   "student (ΔConv, mediator attention by count) ran. Times exclude weight loading; the first run "
+                   "after starting ComfyUI also includes one-off warm-up (kernel compilation): run again with "
+                   "another seed for steady-state times.")
     CATEGORY = "ΔConv/analysis"
     SEARCH_ALIASES = ("compare attention", "psnr", "ssim", "speed test", "benchmark", "convfusion",
                       "linear attention", "before after")
@@ -158,10 +169,11 @@ class DeltaConvCompare:
         before = call_counts(runtimes)
         patched, t_patched = sample(patched_model, latent_image, *args)
         calls = call_counts(runtimes) - before
-        images = decode(vae, original), decode(vae, patched)
+        (original_images, frames), (patched_images, _) = decode(vae, original), decode(vae, patched)
+        images = original_images, patched_images
         settings = f"seed {seed}, {steps} steps, {sampler_name}/{scheduler}, cfg {cfg}, denoise {denoise}"
         kinds = {w.student_type for w in student_wrappers(patched_model)}
-        text, p, s = report(settings, *images, (t_original, t_patched), calls, kinds, notes)
+        text, p, s = report(settings, *images, (t_original, t_patched), calls, kinds, notes, frames)
         for line in text.splitlines():
             log.info("%s", line.strip())
         result = (*images, difference_heatmap(*images), float(p.mean()), float(s.mean()), text)

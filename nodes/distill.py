@@ -126,7 +126,8 @@ class DeltaConvDistill:
                                             "tooltip": "Stage B loss weighting; 0 = off, 5 = the paper."}),
                 "kernel_preset": ("STRING", {"default": "", "tooltip": "Kernel sizes of fresh blocks. Empty: the "
                                                                        "official ones; an odd number (1-17) for "
-                                                                       "all; or JSON {block name: kernel size} from "
+                                                                       "all; or JSON {block name: kernel size} "
+                                                                       "(video blocks: [spatial, time]) from "
                                                                        "ΔConv Attention Locality. Ignored when "
                                                                        "deltaconv is connected."}),
                 "allow_cpu": ("BOOLEAN", {"default": False, "tooltip": "Train even when ComfyUI runs on the "

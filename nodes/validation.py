@@ -227,7 +227,8 @@ def output_path_error(folder: str, name, input_name: str, suffix_bytes: int = 0)
 
 
 KERNEL_PRESET_ALLOWED = (f"empty (the official kernel sizes), one odd whole number from 1 to {MAX_KERNEL_SIZE} for "
-                         'every block, or JSON {"block name": odd number} as ΔConv Attention Locality outputs')
+                         'every block, or JSON {"block name": odd number} as ΔConv Attention Locality outputs '
+                         '(video models: {"block name": [spatial, time]})')
 
 
 def _kernel(value, text: str, where: str = "") -> int:
@@ -240,8 +241,16 @@ def _kernel(value, text: str, where: str = "") -> int:
     return value
 
 
-def read_kernel_preset(text) -> int | dict[str, int] | None:
-    """kernel_preset's text → None (official kernels), one kernel size for every block, or {block name: k}."""
+def _block_kernel(value, text: str, name: str) -> int | tuple[int, int]:
+    """One block's entry: an odd kernel size, or [spatial, time] odd sizes (video blocks)."""
+    if isinstance(value, list) and len(value) == 2:
+        return _kernel(value[0], text, f"block {name}, spatial: "), _kernel(value[1], text, f"block {name}, time: ")
+    return _kernel(value, text, f"block {name}: ")
+
+
+def read_kernel_preset(text) -> int | dict[str, int | tuple[int, int]] | None:
+    """kernel_preset's text → None (official kernels), one kernel size for every block, or {block name: k or
+    (k, time k)}."""
     if not isinstance(text, str):
         raise ValueError(f"kernel_preset = {quoted(text)} is not text; allowed: {KERNEL_PRESET_ALLOWED}")
     if not text.strip():
@@ -252,12 +261,13 @@ def read_kernel_preset(text) -> int | dict[str, int] | None:
         raise ValueError(f"kernel_preset = {quoted(text)} is neither a number nor JSON; "
                          f"allowed: {KERNEL_PRESET_ALLOWED}") from None
     if isinstance(value, dict):
-        return {name: _kernel(k, text, f"block {name}: ") for name, k in value.items()}
+        return {name: _block_kernel(k, text, name) for name, k in value.items()}
     return _kernel(value, text)
 
 
-def parse_kernel_preset(text, sites) -> dict[str, int]:
-    """kernel_preset → {block name: k} for this model's `sites` ({} for the official kernels); unknown names refused."""
+def parse_kernel_preset(text, sites) -> dict[str, int | tuple[int, int]]:
+    """kernel_preset → {block name: k or (k, time k)} for this model's `sites` ({} for the official kernels);
+    unknown names refused (a time kernel on an image model: when the blocks are built)."""
     preset = read_kernel_preset(text)
     if preset is None:
         return {}

@@ -83,7 +83,8 @@ def test_each_site_module(family):
         assert teacher_projections(module) == teacher_projections(module, adapter.key) == (qkv, out, heads, norms)
         assert norms is None or [n.weight.shape for n in norms] == [(s.channels,)] * 2
         x = torch.randn(5, s.channels)
-        q, k, map_heads = adapter.queries_keys(module, x)
+        no_rotation = torch.eye(2).expand(1, 5, 1, s.channels // heads // 2, 2, 2)  # RoPE (Wan) at position 0
+        q, k, map_heads = adapter.queries_keys(module, x, {"freqs": no_rotation})
         assert q.shape == k.shape == (5, s.channels) and map_heads == heads and s.channels % heads == 0
         student = MediatorAttention.from_teacher(module, family=adapter.key)
         assert student.config.dim == s.channels and student.config.heads == heads

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("kernels", "block", "unet", "distill")
+STAGES = ("kernels", "block", "wan", "unet", "distill")
 # ComfyUI before mid-2024 adds residuals in place: stage B cannot backpropagate there (README, Limitations)
 KNOWN_LIMITATION = "cannot backpropagate through this ComfyUI"
 
@@ -49,3 +49,26 @@ def test_a_failing_stage_is_reported_and_the_next_one_still_runs(tmp_path):
     for name, stage in report["stages"].items():
         assert stage["status"] == "failed" and "No ComfyUI" in stage["error"], stage
         assert f"## {name}\n\n- status: failed" in markdown
+
+
+def test_wan_rows_show_the_models_estimate_beside_each_measurement():
+    """The wan stage's table: each measured row with the committed estimate for its GPU class; a row that was not
+    measured says why."""
+    import bench_wan
+    import gpu_check
+
+    h200, h100 = gpu_check.wan_predictions("NVIDIA H200"), gpu_check.wan_predictions("NVIDIA H100 80GB HBM3")
+    assert set(h200) == {(m, r) for m in bench_wan.MODELS for r in bench_wan.RESOLUTIONS} and h200 != h100
+    row = {"model": "1.3B", "resolution": "720p", "frames": 81, "grid": [21, 45, 80], "tokens": 75600,
+           "channels": 1536, "attention_macs": 18_271_037_030_400, "mediators_macs": 744_571_699_200,
+           "deltaconv_macs": 182_079_737_856, "attention_median_ms": 80.0, "mediators_median_ms": 8.0,
+           "deltaconv_median_ms": 2.0, "mediators_speedup": 10.0, "deltaconv_speedup": 40.0,
+           "attention_peak_bytes": 2**30, "mediators_peak_bytes": 2**31, "deltaconv_peak_bytes": 2**29}
+    table = gpu_check.stage_table("wan", [row, {"model": "14B", "resolution": "720p", "frames": 81,
+                                                "error": "out of memory"}], "NVIDIA H200")
+    p = h200["1.3B", "720p"]
+    estimate = (f"{p['attention_ms'][0]:.2f}–{p['attention_ms'][1]:.2f} / {p['mediators_ms'][0]:.2f} / "
+                f"{p['deltaconv_ms'][0]:.2f}")
+    assert (f"| 1.3B | 720p, 81 frames | 21×45×80 (75,600) | 80.00 | 8.00 | 2.00 | 10.0× | 40.0× | 18,271.0 | "
+            f"744.6 | 182.1 | {estimate} | 1024 / 2048 / 512 |") in table
+    assert "| 14B | 720p, 81 frames | — |" in table and "| error: out of memory |" in table

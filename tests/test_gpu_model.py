@@ -20,6 +20,26 @@ def test_issue_time_arithmetic():
     assert gpu_model.issue_us(132 * 12, 2, 1000, 6, d) == pytest.approx(12 * 2 * 1000 / (4 * 0.9 * rate))
 
 
+def test_an_op_on_pytorch_ops_is_priced_by_its_kind():
+    from op_count import Op
+
+    d = gpu_model.DEVICES["h200"]
+    price = lambda op, sdpa=500.0: gpu_model.op_us(op, d, sdpa)
+    gemm = Op("addmm", "gemm", 10**12, 10**6, True)  # compute-bound: 2·MACs at the GEMM rate
+    assert price(gemm) == pytest.approx(2e12 / (d.gemm_tflops * 1e6))
+    assert price(Op("mul", "memory", 0, 7 * 10**9, True)) == pytest.approx(7e9 / (d.bandwidth_tbs * 1e6))
+    assert price(Op("mul", "memory", 0, 64, True)) == d.launch_floor_us
+    sdpa = Op("scaled_dot_product_attention", "attention", 10**11, 10**6, True)
+    assert price(sdpa, 250.0) == pytest.approx(2 * price(sdpa, 500.0)) == pytest.approx(2e11 / 250e6)
+    fp32 = Op("scaled_dot_product_attention", "attention", 10**11, 10**6, False)  # no tensor cores: CUDA cores
+    assert price(fp32) == price(Op("convolution", "conv", 10**11, 10**6, True)) == pytest.approx(
+        2e11 / (d.cuda_core_tflops * 1e6))
+    (fast, slow), host = gpu_model.torch_path_us([gemm, sdpa], d)
+    assert (fast, slow) == pytest.approx((price(gemm) + price(sdpa, d.sdpa_tflops[1]),
+                                          price(gemm) + price(sdpa, d.sdpa_tflops[0])))
+    assert host == 2 * d.host_us_per_op
+
+
 def test_committed_predictions_are_consistent():
     files = sorted(RESULTS.glob("gpu_model_*.json"))
     assert files, "bench/results has no gpu_model_*.json: run python bench/gpu_model.py"

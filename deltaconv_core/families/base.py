@@ -113,8 +113,9 @@ class FamilyAdapter(ABC):
         something they cannot reproduce (e.g. a q/k LayerNorm; an RMSNorm over the whole q and k they keep)."""
 
     @abstractmethod
-    def queries_keys(self, attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(queries, keys, heads) that `attention` computes from tokens x [N, C]: what its attention maps are of."""
+    def queries_keys(self, attention: nn.Module, x: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(queries, keys, heads) that `attention` computes from tokens x [N, C] in a call with these other
+        arguments (attention.Recorded.call: e.g. RoPE frequencies): what its attention maps are of."""
 
     @abstractmethod
     def feature_tap_path(self, site_path: str) -> str:

@@ -64,7 +64,8 @@ class PixArtFamily(FamilyAdapter):
                 raise ValueError(f"teacher attention has a {norm}; mediator attention has no q/k normalisation")
         return TeacherProjections((attention.qkv,), attention.proj, attention.num_heads)
 
-    def queries_keys(self, attention, x):
+    def queries_keys(self, attention, x, call):
+        """PixArt's positions are in its tokens already (absolute embeddings added before the blocks)."""
         q, k, _ = attention.qkv(x).chunk(3, dim=-1)
         return q, k, attention.num_heads
 

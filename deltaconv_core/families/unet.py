@@ -151,7 +151,7 @@ class UNetFamily(FamilyAdapter):
         return TeacherProjections((attention.to_q, attention.to_k, attention.to_v), attention.to_out[0],
                                   attention.heads)
 
-    def queries_keys(self, attention, x: torch.Tensor):
+    def queries_keys(self, attention, x: torch.Tensor, call):
         return attention.to_q(x), attention.to_k(x), attention.heads
 
     def feature_tap_path(self, site_path):

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .base import GRID_UNKNOWN, TOKENS_REARRANGED, AttentionSite, FamilyAdapter, ModelSites, TeacherProjections
 
-# No ConvFusion release and no locality measurement for Wan yet: the UNets' fallback kernel, read by ΔConv blocks
-# only (mediator attention's DWC is 3×3 whatever the site's kernel).
+# No ConvFusion release for Wan and no real weights measured here: the UNets' fallback kernel, read by ΔConv blocks
+# only (mediator attention's DWC is 3×3 whatever the site's kernel). ΔConv Attention Locality measures a user's model.
 KERNEL = 7
 # ΔConv's taps over time, in latent frames: one frame either side. A latent frame stands for 4 video frames (Wan's
 # VAE), so this already spans 12 frames; the clip-wide pooled branch carries what lies further (mediators: 3 too).
 TIME_KERNEL = 3
 NAME = "blocks.{}"  # our block names (no official release to follow): the DiT block's own path
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, heads: int) -> torch.Tensor:
+    """Wan's rotary embedding as ComfyUI applies it: x [N, C] (one clip's q or k, heads × d channels); freqs
+    [1, N, 1, d/2, 2, 2], a 2×2 rotation per token and channel pair. In float32 or wider, like the model."""
+    n, c = x.shape
+    rot = freqs[0]  # [N, 1, d/2, 2, 2]
+    pairs = x.to(rot.dtype).reshape(n, heads, -1, 1, 2)
+    return (rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]).reshape(n, c).to(x.dtype)
 
 
 def _is_rms_norm(module: nn.Module, dim: int) -> bool:
@@ -85,9 +95,15 @@ class WanFamily(FamilyAdapter):
                              "keeps only an RMSNorm over the whole q and k")
         return TeacherProjections((attention.q, attention.k, attention.v), attention.o, attention.num_heads, norms)
 
-    def queries_keys(self, attention, x):
-        """Normalised, without RoPE: the positions are not known here."""
-        return attention.norm_q(attention.q(x)), attention.norm_k(attention.k(x)), attention.num_heads
+    def queries_keys(self, attention, x, call):
+        """Normalised and rotated by the call's RoPE (its `freqs`, one rotation per token and frequency pair), as
+        the attention computes them: without the rotation the maps would not know where a token is."""
+        freqs = call.get("freqs")
+        if freqs is None:
+            raise ValueError("a Wan self-attention call without its RoPE `freqs`: its attention maps are unknown")
+        heads = attention.num_heads
+        q, k = attention.norm_q(attention.q(x)), attention.norm_k(attention.k(x))
+        return apply_rope(q, freqs, heads), apply_rope(k, freqs, heads), heads
 
     def feature_tap_path(self, site_path):
         """The block's norm3 (before its cross-attention; an Identity without cross_attn_norm), which reads that

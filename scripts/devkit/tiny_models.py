@@ -35,7 +35,10 @@ OTHER_UNET_TINY = {**SD15_TINY, "context_dim": 512}  # a width no known family h
 # Wan 2.1 T2V's layout; detection reads dim (heads = dim // 128), ffn_dim, layers and in_dim from the shapes.
 WAN_TINY = {"model_type": "t2v", "dim": 256, "ffn_dim": 256, "num_heads": 2, "num_layers": 2, "in_dim": 16,
             "out_dim": 16, "text_dim": 4096}
-SITE_COUNTS = {"tiny_sd15": 7, "tiny_sd15_inpaint": 7, "tiny_sdxl": 21, "tiny_pixart": 1, "tiny_wan": 2}
+# Wan 2.2 TI2V 5B's layout: 48 latent channels in and out (its VAE compresses 16× in space), detected as WAN22_T2V.
+WAN22_5B_TINY = {**WAN_TINY, "in_dim": 48, "out_dim": 48}
+SITE_COUNTS = {"tiny_sd15": 7, "tiny_sd15_inpaint": 7, "tiny_sdxl": 21, "tiny_pixart": 1, "tiny_wan": 2,
+               "tiny_wan22_5b": 2}
 
 
 def init_random(module: nn.Module, seed: int) -> nn.Module:
@@ -80,11 +83,11 @@ def build_pixart(seed: int) -> nn.Module:
     return init_random(model, seed)
 
 
-def build_wan(seed: int) -> nn.Module:
+def build_wan(seed: int, config: dict = WAN_TINY) -> nn.Module:
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
 
-    model = init_random(WanModel(**WAN_TINY, operations=comfy.ops.disable_weight_init), seed)
+    model = init_random(WanModel(**config, operations=comfy.ops.disable_weight_init), seed)
     with torch.no_grad():  # RMSNorm weights near zero would zero q and k: make them the identity, as trained ones are
         for name, p in model.named_parameters():
             if ".norm_q." in name or ".norm_k." in name:
@@ -158,6 +161,8 @@ TINY_MODELS = {"tiny_sd15": TinyModel(lambda seed: build_unet(SD15_TINY, seed), 
                "tiny_unet": TinyModel(lambda seed: build_unet(OTHER_UNET_TINY, seed), OTHER_UNET_TINY["context_dim"]),
                "tiny_pixart": TinyModel(build_pixart, 4096),  # PixArt: T5-XXL captions
                "tiny_wan": TinyModel(build_wan, WAN_TINY["text_dim"], channels=16, frames=3, timestep_arg="timestep")}
+TINY_MODELS["tiny_wan22_5b"] = TinyModel(lambda seed: build_wan(seed, WAN22_5B_TINY), WAN22_5B_TINY["text_dim"],
+                                         channels=48, frames=3, timestep_arg="timestep")
 
 
 def write_tiny_models(base) -> dict:
@@ -173,6 +178,8 @@ def write_tiny_models(base) -> dict:
         builders.append(("tiny_pixart", lambda: TINY_MODELS["tiny_pixart"].build(4)))
     if has_wan():
         builders.append(("tiny_wan", lambda: TINY_MODELS["tiny_wan"].build(9)))
+    if has_wan22_5b():
+        builders.append(("tiny_wan22_5b", lambda: TINY_MODELS["tiny_wan22_5b"].build(10)))
     for name, build in builders:
         module = build()
         out[name] = os.path.join(unet_dir, f"{name}.safetensors")
@@ -205,3 +212,10 @@ def has_wan() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("comfy.ldm.wan") is not None
+
+
+def has_wan22_5b() -> bool:
+    """Whether this ComfyUI detects Wan 2.2 TI2V 5B (WAN22_T2V: 48 latent channels, the Wan 2.2 latent format)."""
+    import comfy.supported_models
+
+    return has_wan() and hasattr(comfy.supported_models, "WAN22_T2V")

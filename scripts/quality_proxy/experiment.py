@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from deltaconv_core.analysis import locality_stats
 from deltaconv_core.attention import PatchRuntime, StudentSelfAttention
@@ -115,9 +116,11 @@ class Log:
 
 
 # ------------------------------------------------------------------------------------------------------- teacher
-def train_teacher(cfg: ProxyConfig, photos, log: Log) -> tuple[TinyUNet, list[float]]:
+def train_teacher(cfg, build, draw, log: Log) -> tuple[nn.Module, list[float]]:
+    """EDM training of `build()` (made after seeding) on batches `draw(generator)`, with an EMA copy returned; `cfg`
+    gives seed, teacher_steps, teacher_lr and ema (ProxyConfig, or the video proxy's config)."""
     torch.manual_seed(cfg.seed)
-    unet = TinyUNet(cfg.width)
+    unet = build()
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.teacher_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -126,7 +129,7 @@ def train_teacher(cfg: ProxyConfig, photos, log: Log) -> tuple[TinyUNet, list[fl
         for group in opt.param_groups:  # short warm-up, then cosine decay to 0
             group["lr"] = cfg.teacher_lr * min(1.0, (step + 1) / 100) * 0.5 * (
                 1 + math.cos(math.pi * step / cfg.teacher_steps))
-        loss = edm_loss(unet, data.random_crops(photos, cfg.teacher_batch, cfg.crop, g), g)
+        loss = edm_loss(unet, draw(g), g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -141,15 +144,16 @@ def train_teacher(cfg: ProxyConfig, photos, log: Log) -> tuple[TinyUNet, list[fl
     return ema.eval(), losses
 
 
-def load_or_train_teacher(cfg: ProxyConfig, photos, cache: str | None, log: Log):
+def load_or_train_teacher(cfg, build, draw, cache: str | None, log: Log):
+    """train_teacher's result, cached in `cache` under the config's teacher_key()."""
     path = cache and os.path.join(cache, f"teacher-{cfg.teacher_key()}.pt")
     if path and os.path.exists(path):
         saved = torch.load(path, weights_only=True)
-        unet = TinyUNet(cfg.width)
+        unet = build()
         unet.load_state_dict(saved["state_dict"])
         log(f"teacher: cached {path}")
         return unet.eval(), saved["losses"].tolist()
-    unet, losses = train_teacher(cfg, photos, log)
+    unet, losses = train_teacher(cfg, build, draw, log)
     if path:
         os.makedirs(cache, exist_ok=True)
         torch.save({"state_dict": unet.state_dict(), "losses": torch.tensor(losses)}, path + ".tmp")
@@ -184,20 +188,23 @@ def teacher_locality(unet: TinyUNet, x0: torch.Tensor, sigma: float, seed: int) 
 
 
 # ------------------------------------------------------------------------------------------------------ students
-def make_student(teacher: TinyUNet, kernels: dict[str, int], scales, pool: bool, zero: bool = False):
-    """A copy of the teacher with every attn1 wrapped by a ΔConvBlock; returns (unet, runtime, blocks, taps)."""
+def make_student(teacher: TinyUNet, kernels: dict[str, int], scales, pool: bool, zero: bool = False, *, grid=GRID,
+                 **config):
+    """A copy of the teacher with every attn1 wrapped by a ΔConvBlock; returns (unet, runtime, blocks, taps).
+    `grid`: the wrappers' token grid of a call (video: the t×h×w one); `config`: further BlockConfig fields (video
+    students: gate, time_kernel)."""
     unet = copy.deepcopy(teacher).requires_grad_(False)
     runtime, blocks, taps = PatchRuntime(), {}, {}
     for name, tb in attention_blocks(unet).items():
         dim = tb.attn1.to_q.in_features
-        block = build_student(BlockConfig(dim, kernels[name], tuple(scales)))
+        block = build_student(BlockConfig(dim, kernels[name], tuple(scales), **config))
         if zero:  # the "attention removed" baseline: the block outputs exactly 0
             for p in block.parameters():
                 p.data.zero_()
         if not pool:  # ablation: no global branch (conv_pool's bias merges with conv_out's, so only the weight goes)
             block.conv_pool.weight.data.zero_()
             block.conv_pool.weight.requires_grad_(False)
-        tb.attn1 = StudentSelfAttention(tb.attn1, block, runtime, name, grid=GRID)
+        tb.attn1 = StudentSelfAttention(tb.attn1, block, runtime, name, grid=grid)
         blocks[name], taps[name] = block, tb.norm2
     return unet, runtime, blocks, taps
 
@@ -209,15 +216,16 @@ def sigma_table(cfg: ProxyConfig) -> torch.Tensor:
     return torch.cat([lognormal, karras_sigmas(cfg.sample_steps)[:-1]])
 
 
-def make_mediator_student(teacher: TinyUNet, schedule: MediatorSchedule):
+def make_mediator_student(teacher: TinyUNet, schedule: MediatorSchedule, *, grid=GRID, video: bool = False):
     """A copy of the teacher with every attn1 wrapped by a MediatorAttention initialised from it (its projections,
-    a zero DWC), counts following `schedule` on this model's σ; returns (unet, runtime, students, taps)."""
+    a zero DWC; `video`: per frame and over time), counts following `schedule` on this model's σ; returns (unet,
+    runtime, students, taps). `grid` as make_student's."""
     unet = copy.deepcopy(teacher).requires_grad_(False)
     runtime, students, taps = PatchRuntime(), {}, {}
     for name, tb in attention_blocks(unet).items():
-        student = MediatorAttention.from_teacher(tb.attn1, schedule)
+        student = MediatorAttention.from_teacher(tb.attn1, schedule, video=video)
         tb.attn1 = StudentSelfAttention(tb.attn1, student, runtime, name, schedule.resolve(percent_to_sigma),
-                                        grid=GRID)
+                                        grid=grid)
         students[name], taps[name] = student, tb.norm2
     return unet, runtime, students, taps
 
@@ -293,7 +301,9 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
     eval_crops = data.random_crops(held_out, cfg.eval_crops, cfg.crop, g)
 
     t0 = time.perf_counter()
-    teacher, teacher_losses = load_or_train_teacher(cfg, photos, cache, log)
+    teacher, teacher_losses = load_or_train_teacher(
+        cfg, lambda: TinyUNet(cfg.width), lambda g: data.random_crops(photos, cfg.teacher_batch, cfg.crop, g), cache,
+        log)
     teacher_s = time.perf_counter() - t0
 
     locality = teacher_locality(teacher, eval_crops[:8], cfg.locality_sigma, cfg.seed)

@@ -42,7 +42,8 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm self-attention + MLP on the pixels of a [B, C, H, W] map (no cross-attention: unconditional)."""
+    """Pre-norm self-attention + MLP on the pixels of a [B, C, H, W] map, or of a whole [B, C, T, H, W] clip (no
+    cross-attention: unconditional)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -51,11 +52,11 @@ class TransformerBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x, sigmas=None):
-        b, c, h, w = x.shape
+        """x: [B, C, H, W], or a video [B, C, T, H, W] (tokens in frame, row, column order: one 3-D attention)."""
         t = x.flatten(2).transpose(1, 2)
-        t = t + self.attn1(self.norm1(t), transformer_options={"activations_shape": [b, c, h, w], "sigmas": sigmas})
+        t = t + self.attn1(self.norm1(t), transformer_options={"activations_shape": list(x.shape), "sigmas": sigmas})
         t = t + self.ff(self.norm2(t))  # norm2's input is the residual stream right after attn1 (stage B's tap)
-        return t.transpose(1, 2).reshape(b, c, h, w)
+        return t.transpose(1, 2).reshape(x.shape)
 
 
 class ResBlock(nn.Module):
@@ -108,8 +109,8 @@ def attention_blocks(unet: TinyUNet) -> dict[str, TransformerBlock]:
 
 
 def denoise(unet: TinyUNet, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """EDM-preconditioned x̂_0 for x_t = x_0 + σ·ε."""
-    s = sigma.view(-1, 1, 1, 1)
+    """EDM-preconditioned x̂_0 for x_t = x_0 + σ·ε (images [B, C, H, W] or videos [B, C, T, H, W])."""
+    s = sigma.view(-1, *[1] * (x_t.dim() - 1))
     total = s ** 2 + SIGMA_DATA ** 2
     c_skip, c_out, c_in = SIGMA_DATA ** 2 / total, s * SIGMA_DATA / total.sqrt(), 1 / total.sqrt()
     return c_skip * x_t + c_out * unet(c_in * x_t, sigma.log() / 4, sigma)
@@ -121,8 +122,8 @@ def edm_loss(unet: TinyUNet, x0: torch.Tensor, generator: torch.Generator) -> to
     sigma = torch.exp(-1.2 + 1.2 * torch.randn(n, generator=generator))
     noise = torch.randn(x0.shape, generator=generator)
     weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
-    err = (denoise(unet, x0 + sigma.view(-1, 1, 1, 1) * noise, sigma) - x0) ** 2
-    return (weight * err.mean(dim=(1, 2, 3))).mean()
+    err = (denoise(unet, x0 + sigma.view(-1, *[1] * (x0.dim() - 1)) * noise, sigma) - x0) ** 2
+    return (weight * err.mean(dim=tuple(range(1, err.dim())))).mean()
 
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
