@@ -173,3 +173,24 @@ def test_compiled_site_has_no_graph_breaks_and_one_graph_per_step_state(patching
             runtime.end_step()
     assert len(frames) == 3  # on with 4, on with 16, off
     assert runtime.counts == {"mediators:4": 2, "mediators:16": 2, "attention:sigma": 2}
+
+
+def test_compiled_deltaconv_site_has_no_graph_breaks(patching, load_tiny, monkeypatch):
+    """The 3-D ΔConv block (conv over time, per-frame pyramid, clip-wide pool) compiles as one graph too."""
+    import comfy.ldm.modules.attention
+    import comfy.ldm.wan.model
+
+    monkeypatch.setattr(comfy.ldm.wan.model, "optimized_attention", comfy.ldm.modules.attention.attention_pytorch)
+    model = load_tiny("tiny_wan")
+    diffusion_model = model.model.diffusion_model
+    sites = find_attention_sites(diffusion_model)
+    clone, _, runtime = patching.patch_model(model, DeltaConvWeights.fresh(sites, seed=1))
+    wrapper = clone.object_patches["diffusion_model." + sites.sites[0].path]
+    x = torch.randn(1, 3 * 4 * 6, 256)
+    freqs = diffusion_model.rope_encode(3, *LATENT, device=x.device, dtype=x.dtype)
+    torch._dynamo.reset()
+    runtime.begin_step(torch.tensor([0.5]), (1, 16, 3, *LATENT))
+    explained = torch._dynamo.explain(lambda t: wrapper(t, freqs, {}))(x)
+    runtime.end_step()
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    assert runtime.counts == {"deltaconv": 1}

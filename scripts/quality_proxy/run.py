@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 if __package__ in (None, ""):  # run as a file: scripts/ (devkit, this package) instead of this folder on sys.path
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: scripts/ (devkit, this package) 
 import torch
 
 from devkit.comfy_env import import_core
-from devkit.device_info import device_name, device_slug
+from devkit.device_info import busy_cpu_s, device_name, device_slug, foreign_load
 
 import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path
 from quality_proxy import report, video_report  # noqa: E402
@@ -49,12 +50,16 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cache = None if args.no_cache else CACHE
+    busy, started = busy_cpu_s(), time.perf_counter()
     if args.preset in VIDEO_PRESETS:
         result, save = run_video(VIDEO_PRESETS[args.preset], cache=cache), video_report.save
     else:
         result, save = run(PRESETS[args.preset], cache=cache), report.save
     threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
-    device = f"CPU {device_name('cpu')}, {threads}, torch {torch.__version__}"
+    # Quality figures do not depend on the load; its distillation times do (a loaded host is no timing).
+    load = foreign_load(busy, time.perf_counter() - started)
+    host = "host load unknown" if load is None else f"other processes used {load:.1f} % of all cores during the run"
+    device = f"CPU {device_name('cpu')}, {threads}, torch {torch.__version__}; {host}"
     command = f"python scripts/quality_proxy/run.py --preset {args.preset} --threads {args.threads}" + (
         " --no-cache" if args.no_cache else "")
     for path in save(result, args.out, f"{args.preset}_{device_slug('cpu')}", device, command):
