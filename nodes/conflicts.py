@@ -1,5 +1,6 @@
 """What else on a model touches the self-attention sites ΔConv replaces, as notes for the patch report. The notes
 hold for both students: ΔConv blocks and mediator attention alike replace the whole site with their own weights."""
+from ..deltaconv_core.families import FAMILIES
 from ..deltaconv_core.fingerprint import mismatched_sites
 from .wrappers import PREFIX
 
@@ -29,11 +30,7 @@ def base_mismatch(weights, references) -> list[str]:
     fingerprints and `references` (site name → this model's q/qkv weight) cover, whatever dtype it is loaded in."""
     differ, compared = mismatched_sites(weights.site_fingerprints, references)
     if differ:
-        # Wan 2.2 A14B's two experts share one architecture: only the fingerprints tell their files apart.
-        experts = (" (Wan 2.2 A14B: the high-noise and low-noise experts are two checkpoints, each with its own ΔConv "
-                   "file: check that each ΔConv Patch gets the file of the expert it patches)"
-                   if weights.family == "wan" else "")
         return [f"these blocks were distilled from a different checkpoint than this model ({len(differ)} of "
                 f"{compared} sites differ in their attention weights, first {differ[0]}); expect larger deviations, "
-                f"or distill blocks for this model{experts}"]
+                f"or distill blocks for this model{FAMILIES[weights.family].mismatch_hint}"]
     return []

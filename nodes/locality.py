@@ -69,10 +69,10 @@ def _image_row(s, grid, st) -> str:
             f"{st.uniform_fraction:.3f} | {st.erf} | {st.suggested_kernel}")
 
 
-def _video_row(s, grid, st, time_kernel) -> str:
-    k, kt = min(st.spatial.suggested_kernel, MAX_KERNEL_SIZE), min(st.suggested_time_kernel, MAX_KERNEL_SIZE)
+def _video_row(s, grid, st, time_kernel, box) -> str:
+    """`box`: the preset's (k, time k), whose k × k × time k window's share of the attention the row ends with."""
     return (f"{_image_row(s, grid, st.spatial)} | {time_kernel} | {st.mass_in_time_kernel(time_kernel):.3f} | "
-            f"{st.time_erf} | {st.suggested_time_kernel} | {st.mass_in_box(k, kt):.3f}")
+            f"{st.time_erf} | {st.suggested_time_kernel} | {st.mass_in_box(*box):.3f}")
 
 
 IMAGE_HEADER = "site | grid | official k | mass in official k | uniform share | ERF | suggested k"
@@ -88,9 +88,9 @@ def report_and_preset(results, time_kernel: int) -> tuple[str, str]:
     preset = {}
     for s, grid, st in results:
         if len(grid) == 3:
-            lines.append(_video_row(s, grid, st, time_kernel))
             preset[s.name] = [min(st.spatial.suggested_kernel, MAX_KERNEL_SIZE),
                               min(st.suggested_time_kernel, MAX_KERNEL_SIZE)]
+            lines.append(_video_row(s, grid, st, time_kernel, preset[s.name]))
         else:
             lines.append(_image_row(s, grid, st))
             preset[s.name] = min(st.suggested_kernel, MAX_KERNEL_SIZE)

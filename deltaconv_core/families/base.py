@@ -77,6 +77,8 @@ class FamilyAdapter(ABC):
     tiny_model: str  # the tiny random model of scripts/devkit/tiny_models.py (TINY_MODELS) its tests run on
     grid_dims: int = 2  # its token grids: 2, (h, w) images; 3, (t, h, w) video (only students that take those)
     time_kernel: int = 0  # taps over time of its fresh ΔConv blocks (BlockConfig.time_kernel): video families only
+    # Appended to the report's "distilled from a different checkpoint" note: what commonly causes it in this family.
+    mismatch_hint: str = ""
 
     @abstractmethod
     def detect(self, diffusion_model: nn.Module) -> bool:

@@ -47,6 +47,9 @@ class WanFamily(FamilyAdapter):
     tiny_model = "tiny_wan"
     grid_dims = 3
     time_kernel = TIME_KERNEL
+    # Wan 2.2 A14B's two experts share one architecture: only the fingerprints tell their files apart.
+    mismatch_hint = (" (Wan 2.2 A14B: the high-noise and low-noise experts are two checkpoints, each with its own "
+                     "ΔConv file: check that each ΔConv Patch gets the file of the expert it patches)")
 
     def _is_block(self, block: nn.Module) -> bool:
         attn = getattr(block, "self_attn", None)

@@ -160,9 +160,9 @@ TINY_MODELS = {"tiny_sd15": TinyModel(lambda seed: build_unet(SD15_TINY, seed), 
                                       KOALA_TINY["adm_in_channels"]),
                "tiny_unet": TinyModel(lambda seed: build_unet(OTHER_UNET_TINY, seed), OTHER_UNET_TINY["context_dim"]),
                "tiny_pixart": TinyModel(build_pixart, 4096),  # PixArt: T5-XXL captions
-               "tiny_wan": TinyModel(build_wan, WAN_TINY["text_dim"], channels=16, frames=3, timestep_arg="timestep")}
-TINY_MODELS["tiny_wan22_5b"] = TinyModel(lambda seed: build_wan(seed, WAN22_5B_TINY), WAN22_5B_TINY["text_dim"],
-                                         channels=48, frames=3, timestep_arg="timestep")
+               "tiny_wan": TinyModel(build_wan, WAN_TINY["text_dim"], channels=16, frames=3, timestep_arg="timestep"),
+               "tiny_wan22_5b": TinyModel(lambda seed: build_wan(seed, WAN22_5B_TINY), WAN22_5B_TINY["text_dim"],
+                                          channels=48, frames=3, timestep_arg="timestep")}
 
 
 def write_tiny_models(base) -> dict:

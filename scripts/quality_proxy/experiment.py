@@ -285,6 +285,68 @@ def denoising_mse(unet, x0: torch.Tensor, sigmas, seed: int) -> list[float]:
     return out
 
 
+@dataclass
+class Evaluation:
+    """Evaluates models against the teacher (the first one evaluated), for the image and the video experiment:
+    denoising MSE on the held-out data, cost, and, for students, same-seed samples scored by `metrics(samples,
+    teacher's)`. While a student samples, its wrappers must count exactly the calls its cost assumes: a fallback or
+    a wrong mediator count is an error, not a number."""
+    cfg: object  # eval_sigmas, seed
+    held_out: torch.Tensor
+    cost_sites: list
+    step_sigmas: list
+    sample: object  # unet → samples
+    metrics: object  # (samples, teacher's) → {name: value}
+    log: Log
+    models: dict = field(default_factory=dict)
+    images: dict = field(default_factory=dict)
+
+    def __call__(self, label: str, kind: str, unet, runtime, cost: Cost, students: dict | None = None, **extra):
+        """`students`: modules whose input grids are recorded while sampling (student_grids)."""
+        m = {"kind": kind, "mse": denoising_mse(unet, self.held_out, self.cfg.eval_sigmas, self.cfg.seed),
+             "macs_per_run": cost.run_macs(self.cost_sites, self.step_sigmas), **extra}
+        if runtime is None:
+            self.images[label] = self.sample(unet)
+        else:
+            runtime.counts.clear()
+            grids, hooks = student_grids(students or {})
+            try:
+                self.images[label] = self.sample(unet)
+            finally:
+                for h in hooks:
+                    h.remove()
+            expected = expected_calls(cost, len(self.cost_sites), self.step_sigmas)
+            if dict(runtime.counts) != expected:
+                raise RuntimeError(f"{label}: the wrappers ran {dict(runtime.counts)}, expected {expected}")
+            m.update(self.metrics(self.images[label], self.images["teacher"]),
+                     calls={k: v // len(self.cost_sites) for k, v in sorted(expected.items())})
+            if students is not None:
+                m["student_grids"] = sorted(grids)
+        self.models[label] = m
+        ratio = mean([a / b for a, b in zip(m["mse"], self.models["teacher"]["mse"], strict=True)])
+        self.log(f"{label}: MSE ratio {ratio:.3f}, {m['macs_per_run'] / 1e6:.1f} M attention-site MACs per sampling "
+                 "run" + (f", PSNR {m['psnr']:.2f} dB" if "psnr" in m else ""))
+
+    def ratios(self):
+        """Every model's MSE per σ over the teacher's, and their mean."""
+        teacher_mse = self.models["teacher"]["mse"]
+        for m in self.models.values():
+            m["mse_ratio"] = [a / b for a, b in zip(m["mse"], teacher_mse)]
+            m["mse_ratio_mean"] = mean(m["mse_ratio"])
+
+
+def student_grids(students: dict) -> tuple[set, list]:
+    """Forward pre-hooks recording the grids ([B, *grid, C] inputs) the students run on: (grids, hooks)."""
+    grids, hooks = set(), []
+    for student in students.values():
+        hooks.append(student.register_forward_pre_hook(lambda m, args: grids.add(tuple(args[0].shape[1:-1]))))
+    return grids, hooks
+
+
+def image_metrics(samples: torch.Tensor, teacher: torch.Tensor) -> dict:
+    return {"psnr": float(psnr(samples, teacher).clamp(max=100).mean()), "ssim": float(ssim(samples, teacher).mean())}
+
+
 def to_image(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] → [B, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout)."""
     return ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
@@ -323,28 +385,7 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
     def sample(unet):
         return to_image(sample_euler(lambda x, s: denoise(unet, x, s), noise, cfg.sample_steps))
 
-    teacher_samples = sample(teacher)
-    models, images = {}, {"teacher": teacher_samples}
-
-    def evaluate(label: str, kind: str, unet, runtime, cost: Cost, **extra):
-        """One model's denoising MSE, same-seed samples (PSNR/SSIM against the teacher's) and cost. While it
-        samples, its wrappers must count exactly the calls its cost assumes: a fallback or a wrong mediator count
-        is an error, not a number."""
-        m = {"kind": kind, "mse": denoising_mse(unet, eval_crops, cfg.eval_sigmas, cfg.seed),
-             "macs_per_run": cost.run_macs(cost_sites, step_sigmas), **extra}
-        if runtime is not None:
-            runtime.counts.clear()
-            images[label] = sample(unet)
-            expected = expected_calls(cost, len(cost_sites), step_sigmas)
-            if dict(runtime.counts) != expected:
-                raise RuntimeError(f"{label}: the wrappers ran {dict(runtime.counts)}, expected {expected}")
-            m.update(psnr=float(psnr(images[label], teacher_samples).clamp(max=100).mean()),
-                     ssim=float(ssim(images[label], teacher_samples).mean()),
-                     calls={k: v // len(cost_sites) for k, v in sorted(expected.items())})
-        models[label] = m
-        ratio = mean([a / b for a, b in zip(m["mse"], models["teacher"]["mse"], strict=True)])
-        log(f"{label}: MSE ratio {ratio:.3f}, {m['macs_per_run'] / 1e6:.1f} M attention-site MACs per sampling run")
-
+    evaluate = Evaluation(cfg, eval_crops, cost_sites, step_sigmas, sample, image_metrics, log)
     evaluate("teacher", "teacher", teacher, None, Cost("attention"))
     zero = make_student(teacher, kernels, (1.0, 0.5), True, zero=True)
     evaluate(ZERO, "zero", zero[0], zero[1], Cost("zero"))
@@ -376,13 +417,10 @@ def run(cfg: ProxyConfig, cache: str | None = None, log: Log | None = None) -> d
         evaluate(label, "mediators", unet, runtime, Cost("mediators", counts=schedule.resolve(percent_to_sigma)),
                  schedule=schedule.format(), losses=losses, distill_s=time.perf_counter() - t0,
                  block_params=params(students))
-    teacher_mse = models["teacher"]["mse"]
-    for m in models.values():
-        m["mse_ratio"] = [a / b for a, b in zip(m["mse"], teacher_mse)]
-        m["mse_ratio_mean"] = mean(m["mse_ratio"])
+    evaluate.ratios()
     attention_params = sum(p.numel() for tb in attention_blocks(teacher).values() for p in tb.attn1.parameters())
-    return {"config": {**asdict(cfg), "variants": list(cfg.variants)}, "sites": sites, "models": models,
+    return {"config": {**asdict(cfg), "variants": list(cfg.variants)}, "sites": sites, "models": evaluate.models,
             "teacher_params": sum(p.numel() for p in teacher.parameters()), "attention_params": attention_params,
             "teacher_loss_start": mean(teacher_losses[:20]), "teacher_loss_end": mean(teacher_losses[-50:]),
             "teacher_s": teacher_s, "total_s": time.perf_counter() - t_start, "log": log.lines,
-            "_images": images, "_locality": locality}
+            "_images": evaluate.images, "_locality": locality}

@@ -31,10 +31,9 @@ from .cost import Cost, Site
 from .experiment import (
     DYNAMIC,
     ZERO,
+    Evaluation,
     Log,
-    denoising_mse,
     distil,
-    expected_calls,
     load_or_train_teacher,
     make_mediator_student,
     make_student,
@@ -134,14 +133,6 @@ def sample_metrics(samples: torch.Tensor, teacher: torch.Tensor) -> dict:
             "motion_ratio": float(change.abs().mean() / teacher_change.abs().mean())}
 
 
-def student_grids(students: dict) -> tuple[set, list]:
-    """Forward pre-hooks recording the grids ([B, *grid, C] inputs) the students run on: (grids, hooks)."""
-    grids, hooks = set(), []
-    for student in students.values():
-        hooks.append(student.register_forward_pre_hook(lambda m, args: grids.add(tuple(args[0].shape[1:-1]))))
-    return grids, hooks
-
-
 def run(cfg: VideoProxyConfig, cache: str | None = None, log: Log | None = None) -> dict:
     log = log or Log()
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -177,41 +168,16 @@ def run(cfg: VideoProxyConfig, cache: str | None = None, log: Log | None = None)
     def sample(unet):
         return to_frames(sample_euler(lambda x, s: denoise(unet, x, s), noise, cfg.sample_steps))
 
-    teacher_samples = sample(teacher)
-    models, images = {}, {"teacher": teacher_samples}
-
-    def evaluate(label: str, kind: str, unet, runtime, students, cost: Cost, **extra):
-        """One model's denoising MSE, same-seed samples against the teacher's, cost, and the grids its students
-        ran on. The wrappers must count exactly the calls its cost assumes (as in the image proxy)."""
-        m = {"kind": kind, "mse": denoising_mse(unet, eval_clips, cfg.eval_sigmas, cfg.seed),
-             "macs_per_run": cost.run_macs(cost_sites, step_sigmas), **extra}
-        if runtime is not None:
-            runtime.counts.clear()
-            grids, hooks = student_grids(students)
-            try:
-                images[label] = sample(unet)
-            finally:
-                for h in hooks:
-                    h.remove()
-            expected = expected_calls(cost, len(cost_sites), step_sigmas)
-            if dict(runtime.counts) != expected:
-                raise RuntimeError(f"{label}: the wrappers ran {dict(runtime.counts)}, expected {expected}")
-            m.update(sample_metrics(images[label], teacher_samples), student_grids=sorted(grids),
-                     calls={k: v // len(cost_sites) for k, v in sorted(expected.items())})
-        models[label] = m
-        ratio = mean([a / b for a, b in zip(m["mse"], models["teacher"]["mse"], strict=True)])
-        log(f"{label}: MSE ratio {ratio:.3f}, {m['macs_per_run'] / 1e6:.1f} M attention-site MACs per sampling run"
-            + (f", PSNR {m['psnr']:.2f} dB, temporal error {m['temporal_error']:.4f}" if "psnr" in m else ""))
-
-    evaluate("teacher", "teacher", teacher, None, None, Cost("attention"))
+    evaluate = Evaluation(cfg, eval_clips, cost_sites, step_sigmas, sample, sample_metrics, log)
+    evaluate("teacher", "teacher", teacher, None, Cost("attention"))
     block = {"grid": video_grid, "gate": WAN.gate}
     zero = make_student(teacher, kernels, SCALES, True, zero=True, time_kernel=WAN.time_kernel, **block)
-    evaluate(ZERO, "zero", zero[0], zero[1], zero[2], Cost("zero"))
+    evaluate(ZERO, "zero", zero[0], zero[1], Cost("zero"), zero[2])
     for label in cfg.variants:
         t0 = time.perf_counter()
         student = make_student(teacher, kernels, SCALES, True, time_kernel=VARIANTS[label], **block)
         unet, runtime, blocks, losses = distil(student, cfg, train_clips, log, label)
-        evaluate(label, "deltaconv", unet, runtime, blocks, Cost("deltaconv", SCALES, time_kernel=VARIANTS[label]),
+        evaluate(label, "deltaconv", unet, runtime, Cost("deltaconv", SCALES, time_kernel=VARIANTS[label]), blocks,
                  time_kernel=VARIANTS[label], losses=losses, distill_s=time.perf_counter() - t0,
                  block_params=params(blocks))
     for text in cfg.mediators:
@@ -220,19 +186,16 @@ def run(cfg: VideoProxyConfig, cache: str | None = None, log: Log | None = None)
         student = make_mediator_student(teacher, schedule, grid=video_grid, video=True)
         unet, runtime, students, losses = distil(student, cfg, train_clips, log, label, schedule)
         counts = schedule.resolve(percent_to_sigma)
-        evaluate(label, "mediators", unet, runtime, students, Cost("mediators", counts=counts, time_kernel=DWC_KERNEL),
+        evaluate(label, "mediators", unet, runtime, Cost("mediators", counts=counts, time_kernel=DWC_KERNEL), students,
                  schedule=schedule.format(), losses=losses, distill_s=time.perf_counter() - t0,
                  block_params=params(students))
-    teacher_mse = models["teacher"]["mse"]
-    for m in models.values():
-        m["mse_ratio"] = [a / b for a, b in zip(m["mse"], teacher_mse)]
-        m["mse_ratio_mean"] = mean(m["mse_ratio"])
-    teacher_change = teacher_samples.diff(dim=1).abs().mean()
+    evaluate.ratios()
+    teacher_change = evaluate.images["teacher"].diff(dim=1).abs().mean()
     attention_params = sum(p.numel() for tb in attention_blocks(teacher).values() for p in tb.attn1.parameters())
     return {"config": {**asdict(cfg), "variants": list(cfg.variants), "mediators": list(cfg.mediators)},
-            "sites": sites, "models": models, "teacher_motion": float(teacher_change),
+            "sites": sites, "models": evaluate.models, "teacher_motion": float(teacher_change),
             "teacher_params": sum(p.numel() for p in teacher.parameters()), "attention_params": attention_params,
             "teacher_loss_start": mean(teacher_losses[:20]), "teacher_loss_end": mean(teacher_losses[-50:]),
             "teacher_s": teacher_s, "teacher_cpu_s": teacher_cpu_s, "total_s": time.perf_counter() - t_start,
             "cpu_s": time.process_time() - cpu_start, "log": log.lines,
-            "_images": images}
+            "_images": evaluate.images}
