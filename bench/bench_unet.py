@@ -1,5 +1,7 @@
 """One UNet step (apply_model) in ComfyUI: self-attention vs ΔConv vs mediator attention vs no self-attention at all
-(the ceiling of any student), for random-weight tiny / SD1.5 / SDXL models.
+(the ceiling of any student), for random-weight tiny / SD1.5 / SDXL models; on CUDA also ΔConv Patch's default
+speed policy `auto` (each step through the patch's model wrapper, as a sampler runs it: after the warm-up call, which
+times the sites and the whole call, the plan it kept).
 
     python bench/bench_unet.py --models sd15 --sizes 512 1024 [--dtype fp16] [--mediators 64] [--threads N]
 
@@ -21,7 +23,7 @@ SD15_FULL = {"num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1] * 9 + [0] * 3}
 SDXL_FULL = {"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
              "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
-COLUMNS = ("attention", "deltaconv", "mediators", "removed")  # the step's variants, in the order they are timed
+COLUMNS = ("attention", "deltaconv", "auto", "mediators", "removed")  # the step's variants, in the order timed
 
 
 def setup(cpu: bool):
@@ -54,11 +56,11 @@ def build(name, device, dtype):
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu")), ctx
 
 
-def variants(pack, model, mediators: int) -> tuple[dict, int]:
-    """The model with attention, patched with fresh (random) ΔConv blocks at every self-attention site, with
-    mediator attention (initialised from its own attention, `mediators` per site; 0: none) and with self-attention
-    removed (its output zero, so the residual keeps its input: the fastest any student could make the step);
-    and the number of sites."""
+def variants(pack, model, mediators: int, auto: bool = False) -> tuple[dict, int]:
+    """The model with attention, patched with fresh (random) ΔConv blocks at every self-attention site (and with
+    `auto`, the same blocks under the `auto` speed policy), with mediator attention (initialised from its own
+    attention, `mediators` per site; 0: none) and with self-attention removed (its output zero, so the residual
+    keeps its input: the fastest any student could make the step); and the number of sites."""
     from deltaconv_core.families import find_attention_sites
     from deltaconv_core.mediator_schedule import MediatorSchedule
     from deltaconv_core.weights import DeltaConvWeights
@@ -75,15 +77,18 @@ def variants(pack, model, mediators: int) -> tuple[dict, int]:
     # The students always run (speed_policy "always"): these columns measure them, not ΔConv Patch's choice.
     found = {"attention": model, "removed": removed,
              "deltaconv": patch(model, DeltaConvWeights.fresh(sites, 0), speed_policy="always")[0]}
+    if auto:
+        found["auto"] = patch(model, DeltaConvWeights.fresh(sites, 0), speed_policy="auto")[0]
     if mediators:
         found["mediators"] = patch(model, DeltaConvWeights.fresh_mediators(
             sites, model.model.diffusion_model, MediatorSchedule.fixed(mediators)), speed_policy="always")[0]
     return found, len(sites.sites)
 
 
-def measure_size(name, models: dict, ctx, size, batch, repeats, device, dtype) -> dict:
+def measure_size(name, models: dict, ctx, size, batch, repeats, device, dtype, options=None) -> dict:
     """One image size: the median step of each of `models` (from variants(); None when out of memory), on CUDA
-    with its peak memory, and the speed-ups over attention (the removed one's: the ceiling)."""
+    with its peak memory, and the speed-ups over attention (the removed one's: the ceiling). options: label → the
+    transformer_options a sampler would pass (the patch's model wrapper: `auto` needs it), else none."""
     import comfy.model_management
     g = torch.Generator().manual_seed(size)
     x = torch.randn(batch, 4, size // 8, size // 8, generator=g).to(device, dtype)
@@ -94,7 +99,8 @@ def measure_size(name, models: dict, ctx, size, batch, repeats, device, dtype) -
     row = {"model": name, "size": size}
     with torch.inference_mode():
         for label in (c for c in COLUMNS if c in models):
-            step = lambda m=models[label]: m.model.apply_model(x, sigma, **conds)
+            wrapped = (options or {}).get(label, {})
+            step = lambda m=models[label], o=wrapped: m.model.apply_model(x, sigma, transformer_options={**o}, **conds)
             comfy.model_management.load_models_gpu([models[label]])
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -106,7 +112,8 @@ def measure_size(name, models: dict, ctx, size, batch, repeats, device, dtype) -
                 torch.cuda.empty_cache()
             if device.type == "cuda":
                 row[f"{label}_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    for label, key in (("deltaconv", "speedup"), ("mediators", "mediators_speedup"), ("removed", "ceiling")):
+    for label, key in (("deltaconv", "speedup"), ("auto", "auto_speedup"), ("mediators", "mediators_speedup"),
+                       ("removed", "ceiling")):
         if row["attention_s"] and row.get(f"{label}_s"):
             row[key] = row["attention_s"] / row[f"{label}_s"]
     return row
@@ -119,11 +126,12 @@ def steps(pack, device, runs, dtype, batch: int, repeats: int, mediators: int, g
     for name, sizes in runs:
         model, ctx = build(name, device, dtype)
         try:
-            models, sites = variants(pack, model, mediators)
+            models, sites = variants(pack, model, mediators, auto=device.type == "cuda")
+            options = {"auto": pack.nodes.compat.transformer_options(models["auto"])} if "auto" in models else {}
             for size in sizes:
                 cell = {"model": name, "size": size, "sites": sites}
                 row = {**cell, **guard(cell, functools.partial(measure_size, name, models, ctx, size, batch, repeats,
-                                                               device, dtype))}
+                                                               device, dtype, options))}
                 print(row, flush=True)
                 yield row
         finally:
@@ -141,6 +149,8 @@ def columns(rows: list[dict], mediators) -> list:
             ("ΔConv step (s)", cell("deltaconv_s", "{:.3f}")), ("speed-up", times("speedup")),
             *[("performance model's estimate", lambda r: r.get("model_speedup", "—"))]
             * any("model_speedup" in r for r in rows),
+            *[("with `auto` (s)", cell("auto_s", "{:.3f}")), ("speed-up", times("auto_speedup"))]
+            * any("auto_s" in r for r in rows),
             (f"mediators ({mediators or 'none'}) step (s)", cell("mediators_s", "{:.3f}")),
             ("speed-up", times("mediators_speedup")), ("attn1 removed step (s)", cell("removed_s", "{:.3f}")),
             ("ceiling", times("ceiling")),

@@ -329,6 +329,9 @@ def targets(stages: dict) -> list[dict]:
         speedup = steps.get((model, size), {}).get("speedup")
         found.append(target(f"UNet step {model} {size}²: ΔConv vs ComfyUI attention", f"≥ {need}×", speedup,
                             speedup is not None and speedup >= need, f"{speedup or 0:.2f}×"))
+        auto = steps.get((model, size), {}).get("auto_speedup")
+        found.append(target(f"UNet step {model} {size}²: ΔConv Patch's `auto` vs ComfyUI attention", "≥ 1.0×", auto,
+                            auto is not None and auto >= 1.0, f"{auto or 0:.2f}×"))
     for (model, size), r in steps.items():
         a, d = r.get("attention_peak_mib"), r.get("deltaconv_peak_mib")
         if a is not None and d is not None:  # CUDA only

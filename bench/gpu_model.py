@@ -6,13 +6,15 @@
 ESTIMATES from stated constants, for bench/gpu_check.py's measurements to replace:
 - the block's fused kernels: the launches its host code makes, compiled for sm_90 (scripts/kernel_static.py); a
   launch takes max(issue time, DRAM time, launch floor), issue time being the busiest SM's warp-instructions (inner
-  loop SASS × trip count) at the issue rate, times an efficiency that grows with the warps per scheduler;
-- the block's torch launches (conv_up, mean, conv_pool, bias, pooling): FLOPs at the GEMM rate or bytes at the DRAM
-  rate, each at least the launch floor;
+  loop SASS × trip count, plus the kernel's straight-line SASS once) at the issue rate, times an efficiency that
+  grows with the warps per scheduler;
+- the block's torch launches (conv_up, mean, conv_pool; pooling only where the full-resolution launch cannot write
+  the ½ scale's input, odd grids): FLOPs at the GEMM rate or bytes at the DRAM rate, each at least the launch floor;
 - attention (attn1): SDPA FLOPs (4·N²·C per image) at an SDPA rate range (head dim 40 runs at about half rate), the
   q/k/v/out projections (8·N·C²) at the GEMM rate;
-- the rest of the step: FLOPs, non-GEMM bytes and ops of ComfyUI's own UNet without attn1 on the meta device, at the
-  GEMM and DRAM rates; a step takes at least its host time (ops × one eager op), ΔConv adds its host path;
+- the rest of the step: FLOPs, memory-bound bytes and ops of ComfyUI's own UNet without attn1 on the meta device
+  (op_count.record: an SDPA call is one op), at the GEMM and DRAM rates; a step takes at least its host time (ops ×
+  one eager op), ΔConv adds its host path;
 - a forward on PyTorch ops (bench_wan.py's Wan blocks: the 3-D ΔConv block, mediator attention, Wan's attention),
   recorded op by op on fake CUDA tensors (op_count.py): each op its MACs at the GEMM, SDPA or CUDA-core rate or its
   bytes at the DRAM rate, at least the launch floor (torch_path_us).
@@ -30,7 +32,6 @@ import devkit_path  # noqa: F401  (scripts/ importable: kernel_static and devkit
 import harness
 import kernel_static as ks
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from devkit.device_info import device_name
 
@@ -57,7 +58,6 @@ DEVICES = {
     "h200": Device("NVIDIA H200 (model)", 132, 1.8, 3.5, 450.0, 300.0, (275.0, 550.0), 2.0, 6.0),
     "h100": Device("NVIDIA H100 SXM (model)", 132, 1.8, 2.8, 450.0, 300.0, (275.0, 550.0), 2.0, 6.0),
 }
-KERNEL_PROLOGUE = 150  # SASS instructions per warp outside the tap loops (index maths, gate, store), counted
 BYTES = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
@@ -72,14 +72,21 @@ def issue_us(programs: int, warps: int, instructions_per_warp: float, blocks_per
     return per_sm * warps * instructions_per_warp / rate
 
 
+def straight_line(compiled: dict) -> int:
+    """SASS instructions of a kernel outside its inner loop (index maths, gate, stores, the pooled side output),
+    counted in the compiled kernel: each runs once per warp."""
+    return compiled["total_instructions"] - compiled["instructions"]
+
+
 def dwconv_us(launch: ks.Launch, site: ks.Site, d: Device) -> float:
     c, k = launch.compiled, launch.constexprs["K"]
-    per_warp = k * k * c["instructions"] + KERNEL_PROLOGUE  # one k×k loop nest computes both gate halves
+    per_warp = k * k * c["instructions"] + straight_line(c)  # one k×k loop nest computes both gate halves
     programs = math.prod(launch.grid)
     issue = issue_us(programs, launch.options["num_warps"], per_warp, c["blocks_per_sm"], d)
     pixels = math.prod(launch.grid[::2]) * launch.constexprs["TILE_H"] * launch.constexprs["TILE_W"]  # tiles × tile
-    dram = pixels * (site.channels // 2) * 1.5 * BYTES[site.dtype] / (d.bandwidth_tbs * 1e6)  # read C_i, write C_i/2
-    return max(issue, dram, d.launch_floor_us)
+    # read C_i, write C_i/2, and with POOL the pooled C_i of a quarter of the pixels
+    moved = pixels * (site.channels // 2) * (1.5 + 0.25 * launch.constexprs["POOL"]) * BYTES[site.dtype]
+    return max(issue, moved / (d.bandwidth_tbs * 1e6), d.launch_floor_us)
 
 
 def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us: float) -> tuple[float, float]:
@@ -89,7 +96,9 @@ def block_us(site: ks.Site, d: Device, launches: list[ks.Launch], host_kernel_us
     bw = d.bandwidth_tbs * 1e6  # bytes per µs
     torch_ops = {  # the block's own torch launches on the CUDA path (block.py, forward)
         "conv_up": max(2 * n * c * ci / (d.gemm_tflops * 1e6), n * (c + ci) * es / bw),
-        "mean": n * c * es / bw, "conv_pool": 0.0, "bias": 0.0, "pooling": n * ci * 1.25 * es / bw}
+        "mean": n * c * es / bw, "conv_pool": 0.0}
+    if site.scales > 1 and not launches[0].constexprs["POOL"]:  # odd grids: torch pools the ½ scale's input
+        torch_ops["pooling"] = n * ci * 1.25 * es / bw
     gpu = {name: max(t, d.launch_floor_us) for name, t in torch_ops.items()}
     for i, launch in enumerate(launches):
         if launch.kernel == "_fwd_kernel":
@@ -140,7 +149,7 @@ def backward_us(site: ks.Site, d: Device, launches: list[ks.Launch]) -> dict:
         c, s, k = launch.compiled, launch.scalars, launch.constexprs["K"]
         if launch.kernel == "_bwd_weight_kernel":  # a pixel per inner-loop trip; dvc once, v with a halo per band
             n, band = s["rows"] * s["W"] * s["C"], s["band"]
-            per_warp = band * s["W"] * c["instructions"] + KERNEL_PROLOGUE
+            per_warp = band * s["W"] * c["instructions"] + straight_line(c)
             partials = launch.grid[0] * k * k * s["C"] * 4
             moved = n * (4 + es * min(band + k - 1, s["rows"]) / band) + partials
             cast = floor if es < 4 else 0.0  # .to(weight.dtype)
@@ -148,7 +157,7 @@ def backward_us(site: ks.Site, d: Device, launches: list[ks.Launch]) -> dict:
             if site.bias:
                 out["sums"] += max(n * 4 / bw, floor) + cast  # dvc.sum for the bias
         else:  # k² inner-loop trips, as the forward
-            per_warp = k * k * c["instructions"] + KERNEL_PROLOGUE
+            per_warp = k * k * c["instructions"] + straight_line(c)
             pixels = math.prod(launch.grid[::2]) * launch.constexprs["TILE_H"] * launch.constexprs["TILE_W"]
             per_pixel = (s["C"] * es + s["HALF"] * es + s["C"] * 4 if launch.kernel == "_bwd_gate_kernel"
                          else s["C"] * 4 + s["C"] * es)  # gate: v, gy in, dvc out; input: dvc in, dv out
@@ -172,33 +181,12 @@ def backward_table(images: list[int], d: Device) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the rest of a UNet step
-GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product", "linear")
-
-
-class CountOps(TorchDispatchMode):
-    """Ops and the bytes non-GEMM ops read and write (meta tensors: nothing runs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.__name__
-        if name not in ("view", "_unsafe_view", "t", "permute", "expand", "detach", "unsqueeze", "reshape",
-                        "transpose", "slice", "select", "split", "chunk", "squeeze", "alias"):
-            self.ops += 1
-            if not any(g in name for g in GEMM_OPS):
-                tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if torch.is_tensor(t)]
-                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
-        return out
-
-
 @functools.cache
 def unet_rest(family: str, image: int, batch: int = 2) -> dict:
-    """FLOPs, non-GEMM bytes and ops of one step of ComfyUI's full-size UNet with attn1 removed, and its sites."""
+    """FLOPs, the bytes of its memory-bound ops and its op count (op_count.record: SDPA, of attn2, one op as the GPU
+    runs it) for one step of ComfyUI's full-size UNet with attn1 removed, and its sites."""
+    import op_count
     from bench_unet import unet_config
-    from torch.utils.flop_counter import FlopCounterMode
 
     from devkit.comfy_env import setup_comfy
 
@@ -220,10 +208,9 @@ def unet_rest(family: str, image: int, batch: int = 2) -> dict:
     kwargs = {"context": torch.zeros(batch, 77, ctx, device="meta", dtype=torch.float16)}
     if family == "sdxl":
         kwargs["y"] = torch.zeros(batch, 2816, device="meta", dtype=torch.float16)
-    with FlopCounterMode(display=False) as flops, CountOps() as ops, torch.no_grad():
-        model(x, torch.zeros(batch, device="meta"), **kwargs)
-    return {"flops": flops.get_total_flops(), "bytes": ops.bytes, "ops": ops.ops,
-            "sites": [(s.channels, s.kernel_size, latent >> s.level) for s in sites.sites]}
+    ops = op_count.record(lambda: model(x, torch.zeros(batch, device="meta"), **kwargs))
+    return {"flops": 2 * sum(op.macs for op in ops), "bytes": sum(op.bytes for op in ops if op.kind == "memory"),
+            "ops": len(ops), "sites": [(s.channels, s.kernel_size, latent >> s.level) for s in sites.sites]}
 
 
 class _Skip(torch.nn.Module):
@@ -232,9 +219,10 @@ class _Skip(torch.nn.Module):
 
 
 def step(family: str, image: int, d: Device, host_by_site: dict) -> dict:
-    """One step's time with attention, with ΔConv at every site, with ΔConv where `auto` would keep it (the faster of
-    the two per site as its synchronised timing sees it), and with attn1 removed (the ceiling). Two values each where
-    attention's rate is a range (fast, slow)."""
+    """One step's time with attention, with ΔConv at every site, with `auto` (per site the faster of the two as its
+    synchronised timing sees it, then the fastest of those choices, every student and every attention as the whole
+    call's timing sees it), and with attn1 removed (the ceiling). Two values each where attention's rate is a range
+    (fast, slow)."""
     rest = unet_rest(family, image)
     base_gpu = rest["flops"] / (d.gemm_tflops * 1e6) + rest["bytes"] / (d.bandwidth_tbs * 1e6)
     base_host = rest["ops"] * d.host_us_per_op
@@ -252,6 +240,8 @@ def step(family: str, image: int, d: Device, host_by_site: dict) -> dict:
                 totals[key][i][0] += gpu
                 totals[key][i][1] += host
     times = {key: [max(base_gpu + gpu, base_host + host) for gpu, host in pair] for key, pair in totals.items()}
+    # ... then the first model call is timed whole with those choices, every student, every attention: the fastest
+    times["auto"] = [min(plans) for plans in zip(*times.values())]
     ceiling = max(base_gpu, base_host)
     return {"family": family, "image": image, "sites": len(rest["sites"]), "rest_ms": ceiling / 1e3,
             **{f"{key}_ms": [t / 1e3 for t in values] for key, values in times.items()},

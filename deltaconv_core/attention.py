@@ -13,7 +13,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +23,9 @@ from .mediator_schedule import SigmaCounts
 from .speed_policy import SpeedPolicy
 
 log = logging.getLogger("deltaconv")
+# Fallbacks that are the settings at work, not a problem to warn about: outside the sigma range; the speed policy's
+# plan for the whole call (logged once by the policy).
+QUIET_FALLBACKS = ("attention:sigma", "attention:plan")
 
 
 class Route(NamedTuple):
@@ -40,6 +43,7 @@ class Step:
     sigma: float | None = None  # the batch's largest; None: the model was called outside sampling
     settings: dict[str, Any] = field(default_factory=dict)  # site name → setting, for students with a schedule
     latent_shape: tuple[int, ...] | None = None  # the step's latent, as the model wrapper saw it (Wan's grid)
+    plan: str = "chosen"  # the speed policy's plan for the call (speed_policy.PLANS): whose choice each site runs
 
 
 class Recorded(NamedTuple):
@@ -135,6 +139,27 @@ class PatchRuntime:
         the latent's shape: the token grid of sites whose call does not say it)."""
         self.step = self.step_from(sigmas, latent_shape)
 
+    def run_step(self, sigmas, x: torch.Tensor, call: Callable[[], Any]):
+        """One model call made by the model wrapper: the step's facts from its sigmas and its input x (the latent),
+        the speed policy's plan for calls of x's shape (timed the first time, each timing run a call of its own
+        that leaves no count behind), then the call itself."""
+        self.begin_step(sigmas, tuple(x.shape))
+        step = self.step
+
+        def run(plan: str):
+            self.step = replace(step, plan=plan)
+            try:
+                return call()
+            finally:
+                self._calls.clear()
+
+        try:
+            if step.active:
+                self.step = replace(step, plan=self.speed.call_plan(x, run))
+            return call()
+        finally:
+            self.end_step()
+
     def end_step(self):
         """Count the step's calls (and warn once per site about fallbacks); the step is over."""
         self.step = None
@@ -142,7 +167,7 @@ class PatchRuntime:
             self.counts[key] += 1
             if not key.startswith("attention:"):
                 self.site_counts[site] += 1
-            elif key != "attention:sigma" and (site, key) not in self._warned:
+            elif key not in QUIET_FALLBACKS and (site, key) not in self._warned:
                 self._warned.add((site, key))
                 log.warning("ΔConv: %s runs the original attention (%s); logged once per site", site, key[10:])
         self._calls.clear()
@@ -209,11 +234,14 @@ class _Wrapper(nn.Module):
         if route.grid is None:
             self.runtime.fallback(self.site, route.reason)
             return self.original(x, **kwargs)
+        if step.plan == "attention":
+            self.runtime.fallback(self.site, "plan")
+            return self.original(x, **kwargs)
         setting = self.runtime.setting(self.site, step)
         key = self.student.kind if setting is None else f"{self.student.kind}:{setting}"
         student = lambda: self.student.run(x, route.grid, setting)
         attention = lambda: self.original(x, **kwargs)
-        if not self.runtime.speed.student_is_faster(self.site, key, x, student, attention):
+        if step.plan == "chosen" and not self.runtime.speed.student_is_faster(self.site, key, x, student, attention):
             self.runtime.fallback(self.site, "slower")
             return attention()
         self.runtime.ran_student(self.site, key)

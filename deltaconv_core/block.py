@@ -276,8 +276,8 @@ class DeltaConvBlock(nn.Module):
         weight, bias = self.conv_out.cast_weight_bias(u)
         gates = [(*g.conv_spatial.cast_weight_bias(u),
                   None if g.scale_factor == 1.0 else pooled_size(u.shape[1:3], g.scale_factor)) for g in self.gates]
-        return kernels.delta_conv_or_none(u, gates, self.config.gate, self.gates[0].gate_constant, weight,
-                                          pooled + bias)
+        return kernels.delta_conv_or_none(u, gates, self.config.gate, self.gates[0].gate_constant, weight, pooled,
+                                          bias)
 
     @classmethod
     def initial(cls, site, teacher: nn.Module, model_sites, kernel_size: int | tuple[int, int] | None = None,

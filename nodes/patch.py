@@ -14,8 +14,9 @@ SCHEDULE_TOOLTIP = (f"Mediator attention only: how many mediators run when, over
 
 
 SPEED_TOOLTIP = ("Never slower than attention. auto: on a GPU, each site times its student against the model's "
-                 "own attention on its first call at each image size and runs the faster one (attention is the "
-                 "teacher, so falling back never costs fidelity; the log shows the timings); on the CPU the "
+                 "own attention on its first call at each image size, then the whole model call is timed with "
+                 "those choices, with every student and with every attention, and the fastest runs (attention is "
+                 "the teacher, so falling back never costs fidelity; the log shows the timings); on the CPU the "
                  "student. always: the student at every call.")
 
 

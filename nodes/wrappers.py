@@ -51,15 +51,12 @@ def install_teacher_wrapper(clone, model_sites, site, original, runtime: PatchRu
     clone.add_object_patch(PREFIX + site.path, cls.teacher_only(original, runtime, site.name, **extra))
 
 
-def _begin_step(runtime: PatchRuntime):
-    def begin_step(executor, x, t, *args, **kwargs):
-        runtime.begin_step(t, tuple(x.shape))  # once per step, outside a torch.compile'd diffusion model
-        try:
-            return executor(x, t, *args, **kwargs)
-        finally:
-            runtime.end_step()
+def _model_call(runtime: PatchRuntime):
+    def model_call(executor, x, t, *args, **kwargs):
+        # once per step, outside a torch.compile'd diffusion model; the speed policy may time this call per plan
+        return runtime.run_step(t, x, lambda: executor(x, t, *args, **kwargs))
 
-    return begin_step
+    return model_call
 
 
 def _stash_options(runtime: PatchRuntime):
@@ -78,4 +75,4 @@ def install_runtime_hooks(clone, runtime: PatchRuntime):
     if compat.LEGACY_ATTN1_CALL:  # that ComfyUI has neither model wrappers nor PixArt nor Wan
         clone.set_model_attn1_patch(_stash_options(runtime))
     else:
-        compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _begin_step(runtime))
+        compat.add_apply_model_wrapper(clone, WRAPPER_KEY, _model_call(runtime))

@@ -32,6 +32,8 @@ import torch
 from devkit.comfy_env import import_core
 
 import_core()  # deltaconv_core without the repository root (and its nodes/) on sys.path
+from deltaconv_core import kernels  # noqa: E402
+from deltaconv_core.block import pooled_size  # noqa: E402
 from deltaconv_core.kernels import dwconv_gate, output_projection  # noqa: E402
 
 KERNELS = {"_fwd_kernel": dwconv_gate, "_bwd_gate_kernel": dwconv_gate, "_bwd_input_kernel": dwconv_gate,
@@ -123,25 +125,32 @@ def recording(out: list, sms: int, arch: int):
         dwconv_gate.plan_launch, output_projection.device_arch = plan, device_arch
 
 
-def record_site(site: Site, sms: int, arch: int) -> list[Launch]:
-    """Every kernel launch of one block's kernel path (after conv_up) at `site`, forward (and backward)."""
+def _block_tensors(site: Site) -> dict:
+    """Zero tensors of one block's kernel path at `site`: u (conv_up's output), the gates, the projection's."""
     b, (h, w), ci = site.batch, site.grid, site.channels // 2
-    u = torch.zeros(b, h, w, ci, dtype=site.dtype)
     weight = torch.zeros(site.k, site.k, ci, dtype=site.dtype)
     bias = torch.zeros(ci, dtype=site.dtype) if site.bias else None
-    proj = torch.zeros(site.channels, site.scales * ci // 2, dtype=site.dtype)
-    image_bias = torch.zeros(b, site.channels, dtype=site.dtype)
-    sigmoid = site.gate == "sigmoid"
+    return {"u": torch.zeros(b, h, w, ci, dtype=site.dtype),
+            "gates": [(weight, bias, None if s == 0 else pooled_size((h, w), 0.5 ** s)) for s in range(site.scales)],
+            "gate": site.gate, "gate_constant": 8.0,
+            "weight": torch.zeros(site.channels, site.scales * ci // 2, dtype=site.dtype),
+            "image_bias": torch.zeros(b, site.channels, dtype=site.dtype),
+            "bias": torch.zeros(site.channels, dtype=site.dtype)}
+
+
+def record_site(site: Site, sms: int, arch: int) -> list[Launch]:
+    """Every kernel launch of one block's kernel path (after conv_up) at `site`: the forward as sampling runs it
+    (kernels.delta_conv_triton without gradients), and with site.backward the backward launches of each scale."""
+    block = _block_tensors(site)
     out: list[Launch] = []
-    with recording(out, sms, arch):
-        ys = []
-        for s in range(site.scales):
-            size = (h // (s + 1) or 1, w // (s + 1) or 1)
-            v = u if s == 0 else torch.zeros(b, *size, ci, dtype=site.dtype)  # torch pools it first
-            ys.append(dwconv_gate._forward(v, weight, bias, sigmoid, 8.0))
-            if site.backward:
-                dwconv_gate._backward(v, weight, bias, torch.zeros_like(ys[-1]), sigmoid, 8.0, True, True, site.bias)
-        output_projection._forward(proj, image_bias, ys)
+    with recording(out, sms, arch), torch.no_grad():
+        kernels.delta_conv_triton(**block)
+        if site.backward:
+            u = block["u"]
+            for weight, bias, pool_to in block["gates"]:
+                v = u if pool_to is None else torch.zeros(u.shape[0], *pool_to, u.shape[3], dtype=u.dtype)
+                gy = torch.zeros(*v.shape[:3], v.shape[3] // 2, dtype=v.dtype)
+                dwconv_gate._backward(v, weight, bias, gy, site.gate == "sigmoid", 8.0, True, True, site.bias)
     for launch in out:
         launch.site = site.label
     return out
@@ -152,22 +161,20 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def host_microseconds(site: Site, sms: int, arch: int, repeats: int = 200) -> float:
-    """Python time of the kernel path's host code for one block forward at `site` (both dwconv scales and the
-    projection: checks, planning, allocations), with the launches themselves stubbed out; median of `repeats`."""
-    b, (h, w), ci = site.batch, site.grid, site.channels // 2
-    u, low = torch.zeros(b, h, w, ci, dtype=site.dtype), torch.zeros(b, h // 2, w // 2, ci, dtype=site.dtype)
-    weight = torch.zeros(site.k, site.k, ci, dtype=site.dtype)
-    proj = torch.zeros(site.channels, site.scales * ci // 2, dtype=site.dtype)
-    image_bias = torch.zeros(b, site.channels, dtype=site.dtype)
+def host_microseconds(site: Site, sms: int, arch: int, repeats: int = 1000, warmup: int = 100) -> float:
+    """Python time of the kernel path's host code for one block forward at `site` in sampling
+    (kernels.delta_conv_triton: checks, planning, allocations, pooling where torch does it), with the launches
+    themselves stubbed out; median of `repeats` after `warmup` calls (first-call imports, caches, the allocator)."""
+    block = _block_tensors(site)
     times = []
-    with recording([], sms, arch):
+    with recording([], sms, arch), torch.no_grad():
         for name, module in KERNELS.items():
             setattr(module, name, _NoLaunch())
+        for _ in range(warmup):
+            kernels.delta_conv_triton(**block)
         for _ in range(repeats):
             start = time.perf_counter()
-            ys = [dwconv_gate.fused_dwconv_gate(v, weight, None, site.gate, 8.0) for v in (u, low)]
-            output_projection.fused_output_projection(ys, proj, image_bias)
+            kernels.delta_conv_triton(**block)
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
 
@@ -184,6 +191,11 @@ def _cuobjdump(cubin: bytes, *flags: str) -> str:
 
 SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
 SPILL = re.compile(r"\b(STL|LDL)\b")  # local-memory stores and loads: register spills
+
+
+def sass_instructions(sass: str) -> list[str]:
+    """The kernel's SASS instructions, NOPs (padding) left out."""
+    return [m[2] for m in map(SASS_LINE.match, sass.splitlines()) if m and not m[2].startswith("NOP")]
 
 
 def inner_loop(sass: str) -> dict:
@@ -224,7 +236,8 @@ def _compile(job):
     blocks = min(REGISTERS_PER_SM // max(registers * threads, 1), MAX_THREADS_PER_SM // threads, MAX_BLOCKS_PER_SM,
                  SHARED_PER_SM[arch] // shared if shared else MAX_BLOCKS_PER_SM)
     return {"registers": registers, "spills": len(SPILL.findall(sass)), "shared": shared, "blocks_per_sm": blocks,
-            "occupancy": blocks * threads / MAX_THREADS_PER_SM, **inner_loop(sass)}
+            "occupancy": blocks * threads / MAX_THREADS_PER_SM, "total_instructions": len(sass_instructions(sass)),
+            **inner_loop(sass)}
 
 
 def compile_all(launches: list[Launch], arch: int, workers: int = 2) -> list[Launch]:
@@ -276,6 +289,7 @@ def main() -> int:
         print(f"\nhost time of the kernel path per block ({site.label}, launches stubbed, this CPU): "
               f"{host_microseconds(site, args.sms, args.arch):.0f} µs")
     return 1 if any("error" in launch.compiled for launch in launches) else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

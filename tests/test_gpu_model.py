@@ -1,5 +1,5 @@
 """bench/gpu_model.py: its issue-time arithmetic on exact values, and the committed predictions consistent with
-themselves (no speed-up above its own ceiling, `auto` never below the student where the student is faster)."""
+themselves (no speed-up above its own ceiling; `auto` never below attention, 1.0×, nor below every student)."""
 import json
 from pathlib import Path
 
@@ -49,6 +49,7 @@ def test_committed_predictions_are_consistent():
         for s in data["steps"]:
             for speedup, auto, ceiling in zip(s["speedup"], s["auto_speedup"], s["ceiling"]):
                 assert speedup <= ceiling + 1e-9 and auto <= ceiling + 1e-9, (path.name, s)
+                assert auto >= max(1.0, speedup) - 1e-9, (path.name, s)  # the model call's plans include both
 
 
 def test_gpu_check_shows_the_models_prediction_beside_each_step():

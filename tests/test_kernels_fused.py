@@ -116,29 +116,34 @@ def test_pooled_many_small_tiles(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- fused output projection
-def reference_projection(ys, weight, image_bias):
+def reference_projection(ys, weight, image_bias, bias=None):
     """float64: reference.py's explicit bilinear taps, an explicit concatenation, a plain matmul."""
     H, W = ys[0].shape[1:3]
     up = [ys[0]] + [reference_bilinear_resize(y.permute(0, 3, 1, 2), (H, W)).permute(0, 2, 3, 1) for y in ys[1:]]
-    return torch.cat(up, dim=-1) @ weight.t() + image_bias[:, None, None, :]
+    out = torch.cat(up, dim=-1) @ weight.t() + image_bias[:, None, None, :]
+    return out if bias is None else out + bias
 
 
-def check_projection(hw, low_sizes, cb, c, seed, dtype=torch.float32, batch=2, grads=None, guard=False):
+def check_projection(hw, low_sizes, cb, c, seed, dtype=torch.float32, batch=2, grads=None, guard=False, bias=True):
+    """grads: requires_grad of (weight, image_bias, bias, branches...); bias=False passes None for conv_out's."""
     gen = torch.Generator().manual_seed(seed)
     ys = [torch.randn(batch, *size, cb, generator=gen, dtype=torch.float64) for size in [hw, *low_sizes]]
     weight = torch.randn(c, len(ys) * cb, generator=gen, dtype=torch.float64) / cb ** 0.5
     image_bias = torch.randn(batch, c, generator=gen, dtype=torch.float64)
-    t64, t = leaves([weight, image_bias, *ys], dtype, DEVICE, guard)
+    out_bias = torch.randn(c, generator=gen, dtype=torch.float64)
+    t64, t = leaves([weight, image_bias, out_bias, *ys], dtype, DEVICE, guard)
     if grads is not None:
         for a, b, g in zip(t, t64, grads):
             a.requires_grad_(g), b.requires_grad_(g)
-    ref = reference_projection(t64[2:], t64[0], t64[1])
-    out = projection.fused_output_projection(t[2:], t[0], t[1])
+    if not bias:
+        t64[2] = t[2] = None
+    ref = reference_projection(t64[3:], t64[0], t64[1], t64[2])
+    out = projection.fused_output_projection(t[3:], t[0], t[1], t[2])
     assert out.shape == (batch, *hw, c) and out.dtype == dtype
     assert_close_rel(out, ref, TOL[dtype], "forward")
-    needed = [i for i, a in enumerate(t) if a.requires_grad]
+    needed = [i for i, a in enumerate(t) if a is not None and a.requires_grad]
     check_grads(out, ref, [t[i] for i in needed], [t64[i] for i in needed], gen, TOL[dtype])
-    assert all(a.grad is None for a in t if not a.requires_grad)
+    assert all(a.grad is None for a in t if a is not None and not a.requires_grad)
 
 
 def scale_sizes(hw, scales):
@@ -156,7 +161,7 @@ def scale_sizes(hw, scales):
     ((2, 3), [(3, 4)]),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ",".join("x".join(map(str, s)) for s in v))
 def test_projection_matches_float64(hw, low_sizes):
-    check_projection(hw, low_sizes, 6, 24, seed=sum(hw) * 7 + len(low_sizes))
+    check_projection(hw, low_sizes, 6, 24, seed=sum(hw) * 7 + len(low_sizes), bias=len(low_sizes) != 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -174,7 +179,7 @@ def test_projection_many_small_tiles(monkeypatch):
     check_projection((7, 5), scale_sizes((7, 5), (0.5, 0.25)), 20, 40, seed=53, guard=True)
 
 
-@pytest.mark.parametrize("grads", [(False, True, True, False), (True, False, False, True)])
+@pytest.mark.parametrize("grads", [(False, True, False, True, False), (True, False, True, False, True)])
 def test_projection_partial_gradients(grads):
     check_projection((5, 6), scale_sizes((5, 6), (0.5,)), 6, 16, seed=55, grads=grads)
 
@@ -192,6 +197,8 @@ def test_projection_bad_arguments():
         projection.fused_output_projection([y0, y1], w, b[:, :4])
     with pytest.raises(ValueError, match="dtype"):
         projection.fused_output_projection([y0, y1], w.double(), b)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        projection.fused_output_projection([y0, y1], w, b, b)
 
 
 # ------------------------------------------------------------------------------------- the block on the kernels
@@ -209,9 +216,9 @@ def counting_kernel_calls():
     calls = {"dwconv": 0, "projection": 0}
     with pytest.MonkeyPatch.context() as mp:
         for key, module in (("dwconv", dwconv_gate), ("projection", projection)):
-            def counted(*args, _key=key, _real=module._forward):
+            def counted(*args, _key=key, _real=module._forward, **kwargs):
                 calls[_key] += 1
-                return _real(*args)
+                return _real(*args, **kwargs)
 
             mp.setattr(module, "_forward", counted)
         yield calls
@@ -287,6 +294,54 @@ def test_block_on_kernels_under_autocast():
     for name, g in grads.items():
         assert g.dtype == torch.float32
         assert_close_rel(g, grads_torch[name], 6e-2, f"grad {name}")
+
+
+@pytest.mark.parametrize("hw,tiles", [((6, 12), None), ((6, 12), dict(TILE_H=2, TILE_W=4, BLOCK_C=4)),
+                                      ((10, 6), dict(TILE_H=4, TILE_W=4, BLOCK_C=4))])
+def test_sampling_pools_in_the_full_resolution_launch(monkeypatch, hw, tiles):
+    """Without gradients, for even H and W, the full-resolution launch writes u pooled 2×2 (exactly
+    adaptive_avg_pool2d to (H/2, W/2)) beside its output, in tiles with seams, partial tiles and channel tails."""
+    if tiles:
+        monkeypatch.setattr(dwconv_gate, "BLOCK_OVERRIDE", tiles)
+    gen = torch.Generator().manual_seed(sum(hw))
+    u = torch.randn(2, *hw, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, 3, 12, generator=gen, dtype=torch.float64) / 3
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+    y, pooled = dwconv_gate.fused_dwconv_gate_and_pool(u.float().to(DEVICE), w.float().to(DEVICE),
+                                                       b.float().to(DEVICE), "scaled", 2.0)
+    half = (hw[0] // 2, hw[1] // 2)
+    assert pooled.shape == (2, *half, 12) and pooled.dtype == torch.float32
+    assert_close_rel(pooled, reference_adaptive_avg_pool(u.permute(0, 3, 1, 2), half).permute(0, 2, 3, 1), 1e-6,
+                     "pooled")
+    assert_close_rel(y, reference_pooled_scale(u, w, b, "scaled", 2.0, hw), 1e-5, "full-resolution output")
+
+
+def test_sampling_pools_with_torch_where_the_launch_cannot():
+    """Odd sides, and tiles one pixel high: no side output (the block pools with torch then)."""
+    u, w = torch.randn(1, 7, 6, 8, device=DEVICE), torch.randn(3, 3, 8, device=DEVICE)
+    assert dwconv_gate.fused_dwconv_gate_and_pool(u, w, None, "sigmoid", 1.0)[1] is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dwconv_gate, "BLOCK_OVERRIDE", dict(TILE_H=1, TILE_W=4, BLOCK_C=4))
+        assert dwconv_gate.fused_dwconv_gate_and_pool(u[:, :6], w, None, "sigmoid", 1.0)[1] is None
+
+
+@pytest.mark.parametrize("scales,hw", [((1.0, 0.5), (6, 8)), ((1.0, 0.5, 0.25), (8, 12)), ((1.0, 0.5), (7, 6))])
+def test_block_sampling_on_kernels_matches_float64(monkeypatch, scales, hw):
+    """A block in sampling (no gradients), where the ½ scale's input comes from the full-resolution launch (even
+    sides: torch pools only the other scales) or from torch (odd), against reference.py in float64."""
+    cfg = BlockConfig(dim=16, kernel_size=3, scales=scales, gate="sigmoid", dw_bias=True)
+    block64 = random_block(cfg, torch.Generator().manual_seed(sum(hw) + len(scales)))
+    x64 = torch.randn(2, *hw, 16, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    block = build_student(cfg, state_dict=block64.state_dict(), device=DEVICE, dtype=torch.float32)
+    pools = []
+    real_pool = F.adaptive_avg_pool2d
+    monkeypatch.setattr(F, "adaptive_avg_pool2d", lambda t, size: pools.append(tuple(size)) or real_pool(t, size))
+    with counting_kernel_calls() as calls, torch.no_grad():
+        out = block(x64.float().to(DEVICE))
+    assert calls == {"dwconv": len(scales), "projection": 1} and kernels.failure() is None
+    even = hw[0] % 2 == hw[1] % 2 == 0
+    assert pools == [tuple(int(n * s) for n in hw) for s in scales[1:] if not even or s != 0.5]
+    assert_close_rel(out, reference_block_forward(block64.state_dict(), cfg, x64), 1e-5, "sampling forward")
 
 
 def test_block_routing(monkeypatch):

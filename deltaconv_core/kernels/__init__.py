@@ -10,7 +10,7 @@ Usage from the block (u: conv_up's output [B, H, W, C_i], channel-last):
 
     from deltaconv_core import kernels
     if kernels.use_triton(u):
-        out = kernels.delta_conv_or_none(u, gates, gate, gate_constant, weight, image_bias)  # [B, H, W, C]
+        out = kernels.delta_conv_or_none(u, gates, gate, gate_constant, weight, image_bias, bias)  # [B, H, W, C]
         if out is not None: return out
     ... torch path ...
 
@@ -92,22 +92,40 @@ def fused_dwconv_gate(v, weight, bias, gate: str, gate_constant: float, pool_to=
     return impl(v, weight, bias, gate, gate_constant, pool_to)
 
 
-def fused_output_projection(ys, weight, image_bias):
-    """image_bias[b] + concat(branches, the pooled ones upsampled bilinearly to y_0's H×W) · weightᵀ → [B,H,W,C].
-    See `output_projection.fused_output_projection`."""
+def fused_output_projection(ys, weight, image_bias, bias=None):
+    """image_bias[b] + bias + concat(branches, the pooled ones upsampled bilinearly to y_0's H×W) · weightᵀ →
+    [B,H,W,C]. See `output_projection.fused_output_projection`."""
     from .output_projection import fused_output_projection as impl
 
-    return impl(ys, weight, image_bias)
+    return impl(ys, weight, image_bias, bias)
 
 
-def delta_conv_triton(u, gates, gate: str, gate_constant: float, weight, image_bias):
+def _needs_grad(*tensors) -> bool:
+    import torch
+
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def delta_conv_triton(u, gates, gate: str, gate_constant: float, weight, image_bias, bias=None):
     """The ΔConvBlock after conv_up, all in Triton: u [B,H,W,C_i] → [B,H,W,C].
 
     gates: one (weight [k,k,C_i], bias [C_i] or None, pooled size (h, w) or None) per pyramid scale, the first at
-    full resolution; weight: conv_out's [C, n·C_i/2]; image_bias [B, C]: conv_pool(mean x) + conv_out.bias.
-    The pooled scales stay at their own resolution until the projection reads them."""
-    ys = [fused_dwconv_gate(u, w, b, gate, gate_constant, pool_to) for w, b, pool_to in gates]
-    return fused_output_projection(ys, weight, image_bias)
+    full resolution; weight: conv_out's [C, n·C_i/2]; image_bias [B, C]: conv_pool(mean x); bias: conv_out's [C].
+    The pooled scales stay at their own resolution until the projection reads them. In sampling the ½ scale's
+    input, for even H and W, comes from the full-resolution launch (`fused_dwconv_gate_and_pool`), not a pooling
+    pass."""
+    from .dwconv_gate import fused_dwconv_gate_and_pool
+
+    (w0, b0, _), *pooled_gates = gates
+    half = (u.shape[1] // 2, u.shape[2] // 2)
+    halved = None
+    if any(pool_to == half for *_, pool_to in pooled_gates) and not _needs_grad(u, w0, b0):
+        y0, halved = fused_dwconv_gate_and_pool(u, w0, b0, gate, gate_constant)
+    else:
+        y0 = fused_dwconv_gate(u, w0, b0, gate, gate_constant)
+    ys = [y0] + [fused_dwconv_gate(halved, w, b, gate, gate_constant) if halved is not None and pool_to == half
+                 else fused_dwconv_gate(u, w, b, gate, gate_constant, pool_to) for w, b, pool_to in pooled_gates]
+    return fused_output_projection(ys, weight, image_bias, bias)
 
 
 def failure() -> str | None:
@@ -115,10 +133,10 @@ def failure() -> str | None:
     return _failure
 
 
-def _check_backward(u, gates, gate: str, gate_constant: float, weight, image_bias):
+def _check_backward(u, gates, gate: str, gate_constant: float, weight, image_bias, bias):
     """Forward and backward of the kernels once per configuration, on detached one-image copies (the kernels'
     code depends on dtypes, bias, gate, pooling and sizes, not on the batch)."""
-    key = (u.device, u.dtype, tuple(u.shape[1:]), gate, weight.dtype,
+    key = (u.device, u.dtype, tuple(u.shape[1:]), gate, weight.dtype, bias is None,
            tuple((tuple(w.shape), b is None, pool_to) for w, b, pool_to in gates))
     if key in _backward_checked:
         return
@@ -127,12 +145,12 @@ def _check_backward(u, gates, gate: str, gate_constant: float, weight, image_bia
         return None if t is None else (t[:1] if one_image else t).detach().clone().requires_grad_(True)
 
     probe = delta_conv_triton(leaf(u, True), [(leaf(w), leaf(b), pool_to) for w, b, pool_to in gates], gate,
-                              gate_constant, leaf(weight), leaf(image_bias, True))
+                              gate_constant, leaf(weight), leaf(image_bias, True), leaf(bias))
     probe.float().sum().backward()
     _backward_checked.add(key)
 
 
-def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_bias):
+def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_bias, bias=None):
     """`delta_conv_triton` for the block: None (use the torch path) when the kernels are off or unusable for u or
     for this many scales, or when this call failed; a failure switches the kernel path off for the process, with
     one warning, rather than failing a whole generation or training run. Out-of-memory errors are raised as they
@@ -142,11 +160,10 @@ def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_
         return None
     import torch
 
-    tensors = [u, weight, image_bias, *(t for w, b, _ in gates for t in (w, b) if t is not None)]
     try:
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            _check_backward(u, gates, gate, gate_constant, weight, image_bias)
-        return delta_conv_triton(u, gates, gate, gate_constant, weight, image_bias)
+        if _needs_grad(u, weight, image_bias, bias, *(t for w, b, _ in gates for t in (w, b))):
+            _check_backward(u, gates, gate, gate_constant, weight, image_bias, bias)
+        return delta_conv_triton(u, gates, gate, gate_constant, weight, image_bias, bias)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch is the same class
         raise
     except Exception as e:  # compiler, driver and toolchain errors come in many types

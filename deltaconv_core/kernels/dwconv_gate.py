@@ -4,7 +4,8 @@
     y = a·b·gate_constant ("scaled")  or  a·sigmoid(b) ("sigmoid")                              y: [B, h, w, C/2]
 
 With `pool_to=(h, w)` the input is the full-resolution u [B, H, W, C], pooled once by torch's
-adaptive_avg_pool2d (differentiable, channel-last) before the plain conv runs on the pooled tensor.
+adaptive_avg_pool2d (differentiable, channel-last) before the plain conv runs on the pooled tensor; in sampling the
+full-resolution launch can write u pooled 2×2 instead (`fused_dwconv_gate_and_pool`).
 The conv output (C channels) never reaches memory either: each program computes the a-half and the b-half of the
 same channels for a tile of pixels and writes only the gated C/2 channels.
 
@@ -21,7 +22,10 @@ Design notes (why, not what):
   bloat compile time for a memory-bound kernel.
 * Pooling runs once, before the conv, not inside it. Pooling inside every tap (an earlier design) re-read each
   window k² times and, compiled for sm_90, cost ~6.4× the instructions per pixel of the plain conv: the ½-scale
-  branch then took ~1.5× the full-resolution one on a quarter of the pixels. One pooling pass moves a quarter of u.
+  branch then took ~1.5× the full-resolution one on a quarter of the pixels. In sampling, for even H and W, the
+  full-resolution launch writes the 2×2-pooled u as a side output (`fused_dwconv_gate_and_pool`): the pixels are
+  the ones its tile just loaded, so it costs L1/L2 hits and a quarter-size write, and saves a launch and a pass
+  over u. With gradients torch pools (its backward is the pooling's gradient).
 * Launch parameters are plain integer maths cached per shape (launch.py).
 * Tiles fill the GPU: at least 2 programs per SM where the grid allows (small SDXL/SD1.5 levels at 512² had
   10–96 programs on 132 SMs), shrinking pixel tiles before channel blocks; channel blocks divide the gated channel
@@ -143,8 +147,37 @@ def _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w,
 
 
 @triton.jit
-def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_constant,
-                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr,
+def _pool_tile(v_ptr, pool_ptr, H, W, C, HALF, tiles_w, c, cmask,
+               TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """pool[qy, qx] = mean of v's 2×2 pixels (2qy + {0,1}, 2qx + {0,1}) for the pooled pixels of this program's tile
+    (H, W even, TILE_H, TILE_W ≥ 2), channels c and c + HALF, summed in fp32: the tile's own pixels, just loaded by
+    the conv, so they come from L1/L2 rather than DRAM."""
+    QH: tl.constexpr = TILE_H // 2
+    QW: tl.constexpr = TILE_W // 2
+    q = tl.arange(0, QH * QW)
+    pid = tl.program_id(0)
+    qy = (pid // tiles_w) * QH + q // QW
+    qx = (pid % tiles_w) * QW + q % QW
+    mask = ((qy < H // 2) & (qx < W // 2))[:, None] & cmask[None, :]
+    image = tl.program_id(2).to(tl.int64)
+    src = v_ptr + image * H * W * C + ((2 * qy * W + 2 * qx) * C)[:, None] + c[None, :]
+    dst = pool_ptr + image * (H // 2) * (W // 2) * C + ((qy * (W // 2) + qx) * C)[:, None] + c[None, :]
+    _pool_2x2(src, dst, W * C, C, mask)
+    _pool_2x2(src + HALF, dst + HALF, W * C, C, mask)
+
+
+@triton.jit
+def _pool_2x2(src, dst, row, col, mask):
+    total = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    total += tl.load(src + col, mask=mask, other=0.0).to(tl.float32)
+    total += tl.load(src + row, mask=mask, other=0.0).to(tl.float32)
+    total += tl.load(src + row + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (total * 0.25).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, pool_ptr, H, W, C, HALF, tiles_w, gate_constant,
+                K: tl.constexpr, HAS_BIAS: tl.constexpr, SIGMOID: tl.constexpr, POOL: tl.constexpr,
                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr):
     a, b, py, px, pmask, c, cmask = _conv_halves(v_ptr, w_ptr, bias_ptr, H, W, C, HALF, tiles_w, K, HAS_BIAS,
                                                  TILE_H, TILE_W, BLOCK_C)
@@ -155,6 +188,8 @@ def _fwd_kernel(v_ptr, w_ptr, bias_ptr, y_ptr, H, W, C, HALF, tiles_w, gate_cons
     out = y_ptr + tl.program_id(2).to(tl.int64) * H * W * HALF
     tl.store(out + (py * W + px)[:, None] * HALF + c[None, :], y.to(y_ptr.dtype.element_ty),
              mask=pmask[:, None] & cmask[None, :])
+    if POOL:
+        _pool_tile(v_ptr, pool_ptr, H, W, C, HALF, tiles_w, c, cmask, TILE_H, TILE_W)
 
 
 @triton.jit
@@ -244,7 +279,8 @@ def _channel_block(channels: int, on_gpu: bool) -> int:
 @functools.cache
 def _planned_launch(h: int, w: int, channels: int, images: int, sms: int) -> Launch:
     """GPU tiles: a 16-wide strip of up to 64 pixels × the channel block (128 B of fp16 per pixel at 64 channels),
-    shrunk (pixels first, to 16; then channels, to 16) until there are MIN_PROGRAMS_PER_SM programs per SM.
+    shrunk (pixels first, to 16, rows before columns but keeping 2 × 2; then channels, to 16) until there are
+    MIN_PROGRAMS_PER_SM programs per SM.
     sms = 0: Triton's CPU interpreter, where every program is slow Python: tiles up to 32×32 pixels, fewest programs."""
     on_gpu = sms > 0
     tile_w = min(16 if on_gpu else 32, pow2(w))
@@ -255,8 +291,8 @@ def _planned_launch(h: int, w: int, channels: int, images: int, sms: int) -> Lau
         return cdiv(h, tile_h) * cdiv(w, tile_w) * cdiv(channels, block_c) * images
 
     while on_gpu and programs() < MIN_PROGRAMS_PER_SM * sms:
-        if tile_h * tile_w > 16:
-            tile_h, tile_w = (tile_h // 2, tile_w) if tile_h > 1 else (tile_h, tile_w // 2)
+        if tile_h * tile_w > 16:  # rows first, down to 2: tiles of 2×2-aligned pixels can pool (POOL)
+            tile_h, tile_w = (tile_h // 2, tile_w) if tile_h > 2 or tile_w <= 2 else (tile_h, tile_w // 2)
         elif block_c > 16:
             block_c //= 2
         else:
@@ -353,17 +389,23 @@ def _weight_grad(v, dvc, k: int, sms: int):
     return part.sum(0).view(k, k, C)
 
 
-def _forward(v, weight, bias, sigmoid: bool, gate_constant: float):
-    """y [B, H, W, C/2] of the dwconv + gate on contiguous v [B, H, W, C]."""
+def _forward(v, weight, bias, sigmoid: bool, gate_constant: float, pool: bool = False):
+    """y [B, H, W, C/2] of the dwconv + gate on contiguous v [B, H, W, C]; with `pool`, (y, v pooled 2×2
+    [B, H/2, W/2, C]) from the same launch, or (y, None) where H or W is odd or the tiles are one pixel high or
+    wide."""
     B, H, W, C = v.shape
     half = C // 2
     y = torch.empty(B, H, W, half, device=v.device, dtype=v.dtype)
-    if y.numel():
-        launch = plan_launch(H, W, half, B, v.device)
-        _fwd_kernel[launch.grid](v, weight, v if bias is None else bias, y, H, W, C, half, launch.tiles_w,
-                                 float(gate_constant), K=weight.shape[0], HAS_BIAS=bias is not None,
-                                 SIGMOID=sigmoid, num_warps=launch.num_warps, **launch.blocks)
-    return y
+    launch = plan_launch(H, W, half, B, v.device) if y.numel() else None
+    pooled = None
+    if pool and launch and H % 2 == W % 2 == 0 and min(launch.blocks["TILE_H"], launch.blocks["TILE_W"]) >= 2:
+        pooled = torch.empty(B, H // 2, W // 2, C, device=v.device, dtype=v.dtype)
+    if launch:
+        _fwd_kernel[launch.grid](v, weight, v if bias is None else bias, y, v if pooled is None else pooled,
+                                 H, W, C, half, launch.tiles_w, float(gate_constant), K=weight.shape[0],
+                                 HAS_BIAS=bias is not None, SIGMOID=sigmoid, POOL=pooled is not None,
+                                 num_warps=launch.num_warps, **launch.blocks)
+    return (y, pooled) if pool else y
 
 
 class _FusedDwconvGate(torch.autograd.Function):
@@ -403,4 +445,16 @@ def fused_dwconv_gate(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _forward(v, weight, bias, sigmoid, gate_constant)
 
 
-__all__ = ["fused_dwconv_gate"]
+def fused_dwconv_gate_and_pool(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: str,
+                               gate_constant: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampling only (no autograd): `fused_dwconv_gate(v, weight, bias, gate, gate_constant)` at full resolution,
+    and v pooled 2×2 as a side output of the same launch: adaptive_avg_pool2d(v, (H/2, W/2)) for even H, W, the
+    ½ scale's input without a pooling pass over v. The pooled tensor is None where H or W is odd or the planned
+    tiles are a single row or column: pool with torch then."""
+    _check(v, weight, bias, gate, None)
+    v, weight = v.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return _forward(v, weight, bias, gate == "sigmoid", gate_constant, pool=True)
+
+
+__all__ = ["fused_dwconv_gate", "fused_dwconv_gate_and_pool"]

@@ -1,11 +1,12 @@
 """Fused output projection of the ΔConvBlock, in Triton (forward; backward with torch ops).
 
-    out[b, p, :] = image_bias[b] + Σ_s up_s(y_s)[b, p] · W[:, s·Cb:(s+1)·Cb]ᵀ                  out: [B, H, W, C]
+    out[b, p, :] = image_bias[b] + bias + Σ_s up_s(y_s)[b, p] · W[:, s·Cb:(s+1)·Cb]ᵀ           out: [B, H, W, C]
 
 y_0 [B, H, W, Cb] is the full-resolution branch; y_1, y_2, … [B, h_s, w_s, Cb] are the pooled branches, read at
 their own resolution and upsampled on the fly (bilinear, align_corners=False, exactly F.interpolate(size=(H, W))),
 so neither the upsampled branches nor their concatenation (conv_out's input) ever reach memory. W is conv_out's
-weight [C, n·Cb]; image_bias [B, C] = conv_pool(mean x) + conv_out.bias, one vector per image.
+weight [C, n·Cb]; image_bias [B, C] = conv_pool(mean x), one vector per image; bias [C] = conv_out.bias, added
+here rather than to image_bias by a launch of its own.
 
 Design notes (why, not what):
 * A program owns BLOCK_M pixels of one image × BLOCK_N output channels and walks the concatenated input channels in
@@ -88,9 +89,9 @@ def _branch(acc, y_img, w_cols, p, py, px, pmask, n, nmask, hs, ws, scale_h, sca
 
 
 @triton.jit
-def _projection_kernel(y0_ptr, y1_ptr, y2_ptr, y3_ptr, w_ptr, bias_ptr, out_ptr, H, W, C, CB, KW, n_blocks,
-                       h1, w1, h2, w2, h3, w3, sh1, sw1, sh2, sw2, sh3, sw3,
-                       BRANCHES: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _projection_kernel(y0_ptr, y1_ptr, y2_ptr, y3_ptr, w_ptr, image_bias_ptr, bias_ptr, out_ptr, H, W, C, CB, KW,
+                       n_blocks, h1, w1, h2, w2, h3, w3, sh1, sw1, sh2, sw2, sh3, sw3,
+                       BRANCHES: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     p = (pid // n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,7 +101,9 @@ def _projection_kernel(y0_ptr, y1_ptr, y2_ptr, y3_ptr, w_ptr, bias_ptr, out_ptr,
     py = p // W
     px = p % W
     image = tl.program_id(1).to(tl.int64)
-    bias = tl.load(bias_ptr + image * C + n, mask=nmask, other=0.0).to(tl.float32)
+    bias = tl.load(image_bias_ptr + image * C + n, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32) + bias[None, :]
     acc = _branch(acc, y0_ptr + image * H * W * CB, w_ptr, p, py, px, pmask, n, nmask, H, W, 1.0, 1.0, CB, KW,
                   False, UPCAST, PRECISION, BLOCK_K)
@@ -147,7 +150,7 @@ def device_arch(t: torch.Tensor) -> tuple[int, int] | None:
     return capability(t.device.index or 0) if t.is_cuda else None
 
 
-def _check(ys, weight, image_bias):
+def _check(ys, weight, image_bias, bias):
     if not 1 <= len(ys) <= MAX_BRANCHES:
         raise ValueError(f"1 to {MAX_BRANCHES} branches, got {len(ys)}")
     y0 = ys[0]
@@ -159,14 +162,16 @@ def _check(ys, weight, image_bias):
         raise ValueError(f"weight must be [C, {len(ys) * y0.shape[3]}], got {tuple(weight.shape)}")
     if image_bias.shape != (y0.shape[0], weight.shape[0]):
         raise ValueError(f"image_bias must be [{y0.shape[0]}, {weight.shape[0]}], got {tuple(image_bias.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if any(y.dtype != y0.dtype for y in ys) or weight.dtype != y0.dtype:
         raise ValueError(f"branches and weight must share one dtype, got {[y.dtype for y in ys]} and {weight.dtype}")
-    if any(t.device != y0.device for t in (*ys, weight, image_bias)):
-        raise ValueError("branches, weight and image_bias must be on the same device")
+    if any(t is not None and t.device != y0.device for t in (*ys, weight, image_bias, bias)):
+        raise ValueError("branches, weight, image_bias and bias must be on the same device")
 
 
-def _forward(weight, image_bias, ys):
-    """[B, H, W, C] from contiguous branches, weight and image_bias (see fused_output_projection)."""
+def _forward(weight, image_bias, bias, ys):
+    """[B, H, W, C] from contiguous branches, weight, image_bias and bias (see fused_output_projection)."""
     B, H, W, cb = ys[0].shape
     C = weight.shape[0]
     out = torch.empty(B, H, W, C, device=ys[0].device, dtype=ys[0].dtype)
@@ -179,8 +184,9 @@ def _forward(weight, image_bias, ys):
         scales += [1.0] * 2 * (MAX_BRANCHES - len(ys))
         exact = ys[0].dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
         grid = (cdiv(H * W, blocks["BLOCK_M"]) * n_blocks, B)
-        _projection_kernel[grid](ys[0], *low, weight, image_bias, out, H, W, C, cb, weight.shape[1], n_blocks,
-                                 *sizes, *scales, BRANCHES=len(ys),
+        _projection_kernel[grid](ys[0], *low, weight, image_bias, image_bias if bias is None else bias, out, H, W, C,
+                                 cb, weight.shape[1], n_blocks, *sizes, *scales, BRANCHES=len(ys),
+                                 HAS_BIAS=bias is not None,
                                  UPCAST=interpreter_mode() and ys[0].dtype == torch.bfloat16,
                                  PRECISION="ieee" if exact else "tf32", num_warps=num_warps,
                                  num_stages=num_stages, **blocks)
@@ -189,10 +195,10 @@ def _forward(weight, image_bias, ys):
 
 class _FusedProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, image_bias, *ys):
+    def forward(ctx, weight, image_bias, bias, *ys):
         ctx.save_for_backward(weight, *ys)
-        ctx.bias_dtype = image_bias.dtype
-        return _forward(weight, image_bias, list(ys))
+        ctx.bias_dtypes = image_bias.dtype, None if bias is None else bias.dtype
+        return _forward(weight, image_bias, bias, list(ys))
 
     @staticmethod
     @once_differentiable
@@ -201,11 +207,13 @@ class _FusedProjection(torch.autograd.Function):
         B, H, W, cb = ys[0].shape
         C = weight.shape[0]
         g = g.contiguous()
-        d_bias = g.sum(dim=(1, 2), dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        image_sums = g.sum(dim=(1, 2), dtype=torch.float32) if any(ctx.needs_input_grad[1:3]) else None
+        d_image_bias = image_sums.to(ctx.bias_dtypes[0]) if ctx.needs_input_grad[1] else None
+        d_bias = image_sums.sum(0).to(ctx.bias_dtypes[1]) if ctx.needs_input_grad[2] else None
         d_ys, d_w = [], []
         for s, y in enumerate(ys):
             w_s = weight[:, s * cb:(s + 1) * cb]
-            if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2 + s]):
+            if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[3 + s]):
                 d_ys.append(None)
                 continue
             if s == 0:
@@ -213,25 +221,28 @@ class _FusedProjection(torch.autograd.Function):
             else:  # the upsampling's adjoint, at the branch's resolution, C channels
                 g_s = torch.ops.aten.upsample_bilinear2d_backward(
                     g.permute(0, 3, 1, 2), [H, W], [B, C, *y.shape[1:3]], False, None, None).permute(0, 2, 3, 1)
-            d_ys.append(g_s @ w_s if ctx.needs_input_grad[2 + s] else None)
+            d_ys.append(g_s @ w_s if ctx.needs_input_grad[3 + s] else None)
             if ctx.needs_input_grad[0]:
                 d_w.append(g_s.reshape(-1, C).t() @ y.reshape(-1, cb))
-        return (torch.cat(d_w, dim=1) if d_w else None), d_bias, *d_ys
+        return (torch.cat(d_w, dim=1) if d_w else None), d_image_bias, d_bias, *d_ys
 
 
-def fused_output_projection(ys, weight: torch.Tensor, image_bias: torch.Tensor) -> torch.Tensor:
-    """ΔConvBlock output from its branches: image_bias[b] + concat(branches upsampled to H×W) · weightᵀ.
+def fused_output_projection(ys, weight: torch.Tensor, image_bias: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔConvBlock output from its branches: image_bias[b] + bias + concat(branches upsampled to H×W) · weightᵀ.
 
     ys: [y_0 [B, H, W, Cb], y_1 [B, h_1, w_1, Cb], …] (1 to MAX_BRANCHES; y_0 sets the output size, the others are
-    upsampled bilinearly, align_corners=False); weight: [C, len(ys)·Cb] in the branches' dtype; image_bias: [B, C].
-    Returns [B, H, W, C] in the branches' dtype (fp32 accumulation), differentiable w.r.t. everything.
+    upsampled bilinearly, align_corners=False); weight: [C, len(ys)·Cb] in the branches' dtype; image_bias: [B, C];
+    bias: [C] or None. Returns [B, H, W, C] in the branches' dtype (fp32 accumulation), differentiable w.r.t.
+    everything.
     """
     ys = [y.contiguous() for y in ys]
-    _check(ys, weight, image_bias)
+    _check(ys, weight, image_bias, bias)
     weight, image_bias = weight.contiguous(), image_bias.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (weight, image_bias, *ys)):
-        return _FusedProjection.apply(weight, image_bias, *ys)
-    return _forward(weight, image_bias, ys)  # sampling: no autograd.Function on the host path
+    bias = None if bias is None else bias.contiguous()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, image_bias, bias, *ys)):
+        return _FusedProjection.apply(weight, image_bias, bias, *ys)
+    return _forward(weight, image_bias, bias, ys)  # sampling: no autograd.Function on the host path
 
 
 __all__ = ["fused_output_projection"]

@@ -50,16 +50,18 @@ def device_slug(device: str) -> str:
 
 
 def busy_cpu_s() -> float | None:
-    """CPU seconds all other processes have used (system busy time minus this process's own), Linux only: taken
-    before and after a benchmark, it says how loaded the host was (a loaded host is no headline number)."""
+    """CPU seconds all other processes have used (system busy time minus this process's own and that of its
+    finished children, e.g. compile workers), Linux only: taken before and after a benchmark, it says how loaded
+    the host was (a loaded host is no headline number)."""
     try:
         ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     except OSError:
         return None
     import resource  # Unix only, like /proc/stat
 
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own.ru_utime - own.ru_stime
+    own = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                          resource.RUSAGE_CHILDREN)))
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK") - own
 
 
 def foreign_load(busy_before: float | None, seconds: float) -> float | None:
