@@ -127,20 +127,17 @@ class SpeedPolicy:
         return self.plans[key][0]
 
     def _time_plans(self, run: Callable[[str], object]) -> tuple[str, dict[str, float]]:
+        """Each plan timed where it can differ from "chosen" and might win; the fastest, and every time taken."""
         self._consulted, self._timing = {}, threading.get_ident()
         try:
-            return self._fastest(run)
+            seconds = {"chosen": self.timer("call:chosen", lambda: run("chosen"))}
+            consulted, self._consulted = list(self._consulted.values()), None
+            if any(not c.student for c in consulted):  # else "students" is "chosen"
+                seconds["students"] = self.timer("call:students", lambda: run("students"))
+            if (any(c.student for c in consulted)  # else "attention" is "chosen"
+                    and seconds["chosen"] >= ATTENTION_BOUND * sum(c.attention_seconds for c in consulted)):
+                seconds["attention"] = self.timer("call:attention", lambda: run("attention"))
         finally:
             self._consulted = self._timing = None
-
-    def _fastest(self, run: Callable[[str], object]) -> tuple[str, dict[str, float]]:
-        seconds = {"chosen": self.timer("call:chosen", lambda: run("chosen"))}
-        consulted = list(self._consulted.values())
-        self._consulted = None
-        if any(not c.student for c in consulted):  # else "students" is "chosen"
-            seconds["students"] = self.timer("call:students", lambda: run("students"))
-        if (any(c.student for c in consulted)  # else "attention" is "chosen"
-                and seconds["chosen"] >= ATTENTION_BOUND * sum(c.attention_seconds for c in consulted)):
-            seconds["attention"] = self.timer("call:attention", lambda: run("attention"))
         plan = min((p for p in PLANS if p in seconds), key=seconds.__getitem__)
         return plan, {p: seconds[p] for p in PLANS if p in seconds}

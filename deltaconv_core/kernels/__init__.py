@@ -100,12 +100,6 @@ def fused_output_projection(ys, weight, image_bias, bias=None):
     return impl(ys, weight, image_bias, bias)
 
 
-def _needs_grad(*tensors) -> bool:
-    import torch
-
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def delta_conv_triton(u, gates, gate: str, gate_constant: float, weight, image_bias, bias=None):
     """The ΔConvBlock after conv_up, all in Triton: u [B,H,W,C_i] → [B,H,W,C].
 
@@ -115,16 +109,19 @@ def delta_conv_triton(u, gates, gate: str, gate_constant: float, weight, image_b
     input, for even H and W, comes from the full-resolution launch (`fused_dwconv_gate_and_pool`), not a pooling
     pass."""
     from .dwconv_gate import fused_dwconv_gate_and_pool
+    from .launch import needs_grad
 
     (w0, b0, _), *pooled_gates = gates
     half = (u.shape[1] // 2, u.shape[2] // 2)
     halved = None
-    if any(pool_to == half for *_, pool_to in pooled_gates) and not _needs_grad(u, w0, b0):
+    if any(pool_to == half for *_, pool_to in pooled_gates) and not needs_grad(u, w0, b0):
         y0, halved = fused_dwconv_gate_and_pool(u, w0, b0, gate, gate_constant)
     else:
         y0 = fused_dwconv_gate(u, w0, b0, gate, gate_constant)
-    ys = [y0] + [fused_dwconv_gate(halved, w, b, gate, gate_constant) if halved is not None and pool_to == half
-                 else fused_dwconv_gate(u, w, b, gate, gate_constant, pool_to) for w, b, pool_to in pooled_gates]
+    ys = [y0]
+    for w, b, pool_to in pooled_gates:
+        source = (halved, None) if halved is not None and pool_to == half else (u, pool_to)
+        ys.append(fused_dwconv_gate(source[0], w, b, gate, gate_constant, source[1]))
     return fused_output_projection(ys, weight, image_bias, bias)
 
 
@@ -160,8 +157,10 @@ def delta_conv_or_none(u, gates, gate: str, gate_constant: float, weight, image_
         return None
     import torch
 
+    from .launch import needs_grad
+
     try:
-        if _needs_grad(u, weight, image_bias, bias, *(t for w, b, _ in gates for t in (w, b))):
+        if needs_grad(u, weight, image_bias, bias, *(t for w, b, _ in gates for t in (w, b))):
             _check_backward(u, gates, gate, gate_constant, weight, image_bias, bias)
         return delta_conv_triton(u, gates, gate, gate_constant, weight, image_bias, bias)
     except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in newer torch is the same class

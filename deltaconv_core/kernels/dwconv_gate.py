@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .launch import cdiv, pow2, sm_count
+from .launch import cdiv, needs_grad, pow2, sm_count
 
 # Tests may set this to e.g. dict(TILE_H=4, TILE_W=4, BLOCK_C=4) to force many tiles and partial tiles.
 BLOCK_OVERRIDE: dict | None = None
@@ -433,16 +433,21 @@ def fused_dwconv_gate(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Returns y: [B, h, w, C/2] ((h, w) = pool_to or (H, W)) in v's dtype (fp32 accumulation inside); gradients
     come back in each input's dtype.
     """
-    pool_to = None if pool_to is None else tuple(int(n) for n in pool_to)
-    _check(v, weight, bias, gate, pool_to)
-    if pool_to is not None:  # torch pools channel-last in one pass (fp32 accumulation), with its own gradient
-        v = F.adaptive_avg_pool2d(v.permute(0, 3, 1, 2), pool_to).permute(0, 2, 3, 1)
-    v, weight = v.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    v, weight, bias = _prepared(v, weight, bias, gate, pool_to)
     sigmoid = gate == "sigmoid"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, weight, bias)):
+    if needs_grad(v, weight, bias):
         return _FusedDwconvGate.apply(v, weight, bias, sigmoid, gate_constant)
     return _forward(v, weight, bias, sigmoid, gate_constant)
+
+
+def _prepared(v, weight, bias, gate, pool_to):
+    """The checked arguments, contiguous, v pooled to pool_to (torch pools channel-last in one pass, fp32
+    accumulation, with its own gradient)."""
+    pool_to = None if pool_to is None else tuple(int(n) for n in pool_to)
+    _check(v, weight, bias, gate, pool_to)
+    if pool_to is not None:
+        v = F.adaptive_avg_pool2d(v.permute(0, 3, 1, 2), pool_to).permute(0, 2, 3, 1)
+    return v.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
 
 
 def fused_dwconv_gate_and_pool(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gate: str,
@@ -451,9 +456,7 @@ def fused_dwconv_gate_and_pool(v: torch.Tensor, weight: torch.Tensor, bias: torc
     and v pooled 2×2 as a side output of the same launch: adaptive_avg_pool2d(v, (H/2, W/2)) for even H, W, the
     ½ scale's input without a pooling pass over v. The pooled tensor is None where H or W is odd or the planned
     tiles are a single row or column: pool with torch then."""
-    _check(v, weight, bias, gate, None)
-    v, weight = v.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    v, weight, bias = _prepared(v, weight, bias, gate, None)
     return _forward(v, weight, bias, gate == "sigmoid", gate_constant, pool=True)
 
 

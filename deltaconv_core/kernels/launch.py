@@ -1,11 +1,17 @@
-"""Launch arithmetic shared by the kernels' host code: plain integers and per-device facts read once. The host path
-runs once per block per sampling step, so it avoids triton.cdiv / next_power_of_2 (constexpr functions in Triton
-3.8, ~5 µs a call from Python) and repeated device queries."""
+"""Launch arithmetic and checks shared by the kernels' host code: plain integers and per-device facts read once. The
+host path runs once per block per sampling step, so it avoids triton.cdiv / next_power_of_2 (constexpr functions in
+Triton 3.8, ~5 µs a call from Python) and repeated device queries."""
 from __future__ import annotations
 
 import functools
 
 import torch
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records a call on `tensors` (None entries ignored): the autograd.Function path, else the
+    plain launch (sampling)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def cdiv(a: int, b: int) -> int:

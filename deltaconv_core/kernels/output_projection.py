@@ -36,7 +36,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from . import MAX_BRANCHES, interpreter_mode
-from .launch import capability, cdiv, pow2
+from .launch import capability, cdiv, needs_grad, pow2
 
 # Tests may set this to e.g. dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16) to force many tiles and partial tiles.
 BLOCK_OVERRIDE: dict | None = None
@@ -240,7 +240,7 @@ def fused_output_projection(ys, weight: torch.Tensor, image_bias: torch.Tensor,
     _check(ys, weight, image_bias, bias)
     weight, image_bias = weight.contiguous(), image_bias.contiguous()
     bias = None if bias is None else bias.contiguous()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (weight, image_bias, bias, *ys)):
+    if needs_grad(weight, image_bias, bias, *ys):
         return _FusedProjection.apply(weight, image_bias, bias, *ys)
     return _forward(weight, image_bias, bias, ys)  # sampling: no autograd.Function on the host path
 
